@@ -1,0 +1,47 @@
+"""Failures the job reports with their own exit status (documented in README.md)."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_SETTINGS = 2
+EXIT_DATA = 3
+EXIT_STORAGE = 4
+EXIT_CHECKPOINT = 5
+EXIT_FID = 6
+EXIT_NONFINITE = 7
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; retry
+
+
+class JobError(Exception):
+    """An expected failure: its message is for the user, its exit_code for the scheduler."""
+
+    exit_code = EXIT_UNEXPECTED
+
+
+class SettingsError(JobError):
+    exit_code = EXIT_SETTINGS
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid settings:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class DataError(JobError):
+    exit_code = EXIT_DATA
+
+
+class StorageError(JobError):
+    exit_code = EXIT_STORAGE
+
+
+class CheckpointError(JobError):
+    exit_code = EXIT_CHECKPOINT
+
+
+class FIDError(JobError):
+    exit_code = EXIT_FID
+
+
+class NonFiniteLossError(JobError):
+    exit_code = EXIT_NONFINITE

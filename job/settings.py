@@ -1,0 +1,293 @@
+"""Every setting of the job: read from GAN_* environment variables, validated before any work."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from job.errors import SettingsError
+
+PREFIX = "GAN_"
+NATIVE_SIZE = {"mnist": 28, "kmnist": 28, "fashion-mnist": 28, "cifar10": 32}
+DCGAN_SIZES = (28, 32, 64)
+
+# Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_<n>_TCP... for every
+# Service in the namespace; a Service named gan-something must not look like a typo.
+_SERVICE_LINK = re.compile(
+    r"^GAN_\w*(_SERVICE_HOST|_SERVICE_PORT\w*|_PORT|_PORT_\d+_(TCP|UDP|SCTP)\w*)$"
+)
+
+
+class Settings(BaseSettings):
+    """The job's knobs. Field descriptions are the one-line docs shown by --help and README."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", validate_default=True)
+
+    # data
+    dataset: str = Field(
+        "fashion-mnist",
+        description="mnist, kmnist, fashion-mnist, cifar10, folder:/path/to/images, "
+        "or an s3:// prefix holding IDX files or an image folder",
+    )
+    data_dir: str = Field("./data", description="where datasets are read from / downloaded to")
+    image_size: int | None = Field(
+        None,
+        ge=8,
+        le=512,
+        description="pixels per side; unset: the dataset's own (28, 32; 64 for folders)",
+    )
+    num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers for image folders")
+
+    # model
+    model: Literal["mlp", "dcgan"] = Field(
+        "dcgan", description="mlp (Goodfellow's MLP GAN) or dcgan"
+    )
+    conditional: bool = Field(False, description="class-conditional G and D (needs labels)")
+    latent_dim: int = Field(100, ge=1, le=4096, description="size of the noise vector z")
+    width: int = Field(
+        64, ge=4, le=1024, description="DCGAN feature maps (ngf=ndf); MLP hidden base"
+    )
+
+    # optimisation
+    batch_size: int = Field(64, ge=1, le=65536, description="images per step per process")
+    lr_g: float = Field(2e-4, gt=0, le=1, description="generator Adam learning rate")
+    lr_d: float = Field(2e-4, gt=0, le=1, description="discriminator Adam learning rate")
+    beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 for both optimizers")
+    beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2 for both optimizers")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="one-sided: D's target for real images is 1 - this"
+    )
+    ema_decay: float = Field(
+        0.999, ge=0, lt=1, description="decay of the EMA generator (0: plain copy)"
+    )
+    max_steps: int = Field(10000, ge=1, description="stop after this many D+G steps")
+    max_minutes: float = Field(
+        0.0,
+        ge=0,
+        description="wall-time budget of this process: stop cleanly, checkpoint, exit 0 (0: none)",
+    )
+    seed: int = Field(0, ge=0, description="seed for weights, noise and data order")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="auto picks cuda when available"
+    )
+
+    # artifacts
+    artifact_uri: str = Field(
+        "./runs", description="local folder or s3://bucket/prefix for all artifacts"
+    )
+    run_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="folder name of this run; unset: <dataset>-<model>[-cond], so a restart resumes",
+    )
+    resume: str = Field(
+        "auto", description="auto (newest complete checkpoint, if any), never, or a path"
+    )
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(
+        3, ge=1, description="complete checkpoints kept; older ones are deleted"
+    )
+    log_every: int = Field(50, ge=1, description="steps between progress lines")
+    sample_every: int = Field(500, ge=1, description="steps between sample grids")
+
+    # evaluation
+    fid_every: int = Field(
+        1000, ge=0, description="steps between FID evaluations (0: only at the end)"
+    )
+    fid_num_samples: int = Field(
+        0, ge=0, description="generated and real images per FID; 0: 10000 on cuda, 500 on cpu"
+    )
+    fid_features: str = Field(
+        "inception",
+        description="inception, none, or the path of a TorchScript model mapping NxCxHxW in [0,1] to NxD",
+    )
+    fid_inception_weights: str | None = Field(
+        None, description="InceptionV3 weights file; unset: the torch hub cache"
+    )
+
+    # cluster
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes on this node; >1 and not under torchrun: gan-job starts torchrun",
+    )
+    sync_batchnorm: bool = Field(
+        False,
+        description="SyncBatchNorm across ranks (GPU only); false: each rank keeps its own BN statistics",
+    )
+    metrics_port: int = Field(
+        9090, ge=0, le=65535, description="Prometheus metrics port on rank 0 (0: off)"
+    )
+    pushgateway_url: str | None = Field(
+        None, description="Pushgateway to push final metrics to at exit (unset: no push)"
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint for non-AWS stores; unset: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
+    )
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.model == "dcgan" and self.resolved_image_size not in DCGAN_SIZES:
+            raise ValueError(
+                f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by dcgan: "
+                f"expected one of {', '.join(map(str, DCGAN_SIZES))}"
+            )
+        if self.resume not in ("auto", "never") and not self.resume:
+            raise ValueError("GAN_RESUME must be auto, never, or a checkpoint path")
+        return self
+
+    @property
+    def dataset_kind(self) -> str:
+        """mnist | kmnist | fashion-mnist | cifar10 | folder | s3."""
+        if self.dataset.startswith("folder:"):
+            return "folder"
+        if self.dataset.startswith("s3://"):
+            return "s3"
+        return self.dataset
+
+    @property
+    def resolved_image_size(self) -> int:
+        return self.image_size or NATIVE_SIZE.get(self.dataset_kind, 64)
+
+    @property
+    def resolved_run_id(self) -> str:
+        if self.run_id:
+            return self.run_id
+        name = re.sub(r"[^A-Za-z0-9]+", "-", self.dataset.split("/")[-1] or "data").strip("-")
+        return f"{name}-{self.model}" + ("-cond" if self.conditional else "")
+
+
+def _check_dataset(value: str) -> str | None:
+    known = {*NATIVE_SIZE}
+    if value in known or value.startswith(("s3://", "folder:")) and len(value) > 7:
+        return None
+    return f"expected one of {', '.join(sorted(known))}, folder:/path or s3://bucket/prefix"
+
+
+def _unknown_variables(environ: dict[str, str]) -> list[str]:
+    fields = {PREFIX + name.upper() for name in Settings.model_fields}
+    return sorted(
+        key
+        for key in environ
+        if key.startswith(PREFIX) and key not in fields and not _SERVICE_LINK.match(key)
+    )
+
+
+def _expected(error: dict) -> str:
+    ctx = error.get("ctx") or {}
+    kind = error["type"]
+    if kind == "literal_error":
+        return f"one of {ctx.get('expected')}"
+    if kind in ("greater_than_equal", "greater_than", "less_than_equal", "less_than"):
+        op = {
+            "greater_than_equal": ">=",
+            "greater_than": ">",
+            "less_than_equal": "<=",
+            "less_than": "<",
+        }[kind]
+        return f"a number {op} {next(iter(ctx.values()))}"
+    if kind.startswith("int"):
+        return "an integer"
+    if kind.startswith("float"):
+        return "a number"
+    if kind.startswith("bool"):
+        return "true or false"
+    if kind == "string_pattern_mismatch":
+        return f"a value matching {ctx.get('pattern')}"
+    return error["msg"]
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Read and validate every GAN_* variable; raise SettingsError listing all the bad ones."""
+    environ = dict(os.environ if environ is None else environ)
+    problems = [
+        f"{key}: unknown setting (a typo?); see `gan-job --help` for the list"
+        for key in _unknown_variables(environ)
+    ]
+    dataset = environ.get(PREFIX + "DATASET")
+    if dataset is not None and (why := _check_dataset(dataset)):
+        problems.append(f"{PREFIX}DATASET={dataset!r}: {why}")
+    gan_env = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
+    try:
+        settings = Settings(_env_file=None, **_from_env(gan_env))
+    except ValidationError as exc:
+        for err in exc.errors():
+            if err["loc"]:
+                name = PREFIX + str(err["loc"][0]).upper()
+                given = gan_env.get(name, "<default>")
+                hint = _service_link_hint(given)
+                problems.append(f"{name}={given!r}: expected {_expected(err)}{hint}")
+            else:
+                problems.append(err["msg"].removeprefix("Value error, "))
+        settings = None
+    if problems:
+        raise SettingsError(problems)
+    return settings
+
+
+def _from_env(gan_env: dict[str, str]) -> dict[str, str]:
+    """Pass values explicitly so that validation errors are attributed to their variable."""
+    fields = set(Settings.model_fields)
+    out = {}
+    for key, value in gan_env.items():
+        name = key[len(PREFIX) :].lower()
+        if name in fields:
+            out[name] = None if value == "" and _optional(name) else value
+    return out
+
+
+def _optional(name: str) -> bool:
+    return Settings.model_fields[name].default is None
+
+
+def _service_link_hint(value: str) -> str:
+    if value.startswith(("tcp://", "udp://")):
+        return " (this looks like a Kubernetes service link: set enableServiceLinks: false)"
+    return ""
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(variable, type, default, description) for every setting, in declaration order."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        kind = (
+            str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        )
+        kind = kind.replace("Literal", "one of ")
+        default = "" if field.default is None else str(field.default)
+        rows.append((PREFIX + name.upper(), kind, default, field.description or ""))
+    return rows
+
+
+def help_text() -> str:
+    lines = ["gan-job: train a GAN. Every setting is an environment variable:", ""]
+    for var, kind, default, desc in describe():
+        lines.append(f"  {var:<28} {desc}")
+        lines.append(f"  {'':<28} type: {kind}; default: {default or '(unset)'}")
+    lines += [
+        "",
+        "Subcommands:",
+        "  gan-job sample --checkpoint PATH --num N --out FILE [--seed S] [--label K]",
+        "",
+        "S3 credentials come from the standard AWS_* variables and are never logged.",
+    ]
+    return "\n".join(lines)
+
+
+def settings_markdown() -> str:
+    """The README's settings table, generated from the model so the two cannot drift apart."""
+    rows = ["| variable | type | default | description |", "| --- | --- | --- | --- |"]
+    for var, kind, default, desc in describe():
+        rows.append(f"| `{var}` | {kind} | {default and f'`{default}`'} | {desc} |")
+    return "\n".join(rows)
+
+
+def public_dict(settings: Settings) -> dict:
+    """The settings as written to config.json and checkpoints (no secrets live in Settings)."""
+    return settings.model_dump(mode="json")
