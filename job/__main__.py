@@ -1,0 +1,65 @@
+"""Entry point: `python -m job` / `gan-job` trains; `gan-job sample ...` samples a generator."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stdout,
+    )
+    logging.getLogger("botocore").setLevel(logging.WARNING)
+
+
+def _train() -> int:
+    from job import distributed
+    from job.settings import load_settings
+
+    settings = load_settings()
+    if settings.nproc_per_node > 1 and not distributed.under_torchrun():
+        argv = distributed.torchrun_argv(settings.nproc_per_node)
+        logging.info("starting %d processes: %s", settings.nproc_per_node, " ".join(argv))
+        return subprocess.call(argv)
+    from job.train import train
+
+    return train(settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-h", "--help", "help"):
+        from job.settings import help_text
+
+        print(help_text())
+        return 0
+    _setup_logging()
+    log = logging.getLogger("job")
+    try:
+        if argv and argv[0] == "sample":
+            from job.sample import main as sample_main
+
+            return sample_main(argv[1:])
+        if argv:
+            raise SettingsError([f"unknown arguments {argv}: settings are GAN_* variables, see --help"])
+        return _train()
+    except JobError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except Exception:
+        log.exception("unexpected failure")
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

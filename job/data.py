@@ -1,0 +1,359 @@
+"""Datasets and the batch source that feeds the training loop.
+
+Small datasets (the MNIST family, CIFAR-10) are held whole as a uint8 tensor on the training
+device and batched by indexing; image folders stream through a DataLoader. Both draw batches
+from the same deterministic, rank-sharded epoch order, so the data position saved in a
+checkpoint resumes exactly, also under another world size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from job.errors import DataError
+from job.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDX_DATASETS = {"mnist": "MNIST", "kmnist": "KMNIST", "fashion-mnist": "FashionMNIST"}
+SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+@dataclass
+class ImageData:
+    """A training split. images: uint8 N x C x H x W (in memory) or None for folders."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    labels: torch.Tensor  # int64, N
+    images: torch.Tensor | None = None
+    folder: FolderDataset | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# ---------------------------------------------------------------- IDX (MNIST family)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped or not), checking its magic number and its size."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read ({exc}); the file may be truncated") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (wrong magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(
+            f"{path}: IDX size mismatch: header says {shape} ({expected} bytes), file has {len(raw)}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def _find_idx(name: str, roots: list[Path]) -> tuple[Path, Path] | None:
+    for root in roots:
+        found = []
+        for stem in IDX_FILES:
+            path = next((p for p in (root / stem, root / f"{stem}.gz") if p.is_file()), None)
+            found.append(path)
+        if all(found):
+            return found[0], found[1]
+    return None
+
+
+def _idx_roots(kind: str, data_dir: Path) -> list[Path]:
+    tv = IDX_DATASETS.get(kind, "")
+    roots = [data_dir, data_dir / kind, data_dir / tv / "raw"] if tv else [data_dir]
+    return roots + SYSTEM_DIRS.get(kind, [])
+
+
+def _download_torchvision(kind: str, data_dir: Path) -> None:
+    """Try torchvision's download (needs internet); offline this fails fast and we say where to put files."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "kmnist": tvd.KMNIST, "fashion-mnist": tvd.FashionMNIST}[kind]
+    try:
+        cls(str(data_dir), train=True, download=True)
+    except Exception as exc:  # noqa: BLE001 - any network failure means "offline"
+        log.info("download of %s failed: %s", kind, exc)
+
+
+def load_idx_dataset(kind: str, data_dir: Path, conditional: bool) -> ImageData:
+    roots = _idx_roots(kind, data_dir)
+    files = _find_idx(kind, roots)
+    if files is None and kind in IDX_DATASETS:
+        _download_torchvision(kind, data_dir)
+        files = _find_idx(kind, roots)
+    if files is None:
+        where = " or ".join(str(r) for r in roots[:3])
+        raise DataError(
+            f"GAN_DATASET={kind}: no data found and it could not be downloaded. Put "
+            f"{IDX_FILES[0]}[.gz] and {IDX_FILES[1]}[.gz] in {where} (GAN_DATA_DIR={data_dir})"
+        )
+    images, labels = (read_idx(p) for p in files)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise DataError(
+            f"{files[0]}, {files[1]}: expected N x H x W images and N labels, "
+            f"got {images.shape} and {labels.shape}"
+        )
+    labels_t = torch.from_numpy(labels.astype(np.int64))
+    return ImageData(
+        name=kind,
+        channels=1,
+        image_size=images.shape[1],
+        num_classes=int(labels_t.max()) + 1 if conditional else 0,
+        labels=labels_t,
+        images=torch.from_numpy(images.copy()).unsqueeze(1),
+    )
+
+
+# ---------------------------------------------------------------- CIFAR-10
+
+
+def load_cifar10(data_dir: Path, conditional: bool) -> ImageData:
+    import torchvision.datasets as tvd
+
+    ds = None
+    for download in (False, True):
+        try:
+            ds = tvd.CIFAR10(str(data_dir), train=True, download=download)
+            break
+        except Exception as exc:  # noqa: BLE001 - missing files or no network
+            log.info("CIFAR-10 (download=%s) unavailable: %s", download, exc)
+    if ds is None:
+        raise DataError(
+            f"GAN_DATASET=cifar10: no data found in {data_dir} and it could not be downloaded. "
+            f"Put cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ in {data_dir}"
+        )
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor(ds.targets, dtype=torch.int64)
+    return ImageData("cifar10", 3, 32, 10 if conditional else 0, labels, images=images)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+class FolderDataset(Dataset):
+    """Every image under a folder, recursively; the first-level subfolder is the class."""
+
+    def __init__(self, root: Path, image_size: int):
+        if not root.is_dir():
+            raise DataError(f"GAN_DATASET=folder:{root}: no such folder")
+        self.root, self.image_size = root, image_size
+        self.files = sorted(
+            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        )
+        if not self.files:
+            raise DataError(
+                f"GAN_DATASET=folder:{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
+        classes = sorted({p.relative_to(root).parts[0] for p in self.files if p.parent != root})
+        index = {name: i for i, name in enumerate(classes)}
+        self.classes = classes
+        self.labels = torch.tensor(
+            [index.get(p.relative_to(root).parts[0], 0) for p in self.files], dtype=torch.int64
+        )
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.files[i]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, UnidentifiedImageError) as exc:
+            raise DataError(f"{path}: unreadable image ({exc})") from exc
+        img = _resize_center_crop(img, self.image_size)
+        array = np.asarray(img, dtype=np.uint8).copy()
+        return torch.from_numpy(array).permute(2, 0, 1), int(self.labels[i])
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    scale = size / min(w, h)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_folder(root: Path, image_size: int, conditional: bool) -> ImageData:
+    ds = FolderDataset(root, image_size)
+    if conditional and len(ds.classes) < 2:
+        raise DataError(
+            f"GAN_CONDITIONAL=true needs labels: put the images of {root} in one subfolder per class"
+        )
+    return ImageData(
+        name=f"folder:{root}",
+        channels=3,
+        image_size=image_size,
+        num_classes=len(ds.classes) if conditional else 0,
+        labels=ds.labels,
+        folder=ds,
+    )
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def load_dataset(settings: Settings, local_s3_copy: Path | None = None) -> ImageData:
+    """The training split named by GAN_DATASET, at GAN_IMAGE_SIZE.
+
+    local_s3_copy: for an s3:// dataset, the local folder it was already downloaded to.
+    """
+    kind, size, cond = settings.dataset_kind, settings.resolved_image_size, settings.conditional
+    data_dir = Path(settings.data_dir)
+    if kind == "folder":
+        return load_folder(Path(settings.dataset.removeprefix("folder:")), size, cond)
+    if kind == "s3":
+        assert local_s3_copy is not None
+        if _find_idx("s3", [local_s3_copy]):
+            data = load_idx_dataset("s3", local_s3_copy, cond)
+        else:
+            return load_folder(local_s3_copy, size, cond)
+    elif kind == "cifar10":
+        data = load_cifar10(data_dir, cond)
+    else:
+        data = load_idx_dataset(kind, data_dir, cond)
+    data.name = settings.dataset
+    if cond and data.num_classes < 2:
+        raise DataError(f"GAN_CONDITIONAL=true: {settings.dataset} has fewer than 2 classes")
+    return resize_in_memory(data, size)
+
+
+def resize_in_memory(data: ImageData, size: int) -> ImageData:
+    if data.image_size == size:
+        return data
+    chunks = []
+    for chunk in data.images.split(4096):
+        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True)
+        chunks.append(x.round().clamp(0, 255).to(torch.uint8))
+    data.images, data.image_size = torch.cat(chunks), size
+    return data
+
+
+# ---------------------------------------------------------------- batches
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The same permutation on every rank; each rank takes its own stride of it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class BatchSource:
+    """Endless batches of (images in [-1, 1] on the device, labels), epoch after epoch.
+
+    Position is kept as (epoch, images consumed in the epoch by all ranks together), so a
+    checkpoint taken under one world size resumes under another.
+    """
+
+    def __init__(
+        self,
+        data: ImageData,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+    ):
+        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.device, self.rank, self.world_size = device, rank, world_size
+        self.num_workers = num_workers
+        self.per_rank = len(data) // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{data.name}: {len(data)} images are fewer than one batch per process "
+                f"(GAN_BATCH_SIZE={batch_size} x {world_size} processes)"
+            )
+        self.epoch, self.batch_index = 0, 0
+        self.on_device = data.images is not None
+        if self.on_device:
+            self.images = data.images.to(device)
+            self.labels = data.labels.to(device)
+        self._iter = None
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.batches_per_epoch * self.batch_size * self.world_size
+
+    def state_dict(self) -> dict:
+        consumed = self.batch_index * self.batch_size * self.world_size
+        return {"epoch": self.epoch, "images_consumed": consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        per_step = self.batch_size * self.world_size
+        self.batch_index = min(int(state["images_consumed"]) // per_step, self.batches_per_epoch)
+        self._iter = None
+
+    def _rank_batches(self) -> list[torch.Tensor]:
+        order = epoch_order(len(self.data), self.seed, self.epoch)
+        mine = order[self.rank :: self.world_size][: self.per_rank]
+        usable = self.batches_per_epoch * self.batch_size
+        return list(mine[:usable].view(self.batches_per_epoch, self.batch_size))
+
+    def _loader(self):
+        batches = [b.tolist() for b in self._rank_batches()[self.batch_index :]]
+        return iter(
+            DataLoader(
+                self.data.folder,
+                batch_sampler=batches,
+                num_workers=self.num_workers,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=False,
+            )
+        )
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.batch_index >= self.batches_per_epoch:
+            self.epoch, self.batch_index, self._iter = self.epoch + 1, 0, None
+        if self.on_device:
+            if self._iter is None:
+                self._iter = self._rank_batches()
+            idx = self._iter[self.batch_index].to(self.device, non_blocking=True)
+            x, y = self.images[idx], self.labels[idx]
+        else:
+            if self._iter is None:
+                self._iter = self._loader()
+            x, y = next(self._iter)
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+        self.batch_index += 1
+        return x.float().div_(127.5).sub_(1.0), y
+
+
+def real_images(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset of real images (uint8) and labels, e.g. for FID statistics."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data), generator=g)[: min(num, len(data))]
+    if data.images is not None:
+        return data.images[idx], data.labels[idx]
+    pairs = [data.folder[int(i)] for i in idx]
+    return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])

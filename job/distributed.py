@@ -1,0 +1,110 @@
+"""Process group up and down, the rank's device, and agreement between ranks.
+
+Run as a plain process this is a world of one; under torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR/PORT in the environment) it joins the process group: NCCL on GPUs, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(setting: str, local_rank: int) -> torch.device:
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def setup(device_setting: str) -> World:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(device_setting, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return World(rank, world_size, local_rank, device)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when it is true on any: a stop decided anywhere is agreed everywhere."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= world.world_size
+    return values
+
+
+def gather_objects(obj, world: World) -> list:
+    """obj from every rank, in rank order, on every rank."""
+    if not world.distributed:
+        return [obj]
+    out = [None] * world.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's obj, on every rank."""
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def torchrun_argv(nproc_per_node: int) -> list[str]:
+    """The command that re-runs this job under torchrun with nproc_per_node workers."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        "job",
+    ]

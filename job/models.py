@@ -1,0 +1,171 @@
+"""Generators and discriminators: the MLP GAN, DCGAN, and their class-conditional variants.
+
+Discriminators return logits (one per image); the losses apply the sigmoid. Conditional models
+take integer labels: G appends a label embedding to z, D appends one to its input (the MLP) or
+as extra constant image planes (DCGAN).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Everything needed to rebuild a generator or discriminator; saved with every export."""
+
+    model: str  # mlp | dcgan
+    channels: int
+    image_size: int
+    latent_dim: int
+    width: int
+    num_classes: int  # 0: unconditional
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dcgan_plan(image_size: int) -> tuple[int, int]:
+    """(base spatial size, number of x2 up/down-samplings) for 28, 32 and 64 pixels."""
+    base = 7 if image_size % 7 == 0 else 4
+    ups = int(math.log2(image_size // base))
+    if base * 2**ups != image_size:
+        raise ValueError(f"DCGAN supports 28, 32 and 64 pixels, not {image_size}")
+    return base, ups
+
+
+class MLPGenerator(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        c = arch.num_classes
+        self.embed = nn.Embedding(c, c) if c else None
+        h = arch.width * 2  # 128 at the default width, as in the classic MLP GAN
+        dims = [arch.latent_dim + c, h, h * 2, h * 4, h * 8]
+        layers: list[nn.Module] = []
+        for i, (d_in, d_out) in enumerate(zip(dims, dims[1:], strict=False)):
+            layers.append(nn.Linear(d_in, d_out))
+            if i > 0:
+                layers.append(nn.BatchNorm1d(d_out))
+            layers.append(nn.LeakyReLU(0.2))
+        out = arch.channels * arch.image_size**2
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], out), nn.Tanh())
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        a = self.arch
+        return self.net(z).view(-1, a.channels, a.image_size, a.image_size)
+
+
+class MLPDiscriminator(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        c = arch.num_classes
+        self.embed = nn.Embedding(c, c) if c else None
+        h = arch.width * 2
+        d_in = arch.channels * arch.image_size**2 + c
+        self.net = nn.Sequential(
+            nn.Linear(d_in, h * 4),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(0.3),
+            nn.Linear(h * 4, h * 2),
+            nn.LeakyReLU(0.2),
+            nn.Dropout(0.3),
+            nn.Linear(h * 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        x = x.flatten(1)
+        if self.embed is not None:
+            x = torch.cat([x, self.embed(labels)], dim=1)
+        return self.net(x).squeeze(1)
+
+
+class DCGANGenerator(nn.Module):
+    """Radford et al.: a projection to base x base, then stride-2 transposed convolutions."""
+
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        c = arch.num_classes
+        self.embed = nn.Embedding(c, c) if c else None
+        base, ups = _dcgan_plan(arch.image_size)
+        ch = arch.width * 2 ** (ups - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(arch.latent_dim + c, ch, base, 1, 0, bias=False),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(True),
+        ]
+        for _ in range(ups - 1):
+            layers += [
+                nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ch // 2),
+                nn.ReLU(True),
+            ]
+            ch //= 2
+        layers += [nn.ConvTranspose2d(ch, arch.channels, 4, 2, 1, bias=False), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(labels)], dim=1)
+        return self.net(z[:, :, None, None])
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        c = arch.num_classes
+        self.embed = nn.Embedding(c, c) if c else None
+        base, downs = _dcgan_plan(arch.image_size)
+        ch = arch.width
+        layers: list[nn.Module] = [
+            nn.Conv2d(arch.channels + c, ch, 4, 2, 1, bias=False),
+            nn.LeakyReLU(0.2, inplace=True),
+        ]
+        for _ in range(downs - 1):
+            layers += [
+                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(ch * 2),
+                nn.LeakyReLU(0.2, inplace=True),
+            ]
+            ch *= 2
+        layers.append(nn.Conv2d(ch, 1, base, 1, 0, bias=False))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            planes = self.embed(labels)[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes], dim=1)
+        return self.net(x).flatten()
+
+
+def _dcgan_init(module: nn.Module) -> None:
+    """Weights from N(0, 0.02), BatchNorm scales from N(1, 0.02), as the DCGAN paper prescribes."""
+    if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_generator(arch: Arch) -> nn.Module:
+    if arch.model == "mlp":
+        return MLPGenerator(arch)
+    g = DCGANGenerator(arch)
+    g.apply(_dcgan_init)
+    return g
+
+
+def build_discriminator(arch: Arch) -> nn.Module:
+    if arch.model == "mlp":
+        return MLPDiscriminator(arch)
+    d = DCGANDiscriminator(arch)
+    d.apply(_dcgan_init)
+    return d
