@@ -1,0 +1,604 @@
+"""The artifact store: a local folder or an S3 prefix, behind one small interface.
+
+Keys are '/'-separated paths relative to the store's root ("checkpoints/step-00000100/model.pt").
+Every put is atomic: a reader sees the old object, the whole new one, or nothing.
+S3 requests retry through botocore's own retry modes; BackgroundWriter adds an outer retry for
+outages that last minutes, so training never waits on storage.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import queue
+import shutil
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import boto3
+from boto3.s3.transfer import S3UploadFailedError, TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from job.errors import StorageError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+_TMP_SUFFIX = ".partial"  # local temp files: ".<name>.<hex>.partial", never listed
+
+
+def _clean_key(key: str) -> str:
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise ValueError(f"invalid storage key {key!r}")
+    return "/".join(parts)
+
+
+def _clean_prefix(prefix: str) -> str:
+    """A list prefix: may be empty or end with '/'; never climbs out of the root."""
+    if not prefix:
+        return ""
+    trailing = "/" if prefix.endswith("/") else ""
+    return _clean_key(prefix) + trailing
+
+
+def _is_tmp(name: str) -> bool:
+    return name.startswith(".") and name.endswith(_TMP_SUFFIX)
+
+
+class Store:
+    """Where a run's artifacts live. LocalStore and S3Store implement it."""
+
+    uri: str
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        """{key: size in bytes} of every object whose key starts with prefix (recursive)."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(self.list_sizes(prefix))
+
+    def delete(self, key: str) -> None:
+        raise NotImplementedError
+
+    def child(self, sub: str) -> Store:
+        raise NotImplementedError
+
+    def check(self) -> None:
+        raise NotImplementedError
+
+    def local_path(self, key: str) -> Path | None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.uri!r})"
+
+
+# ---------------------------------------------------------------------------------------------
+# local folder
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) next to dest, fsync, then rename over dest."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(dest.parent)
+
+
+class LocalStore(Store):
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.uri = str(self.root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StorageError(f"artifact store {self.uri}: cannot create folder: {e}") from e
+
+    def _path(self, key: str) -> Path:
+        return self.root / _clean_key(key)
+
+    def local_path(self, key: str) -> Path:
+        return self._path(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        _atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        dest = self._path(key)
+        if dest.exists() and dest.samefile(path):
+            return
+        _atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"{self.uri}/{key}")
+        return path.read_bytes()
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise FileNotFoundError(f"{self.uri}/{key}")
+        _atomic_write(Path(path), lambda tmp: shutil.copyfile(src, tmp))
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        prefix = _clean_prefix(prefix)
+        start = self.root / prefix.rpartition("/")[0]  # deepest folder the prefix names
+        out = {}
+        for folder, _, files in os.walk(start):
+            for name in files:
+                path = Path(folder, name)
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix) and not _is_tmp(name):
+                    try:
+                        out[key] = path.stat().st_size
+                    except FileNotFoundError:  # deleted while we walked
+                        pass
+        return out
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        # prune folders left empty (e.g. a retired checkpoint), never the root itself
+        for parent in path.parents:
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def child(self, sub: str) -> LocalStore:
+        return LocalStore(self.root / _clean_key(sub))
+
+    def check(self) -> None:
+        probe = f".gan-job-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            self.put_bytes(probe, b"probe")
+            ok = self.get_bytes(probe) == b"probe"
+            self.delete(probe)
+        except OSError as e:
+            raise StorageError(f"artifact store {self.uri}: cannot write: {e}") from e
+        if not ok:
+            raise StorageError(f"artifact store {self.uri}: a probe file read back differently")
+
+
+# ---------------------------------------------------------------------------------------------
+# S3
+
+
+def _endpoint_from_env() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def make_s3_client(
+    endpoint_url: str | None = None,
+    connect_timeout: float = 10,
+    read_timeout: float = 60,
+    max_attempts: int | None = None,
+):
+    """A boto3 S3 client that honours the standard AWS_* settings.
+
+    endpoint_url wins over AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (which boto3 reads itself when
+    endpoint_url is None). A custom endpoint means a non-AWS store: path-style addressing and
+    checksums only where required, unless AWS_S3_ADDRESSING_STYLE /
+    AWS_REQUEST_CHECKSUM_CALCULATION say otherwise. Retries: botocore's AWS_RETRY_MODE (default
+    standard) and AWS_MAX_ATTEMPTS (default 5) unless max_attempts is given.
+    """
+    session = boto3.session.Session()
+    region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
+    custom = endpoint_url or _endpoint_from_env()
+    style = os.environ.get("AWS_S3_ADDRESSING_STYLE") or ("path" if custom else None)
+    extra = {}
+    if custom and not os.environ.get("AWS_REQUEST_CHECKSUM_CALCULATION"):
+        extra["request_checksum_calculation"] = "when_required"
+    if custom and not os.environ.get("AWS_RESPONSE_CHECKSUM_VALIDATION"):
+        extra["response_checksum_validation"] = "when_required"
+    config = Config(
+        region_name=region,
+        connect_timeout=connect_timeout,
+        read_timeout=read_timeout,
+        retries={
+            "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
+            "max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+        },
+        s3={"addressing_style": style} if style else None,
+        **extra,
+    )
+    return session.client("s3", endpoint_url=endpoint_url or None, config=config)
+
+
+def _error_code(e: ClientError) -> str:
+    return str(e.response.get("Error", {}).get("Code", ""))
+
+
+def _describe(e: Exception, bucket: str, endpoint: str) -> str:
+    """The cause in words a user can act on. botocore never puts secrets in its messages."""
+    if isinstance(e, EndpointConnectionError | ConnectTimeoutError):
+        return f"cannot reach endpoint {endpoint} ({e})"
+    if isinstance(e, ReadTimeoutError):
+        return f"endpoint {endpoint} did not answer in time ({e})"
+    if isinstance(e, NoCredentialsError):
+        return (
+            "no S3 credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_SHARED_CREDENTIALS_FILE / AWS_PROFILE)"
+        )
+    if isinstance(e, ClientError):
+        code = _error_code(e)
+        if code in ("NoSuchBucket", "404"):
+            return f"no such bucket {bucket!r} at {endpoint}"
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return (
+                f"access denied ({code}) to bucket {bucket!r} at {endpoint}: check "
+                "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions"
+            )
+        return f"{code or type(e).__name__} from {endpoint}: {e}"
+    return f"{type(e).__name__}: {e}"
+
+
+_S3_ERRORS = (ClientError, BotoCoreError, S3UploadFailedError)
+
+
+class S3Store(Store):
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, client=None):
+        self.bucket = bucket
+        self.prefix = "/".join(p for p in prefix.split("/") if p)
+        self.uri = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.endpoint_url = endpoint_url
+        self.client = client or make_s3_client(endpoint_url)
+        self.transfer = TransferConfig(
+            multipart_threshold=64 * MiB, multipart_chunksize=16 * MiB, max_concurrency=4
+        )
+
+    @property
+    def endpoint(self) -> str:
+        return self.client.meta.endpoint_url
+
+    def _key(self, key: str) -> str:
+        key = _clean_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, what: str, key: str, e: Exception) -> StorageError:
+        cause = _describe(e, self.bucket, self.endpoint)
+        return StorageError(f"artifact store {self.uri}: {what} {key!r} failed: {cause}")
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+        except _S3_ERRORS as e:
+            raise self._fail("put", key, e) from e
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Multipart above transfer.multipart_threshold; S3 shows the object only when complete."""
+        try:
+            self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+        except _S3_ERRORS as e:
+            raise self._fail("upload", key, e) from e
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            obj = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return obj["Body"].read()
+        except _S3_ERRORS as e:
+            raise self._not_found_or_fail("get", key, e) from e
+
+    def get_file(self, key: str, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+        try:
+            self.client.download_file(self.bucket, self._key(key), str(tmp), Config=self.transfer)
+            os.replace(tmp, path)
+        except _S3_ERRORS as e:
+            raise self._not_found_or_fail("download", key, e) from e
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _not_found_or_fail(self, what: str, key: str, e: Exception) -> Exception:
+        if isinstance(e, ClientError) and _error_code(e) in ("NoSuchKey", "404"):
+            return FileNotFoundError(f"{self.uri}/{key}")
+        return self._fail(what, key, e)
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if _error_code(e) in ("NoSuchKey", "404"):
+                return False
+            raise self._fail("head", key, e) from e
+        except _S3_ERRORS as e:
+            raise self._fail("head", key, e) from e
+
+    def list_sizes(self, prefix: str = "") -> dict[str, int]:
+        root = f"{self.prefix}/" if self.prefix else ""
+        out = {}
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=root + _clean_prefix(prefix)
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    key = obj["Key"][len(root) :]
+                    if key and not key.endswith("/"):  # skip console "folder" markers
+                        out[key] = obj["Size"]
+        except _S3_ERRORS as e:
+            raise self._fail("list", prefix, e) from e
+        return out
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+        except _S3_ERRORS as e:
+            raise self._fail("delete", key, e) from e
+
+    def child(self, sub: str) -> S3Store:
+        child = S3Store(self.bucket, self._key(sub), self.endpoint_url, client=self.client)
+        child.transfer = self.transfer
+        return child
+
+    def check(self) -> None:
+        """List (finds a missing bucket or bad keys), then write, read and delete a probe object.
+
+        Uses a client with short timeouts and few attempts: an unreachable endpoint fails in
+        seconds, not minutes.
+        """
+        client = make_s3_client(
+            self.endpoint_url, connect_timeout=5, read_timeout=10, max_attempts=2
+        )
+        probe = self._key(f".gan-job-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
+            client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe")
+            data = client.get_object(Bucket=self.bucket, Key=probe)["Body"].read()
+            client.delete_object(Bucket=self.bucket, Key=probe)
+        except _S3_ERRORS as e:
+            cause = _describe(e, self.bucket, client.meta.endpoint_url)
+            raise StorageError(f"artifact store {self.uri}: {cause}") from e
+        if data != b"probe":
+            raise StorageError(f"artifact store {self.uri}: a probe object read back differently")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def open_store(uri: str, endpoint_url: str | None = None) -> Store:
+    """Paths, "./runs" and "file:///abs/path" give a LocalStore; "s3://bucket/prefix" an S3Store."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"artifact URI {uri!r} names no bucket: expected s3://bucket/prefix")
+        return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise StorageError(f"artifact URI {uri!r}: file:// URIs must be local (file:///path)")
+        return LocalStore(unquote(parsed.path))
+    if "://" in uri:
+        raise StorageError(f"artifact URI {uri!r}: unsupported scheme (use a path or s3://)")
+    return LocalStore(uri)
+
+
+class BackgroundWriter:
+    """Uploads in a background thread so training never waits on storage.
+
+    FIFO with one worker: an item submitted later is stored after every earlier one, so a
+    checkpoint's completion marker, submitted last, lands only after its parts. A failed item is
+    retried with backoff until it succeeds or close()'s deadline passes; failures counts attempts
+    that failed.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        max_pending: int = 8,
+        on_failure: Callable[[Exception], None] | None = None,
+        retry_initial: float = 0.5,
+        retry_max: float = 30.0,
+    ):
+        self.store = store
+        self.on_failure = on_failure
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.failures = 0
+        self.last_error: Exception | None = None
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max_pending)
+        self._pending = 0
+        self._done = threading.Condition()
+        self._abandon = threading.Event()  # set by close() after its deadline: stop retrying
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="storage-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def pending(self) -> int:
+        """Items submitted and not yet stored."""
+        return self._pending
+
+    def submit(
+        self,
+        key: str,
+        data: bytes | None = None,
+        path: str | Path | None = None,
+        delete_after: bool = False,
+    ) -> None:
+        """Store data or the file at path under key; blocks while max_pending items wait.
+
+        delete_after removes the local file once it is stored (not if it is the stored file).
+        """
+        if (data is None) == (path is None):
+            raise ValueError("submit needs exactly one of data or path")
+        if data is not None:
+            self.submit_call(lambda: self.store.put_bytes(key, data))
+            return
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(path)
+
+        def put() -> None:
+            self.store.put_file(key, path)
+            stored = self.store.local_path(key)
+            if delete_after and not (stored and stored.exists() and stored.samefile(path)):
+                path.unlink(missing_ok=True)
+
+        self.submit_call(put)
+
+    def submit_call(self, fn: Callable[[], None]) -> None:
+        """Run fn in order with the uploads (e.g. retention deletes); retried like a put."""
+        if self._closed:
+            raise RuntimeError("BackgroundWriter is closed")
+        with self._done:
+            self._pending += 1
+        self._queue.put(fn)
+
+    def _run(self) -> None:
+        while (fn := self._queue.get()) is not None:
+            self._run_with_retry(fn)
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()
+
+    def _run_with_retry(self, fn: Callable[[], None]) -> None:
+        delay = self.retry_initial
+        while True:
+            try:
+                fn()
+                return
+            except Exception as e:
+                self.failures += 1
+                self.last_error = e
+                log.warning(
+                    "storage write failed (attempt %d), retrying in %.1fs: %s",
+                    self.failures,
+                    delay,
+                    e,
+                )
+                if self.on_failure is not None:
+                    try:
+                        self.on_failure(e)
+                    except Exception:
+                        log.exception("on_failure callback raised")
+            if self._abandon.wait(delay):
+                log.error("storage write abandoned at close: %s", self.last_error)
+                return
+            delay = min(delay * 2, self.retry_max)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted is stored; False on timeout."""
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Flush, then stop the thread. Past the deadline, pending items are dropped: False."""
+        if self._closed:
+            return self._pending == 0
+        self._closed = True
+        ok = self.flush(timeout)
+        if not ok:
+            self._abandon.set()
+            self._drain()
+        try:
+            self._queue.put(None, timeout=1.0)
+        except queue.Full:  # a submit raced with close; the daemon thread dies with the process
+            pass
+        self._thread.join(None if ok else 1.0)
+        return ok
+
+    def _drain(self) -> None:
+        """Drop queued items (after close's deadline) so the worker reaches the stop sentinel."""
+        while True:
+            try:
+                fn = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if fn is not None:
+                with self._done:
+                    self._pending -= 1
+                    self._done.notify_all()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# datasets from S3
+
+_DONE_MARKER = ".download-complete"
+_LOCK_FILE = ".download.lock"
+
+
+def download_prefix(uri: str, local_dir: Path, endpoint_url: str | None = None) -> Path:
+    """Copy every object under uri into local_dir, once per node.
+
+    A file lock makes concurrent ranks on one node download once; a marker written at the end
+    makes later calls return at once; files already there with the right size are skipped.
+    """
+    local_dir = Path(local_dir)
+    local_dir.mkdir(parents=True, exist_ok=True)
+    marker = local_dir / _DONE_MARKER
+    with open(local_dir / _LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if marker.exists() and marker.read_text() == uri:
+            return local_dir
+        store = open_store(uri, endpoint_url)
+        objects = store.list_sizes()
+        if not objects:
+            raise StorageError(f"nothing to download under {uri}")
+        base = local_dir.resolve()
+        for key, size in sorted(objects.items()):
+            dest = local_dir / key
+            if not dest.resolve().is_relative_to(base):
+                raise StorageError(f"{uri}: key {key!r} points outside {local_dir}")
+            if dest.is_file() and dest.stat().st_size == size:
+                continue
+            store.get_file(key, dest)
+        log.info("downloaded %d objects from %s to %s", len(objects), uri, local_dir)
+        marker.write_text(uri)
+    return local_dir
