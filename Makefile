@@ -18,3 +18,35 @@ test:  ## the whole test suite
 lint:
 	$(PYTHON) -m ruff check job tests
 	$(PYTHON) -m ruff format --check job tests
+
+# --- container --------------------------------------------------------------------------------
+# make image push IMAGE=registry.example.com/team/gan-job:0.1.0   (docs/container.md)
+IMAGE ?= gan-job:dev
+FETCH_INCEPTION ?= 1
+
+.PHONY: push compose-up compose-down
+
+image:  ## build the container image (FETCH_INCEPTION=0: without InceptionV3 weights)
+	docker build --build-arg FETCH_INCEPTION=$(FETCH_INCEPTION) -t $(IMAGE) .
+
+push:  ## push IMAGE to its registry
+	docker push $(IMAGE)
+
+run-local:  ## train in the image: settings from local.env, artifacts in ./runs, all GPUs if any
+	test -f local.env || cp local.env.example local.env
+	mkdir -p runs data
+	docker run --rm --init --shm-size=2g \
+	  $$(command -v nvidia-smi >/dev/null 2>&1 && echo --gpus all) \
+	  --user $$(id -u):$$(id -g) -e HOME=/tmp \
+	  --env-file local.env \
+	  -v "$(CURDIR)/runs:/work/runs" -v "$(CURDIR)/data:/work/data" \
+	  -p 9090:9090 \
+	  $(IMAGE)
+
+compose-up:  ## the job with MinIO, Prometheus and Grafana (docker-compose.yml)
+	IMAGE=$(IMAGE) docker compose up --build --detach
+	@echo "Grafana http://localhost:3000  Prometheus http://localhost:9091  MinIO http://localhost:9001"
+	@echo "logs: docker compose logs -f job"
+
+compose-down:  ## stop the compose stack (volumes kept; add -v by hand to drop them)
+	docker compose down

