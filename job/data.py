@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+import pickle
 import struct
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,24 +135,50 @@ def load_idx_dataset(kind: str, data_dir: Path, conditional: bool) -> ImageData:
 # ---------------------------------------------------------------- CIFAR-10
 
 
-def load_cifar10(data_dir: Path, conditional: bool) -> ImageData:
-    import torchvision.datasets as tvd
+def _cifar_batches(data_dir: Path) -> list[Path] | None:
+    folder = data_dir / "cifar-10-batches-py"
+    files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    return files if all(f.is_file() for f in files) else None
 
-    ds = None
-    for download in (False, True):
+
+def load_cifar10(data_dir: Path, conditional: bool) -> ImageData:
+    """CIFAR-10's training split from cifar-10-batches-py/ (extracted, packed, or downloaded)."""
+    files = _cifar_batches(data_dir)
+    archive = data_dir / "cifar-10-python.tar.gz"
+    if files is None and archive.is_file():
+        with tarfile.open(archive) as tar:
+            tar.extractall(data_dir, filter="data")
+        files = _cifar_batches(data_dir)
+    if files is None:
+        import torchvision.datasets as tvd
+
         try:
-            ds = tvd.CIFAR10(str(data_dir), train=True, download=download)
-            break
-        except Exception as exc:  # noqa: BLE001 - missing files or no network
-            log.info("CIFAR-10 (download=%s) unavailable: %s", download, exc)
-    if ds is None:
+            tvd.CIFAR10(str(data_dir), train=True, download=True)
+        except Exception as exc:  # noqa: BLE001 - no network
+            log.info("download of CIFAR-10 failed: %s", exc)
+        files = _cifar_batches(data_dir)
+    if files is None:
         raise DataError(
             f"GAN_DATASET=cifar10: no data found in {data_dir} and it could not be downloaded. "
             f"Put cifar-10-python.tar.gz or its extracted cifar-10-batches-py/ in {data_dir}"
         )
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-    labels = torch.tensor(ds.targets, dtype=torch.int64)
-    return ImageData("cifar10", 3, 32, 10 if conditional else 0, labels, images=images)
+    images, labels = [], []
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="latin1")
+            images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(batch["labels"])
+        except Exception as exc:  # noqa: BLE001 - truncated or foreign file
+            raise DataError(f"{path}: not a CIFAR-10 batch file ({exc})") from exc
+    return ImageData(
+        "cifar10",
+        3,
+        32,
+        10 if conditional else 0,
+        torch.tensor(labels, dtype=torch.int64),
+        images=torch.from_numpy(np.concatenate(images)),
+    )
 
 
 # ---------------------------------------------------------------- image folders

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-from torcheval.metrics import FrechetInceptionDistance
+
+with warnings.catch_warnings():  # torcheval still calls the deprecated torch.jit.script at import
+    warnings.simplefilter("ignore", FutureWarning)
+    from torcheval.metrics import FrechetInceptionDistance
 
 from job.errors import FIDError
 from job.settings import Settings

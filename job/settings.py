@@ -18,7 +18,7 @@ DCGAN_SIZES = (28, 32, 64)
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_<n>_TCP... for every
 # Service in the namespace; a Service named gan-something must not look like a typo.
 _SERVICE_LINK = re.compile(
-    r"^GAN_\w*(_SERVICE_HOST|_SERVICE_PORT\w*|_PORT|_PORT_\d+_(TCP|UDP|SCTP)\w*)$"
+    r"^GAN(_\w+)?_(SERVICE_HOST|SERVICE_PORT\w*|PORT|PORT_\d+_(TCP|UDP|SCTP)\w*)$"
 )
 
 
@@ -291,3 +291,7 @@ def settings_markdown() -> str:
 def public_dict(settings: Settings) -> dict:
     """The settings as written to config.json and checkpoints (no secrets live in Settings)."""
     return settings.model_dump(mode="json")
+
+
+if __name__ == "__main__":
+    print(settings_markdown())

@@ -1,0 +1,92 @@
+"""Small real inputs for the tests: IDX files, image folders, a TorchScript extractor, the job."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_idx(folder: Path, n: int = 256, size: int = 28, classes: int = 10, gz: bool = True) -> Path:
+    """train-images/labels IDX files of n images: class k is a bright square at position k."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    labels = (np.arange(n) % classes).astype(np.uint8)
+    images = rng.integers(0, 40, size=(n, size, size), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        r = (int(k) * 2) % (size - 8)
+        images[i, r : r + 8, r : r + 8] = 255
+    opener = gzip.open if gz else open
+    suffix = ".gz" if gz else ""
+    with opener(folder / f"train-images-idx3-ubyte{suffix}", "wb") as f:
+        f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, size, size) + images.tobytes())
+    with opener(folder / f"train-labels-idx1-ubyte{suffix}", "wb") as f:
+        f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + labels.tobytes())
+    return folder
+
+
+def write_image_folder(root: Path, classes: tuple[str, ...] = ("cats", "dogs"), per_class: int = 6,
+                       size: tuple[int, int] = (40, 30)) -> Path:  # fmt: skip
+    rng = np.random.default_rng(1)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 255, size=(size[1], size[0], 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / c / f"{i}.png")
+    return root
+
+
+class TinyFeatures(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(channels, 8, 3, stride=2)
+        self.pool = torch.nn.AdaptiveAvgPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(torch.relu(self.conv(x))).flatten(1)
+
+
+def write_extractor(path: Path, channels: int = 1) -> Path:
+    """A small TorchScript feature extractor (N x C x H x W in [0,1] -> N x 32)."""
+    torch.manual_seed(0)
+    torch.jit.script(TinyFeatures(channels)).save(str(path))
+    return path
+
+
+def job_env(tmp: Path, **settings: object) -> dict[str, str]:
+    """The parent environment without GAN_* variables, plus small, fast settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GAN_")}
+    base = {
+        "GAN_ARTIFACT_URI": str(tmp / "runs"),
+        "GAN_DATA_DIR": str(tmp / "data"),
+        "GAN_METRICS_PORT": 0,
+        "GAN_WIDTH": 8,
+        "GAN_LATENT_DIM": 16,
+        "GAN_BATCH_SIZE": 16,
+        "GAN_LOG_EVERY": 5,
+        "GAN_FID_FEATURES": "none",
+    }
+    base.update(settings)
+    env.update({k if k.startswith("GAN_") else f"GAN_{k.upper()}": str(v) for k, v in base.items()})
+    env["PYTHONWARNINGS"] = "ignore::FutureWarning"
+    return env
+
+
+def run_job(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "job", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,146 @@
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from job.data import BatchSource, load_dataset, read_idx
+from job.errors import DataError
+from job.settings import load_settings
+from tests.helpers import write_idx, write_image_folder
+
+
+def settings(tmp_path, **env):
+    base = {"GAN_DATA_DIR": str(tmp_path)}
+    base.update({f"GAN_{k.upper()}": str(v) for k, v in env.items()})
+    return load_settings(base)
+
+
+@pytest.mark.parametrize(
+    "dataset,sub,gz",
+    [("mnist", "MNIST/raw", True), ("kmnist", "KMNIST/raw", False), ("fashion-mnist", "", True)],
+)
+def test_idx_datasets_load_from_the_data_dir(tmp_path, dataset, sub, gz):
+    write_idx(tmp_path / sub, n=50, gz=gz)
+    data = load_dataset(settings(tmp_path, dataset=dataset, conditional="true"))
+    assert data.images.shape == (50, 1, 28, 28) and data.images.dtype == torch.uint8
+    assert data.num_classes == 10 and data.labels[:3].tolist() == [0, 1, 2]
+
+
+def test_idx_images_are_resized_to_the_requested_size(tmp_path):
+    write_idx(tmp_path, n=20)
+    data = load_dataset(settings(tmp_path, dataset="mnist", image_size=32))
+    assert data.images.shape == (20, 1, 32, 32) and data.num_classes == 0
+
+
+def test_missing_idx_files_say_where_to_put_which_files(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_dataset(settings(tmp_path, dataset="kmnist"))
+    msg = str(info.value)
+    assert "train-images-idx3-ubyte[.gz]" in msg and str(tmp_path) in msg
+
+
+def test_idx_with_wrong_magic_number_is_refused(tmp_path):
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(b"\x12\x34\x08\x03" + bytes(16))
+    with pytest.raises(DataError, match="wrong magic number"):
+        read_idx(path)
+
+
+def test_truncated_idx_is_refused_with_its_sizes(tmp_path):
+    write_idx(tmp_path, n=10, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="size mismatch"):
+        read_idx(path)
+
+
+def test_truncated_gzip_idx_is_refused(tmp_path):
+    write_idx(tmp_path, n=10)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(path)
+
+
+def test_cifar10_reads_the_python_batches(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        batch = {"data": np.full((4, 3072), i, dtype=np.uint8), "labels": [0, 1, 2, i]}
+        (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
+    data = load_dataset(settings(tmp_path, dataset="cifar10", conditional="true"))
+    assert data.images.shape == (20, 3, 32, 32) and data.channels == 3
+    assert data.num_classes == 10 and int(data.images[-1].max()) == 5
+
+
+def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
+    data = load_dataset(settings(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp"))
+    assert data.num_classes == 3 and len(data) == 6
+    image, label = data.folder[5]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2
+
+
+def test_empty_image_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no images"):
+        load_dataset(settings(tmp_path, dataset=f"folder:{tmp_path / 'empty'}"))
+
+
+def test_conditional_folder_without_class_subfolders_is_refused(tmp_path):
+    write_image_folder(tmp_path / "flat", classes=("only",))
+    with pytest.raises(DataError, match="one subfolder per class"):
+        load_dataset(settings(tmp_path, dataset=f"folder:{tmp_path / 'flat'}", conditional="true"))
+
+
+def _idx_data(tmp_path, n=64):
+    write_idx(tmp_path, n=n)
+    return load_dataset(settings(tmp_path, dataset="mnist", conditional="true"))
+
+
+def test_ranks_see_disjoint_shards_of_each_epoch(tmp_path):
+    data = _idx_data(tmp_path)
+    cpu = torch.device("cpu")
+    seen = []
+    for rank in range(2):
+        src = BatchSource(data, 8, seed=3, device=cpu, rank=rank, world_size=2)
+        seen.append({tuple(x.flatten()[:40].tolist()) for _ in range(4) for x in src.next()[0]})
+    assert len(seen[0]) == 32 and len(seen[1]) == 32 and not seen[0] & seen[1]
+
+
+def test_data_position_resumes_under_another_world_size(tmp_path):
+    data = _idx_data(tmp_path)
+    cpu = torch.device("cpu")
+    two = BatchSource(data, 8, seed=3, device=cpu, rank=0, world_size=2)
+    for _ in range(2):
+        two.next()
+    one = BatchSource(data, 8, seed=3, device=cpu)
+    one.load_state_dict(two.state_dict())
+    assert one.state_dict() == {"epoch": 0, "images_consumed": 32}
+    one.next()
+    assert one.state_dict()["images_consumed"] == 40
+
+
+def test_batches_are_scaled_to_minus_one_one_and_epochs_advance(tmp_path):
+    data = _idx_data(tmp_path, n=32)
+    src = BatchSource(data, 16, seed=0, device=torch.device("cpu"))
+    for _ in range(3):
+        x, y = src.next()
+    assert x.min() >= -1 and x.max() <= 1 and x.max() == 1
+    assert src.epoch == 1 and y.dtype == torch.int64
+
+
+def test_too_small_dataset_for_one_batch_is_a_clear_error(tmp_path):
+    data = _idx_data(tmp_path, n=10)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        BatchSource(data, 16, seed=0, device=torch.device("cpu"))
+
+
+def test_idx_header_with_wrong_dimensions(tmp_path):
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"abc")
+    write_idx(tmp_path / "x", n=3)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"\0\1\2")
+    with pytest.raises(DataError, match="expected N x H x W"):
+        load_dataset(settings(tmp_path, dataset="mnist"))
