@@ -273,7 +273,7 @@ class Metrics:
                 grouping_key=grouping,
                 timeout=PUSH_TIMEOUT_SECONDS,
             )
-        except Exception as e:  # noqa: BLE001 - a failed push must never fail the job at exit
+        except Exception as e:  # a failed push must never fail the job at exit
             log.warning("pushing metrics to %s failed: %s", url, e)
         else:
             log.info("pushed metrics to %s (job=%s, %s)", url, job, grouping)
