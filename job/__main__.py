@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import subprocess
 import sys
 
 from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
@@ -12,7 +11,9 @@ from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
 
 def _setup_logging() -> None:
     rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    prefix = (
+        f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    )
     logging.basicConfig(
         level=logging.INFO,
         format=f"%(asctime)s {prefix}%(levelname)s %(message)s",
@@ -30,7 +31,8 @@ def _train() -> int:
     if settings.nproc_per_node > 1 and not distributed.under_torchrun():
         argv = distributed.torchrun_argv(settings.nproc_per_node)
         logging.info("starting %d processes: %s", settings.nproc_per_node, " ".join(argv))
-        return subprocess.call(argv)
+        sys.stdout.flush()
+        os.execv(argv[0], argv)  # torchrun takes this PID, so SIGTERM reaches it directly
     from job.train import train
 
     return train(settings)
@@ -50,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
             from job.sample import main as sample_main
 
             return sample_main(argv[1:])
+        if argv and argv[0] == "features":
+            from job.features import main as features_main
+
+            return features_main(argv[1:])
         if argv:
-            raise SettingsError([f"unknown arguments {argv}: settings are GAN_* variables, see --help"])
+            raise SettingsError(
+                [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]
+            )
         return _train()
     except JobError as exc:
         log.error("%s", exc)

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -50,13 +51,25 @@ def marker_for(step: int, parts: dict[str, bytes]) -> bytes:
     return json.dumps(record, indent=1).encode()
 
 
-def save(writer: BackgroundWriter, step: int, state: dict, keep: int) -> None:
-    """Queue a checkpoint's parts, then its marker, then retention; returns without waiting."""
+def save(
+    writer: BackgroundWriter,
+    step: int,
+    state: dict,
+    keep: int,
+    on_stored: Callable[[int], None] | None = None,
+) -> None:
+    """Queue a checkpoint's parts, then its marker, then retention; returns without waiting.
+
+    on_stored(step) runs in the writer's thread once the marker is stored: the checkpoint is
+    complete from then on.
+    """
     parts = {STATE: serialize(state)}
     base = step_dir(step)
     for name, data in parts.items():
         writer.submit(base + name, data=data)
     writer.submit(base + MARKER, data=marker_for(step, parts))
+    if on_stored is not None:
+        writer.submit_call(lambda: on_stored(step))
     writer.submit_call(lambda: prune(writer.store, keep))
 
 

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 IDX_DATASETS = {"mnist": "MNIST", "kmnist": "KMNIST", "fashion-mnist": "FashionMNIST"}
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
+IDX_PREFIXES = {"train": "train", "test": "t10k"}  # file name prefixes of the IDX splits
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -75,10 +76,16 @@ def read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
-def _find_idx(name: str, roots: list[Path]) -> tuple[Path, Path] | None:
+def idx_files(split: str = "train") -> tuple[str, str]:
+    """The image and label file names (without .gz) of an IDX split: train or test (t10k)."""
+    prefix = IDX_PREFIXES[split]
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def _find_idx(name: str, roots: list[Path], split: str = "train") -> tuple[Path, Path] | None:
     for root in roots:
         found = []
-        for stem in IDX_FILES:
+        for stem in idx_files(split):
             path = next((p for p in (root / stem, root / f"{stem}.gz") if p.is_file()), None)
             found.append(path)
         if all(found):
@@ -103,17 +110,21 @@ def _download_torchvision(kind: str, data_dir: Path) -> None:
         log.info("download of %s failed: %s", kind, exc)
 
 
-def load_idx_dataset(kind: str, data_dir: Path, conditional: bool) -> ImageData:
+def load_idx_dataset(
+    kind: str, data_dir: Path, conditional: bool, split: str = "train"
+) -> ImageData:
+    """An IDX split: train (train-*) or test (t10k-*), from the same places."""
     roots = _idx_roots(kind, data_dir)
-    files = _find_idx(kind, roots)
+    files = _find_idx(kind, roots, split)
     if files is None and kind in IDX_DATASETS:
         _download_torchvision(kind, data_dir)
-        files = _find_idx(kind, roots)
+        files = _find_idx(kind, roots, split)
     if files is None:
         where = " or ".join(str(r) for r in roots[:3])
+        names = idx_files(split)
         raise DataError(
             f"GAN_DATASET={kind}: no data found and it could not be downloaded. Put "
-            f"{IDX_FILES[0]}[.gz] and {IDX_FILES[1]}[.gz] in {where} (GAN_DATA_DIR={data_dir})"
+            f"{names[0]}[.gz] and {names[1]}[.gz] in {where} (GAN_DATA_DIR={data_dir})"
         )
     images, labels = (read_idx(p) for p in files)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
@@ -135,20 +146,24 @@ def load_idx_dataset(kind: str, data_dir: Path, conditional: bool) -> ImageData:
 # ---------------------------------------------------------------- CIFAR-10
 
 
-def _cifar_batches(data_dir: Path) -> list[Path] | None:
+def _cifar_batches(data_dir: Path, split: str = "train") -> list[Path] | None:
     folder = data_dir / "cifar-10-batches-py"
-    files = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    if split == "test":
+        files = [folder / "test_batch"]
+    else:
+        files = [folder / f"data_batch_{i}" for i in range(1, 6)]
     return files if all(f.is_file() for f in files) else None
 
 
-def load_cifar10(data_dir: Path, conditional: bool) -> ImageData:
-    """CIFAR-10's training split from cifar-10-batches-py/ (extracted, packed, or downloaded)."""
-    files = _cifar_batches(data_dir)
+def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> ImageData:
+    """A CIFAR-10 split (train: data_batch_1-5, test: test_batch) from cifar-10-batches-py/
+    (extracted, packed, or downloaded)."""
+    files = _cifar_batches(data_dir, split)
     archive = data_dir / "cifar-10-python.tar.gz"
     if files is None and archive.is_file():
         with tarfile.open(archive) as tar:
             tar.extractall(data_dir, filter="data")
-        files = _cifar_batches(data_dir)
+        files = _cifar_batches(data_dir, split)
     if files is None:
         import torchvision.datasets as tvd
 
@@ -156,7 +171,7 @@ def load_cifar10(data_dir: Path, conditional: bool) -> ImageData:
             tvd.CIFAR10(str(data_dir), train=True, download=True)
         except Exception as exc:  # noqa: BLE001 - no network
             log.info("download of CIFAR-10 failed: %s", exc)
-        files = _cifar_batches(data_dir)
+        files = _cifar_batches(data_dir, split)
     if files is None:
         raise DataError(
             f"GAN_DATASET=cifar10: no data found in {data_dir} and it could not be downloaded. "
@@ -309,6 +324,7 @@ class BatchSource:
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        on_device: bool = True,
     ):
         self.data, self.batch_size, self.seed = data, batch_size, seed
         self.device, self.rank, self.world_size = device, rank, world_size
@@ -321,10 +337,12 @@ class BatchSource:
                 f"(GAN_BATCH_SIZE={batch_size} x {world_size} processes)"
             )
         self.epoch, self.batch_index = 0, 0
-        self.on_device = data.images is not None
-        if self.on_device:
-            self.images = data.images.to(device)
-            self.labels = data.labels.to(device)
+        self.in_memory = data.images is not None
+        if self.in_memory:
+            home = device if on_device else torch.device("cpu")
+            self.images, self.labels = data.images.to(home), data.labels.to(home)
+            if home.type == "cpu" and device.type == "cuda":
+                self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
         self._iter = None
 
     @property
@@ -362,11 +380,12 @@ class BatchSource:
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.batch_index >= self.batches_per_epoch:
             self.epoch, self.batch_index, self._iter = self.epoch + 1, 0, None
-        if self.on_device:
+        if self.in_memory:
             if self._iter is None:
                 self._iter = self._rank_batches()
-            idx = self._iter[self.batch_index].to(self.device, non_blocking=True)
-            x, y = self.images[idx], self.labels[idx]
+            idx = self._iter[self.batch_index].to(self.images.device, non_blocking=True)
+            x = self.images[idx].to(self.device, non_blocking=True)
+            y = self.labels[idx].to(self.device, non_blocking=True)
         else:
             if self._iter is None:
                 self._iter = self._loader()

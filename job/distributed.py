@@ -53,13 +53,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def any_rank(flag: bool, world: World) -> bool:
-    """True on every rank when it is true on any: a stop decided anywhere is agreed everywhere."""
+def any_rank_each(flags: list[bool], world: World) -> list[bool]:
+    """Each flag true on every rank when it is true on any: one collective for all of them."""
     if not world.distributed:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=world.device)
+        return flags
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=world.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:

@@ -62,7 +62,10 @@ class Settings(BaseSettings):
         0.0, ge=0, lt=0.5, description="one-sided: D's target for real images is 1 - this"
     )
     ema_decay: float = Field(
-        0.999, ge=0, lt=1, description="decay of the EMA generator (0: plain copy)"
+        0.999,
+        ge=0,
+        lt=1,
+        description="decay of the EMA generator, warmed up as min(this, (1+step)/(10+step)); 0: plain copy",
     )
     max_steps: int = Field(10000, ge=1, description="stop after this many D+G steps")
     max_minutes: float = Field(
@@ -73,6 +76,20 @@ class Settings(BaseSettings):
     seed: int = Field(0, ge=0, description="seed for weights, noise and data order")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks cuda when available"
+    )
+
+    # speed
+    data_on_device: bool = Field(
+        True,
+        description="hold in-memory datasets on the training device as uint8 (GPU: no copies per step)",
+    )
+    amp: Literal["auto", "bf16", "off"] = Field(
+        "auto", description="bf16 autocast; auto: on for GPUs that support bf16, off on CPU"
+    )
+    channels_last: bool = Field(True, description="channels-last memory format for DCGAN on GPU")
+    fused_adam: bool = Field(True, description="fused Adam on GPU (foreach on CPU)")
+    compile: bool = Field(
+        False, description="torch.compile G and D (slow first steps; no gain on CPU)"
     )
 
     # artifacts
@@ -274,6 +291,7 @@ def help_text() -> str:
         "",
         "Subcommands:",
         "  gan-job sample --checkpoint PATH --num N --out FILE [--seed S] [--label K]",
+        "  gan-job features --dataset NAME --out FILE [--data-dir D] [--epochs E] [--image-size S] [--seed S]",
         "",
         "S3 credentials come from the standard AWS_* variables and are never logged.",
     ]

@@ -6,6 +6,7 @@ every decision to stop is agreed by all ranks so no rank is left waiting in a co
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -23,12 +24,14 @@ from job import checkpoint, data, distributed, evaluate, losses
 from job.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, NonFiniteLossError
 from job.metrics import Metrics
 from job.models import Arch, build_discriminator, build_generator
+from job.report import write_report
 from job.settings import Settings, public_dict
 from job.storage import BackgroundWriter, Store, download_prefix, open_store
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 GRID_SIZE = 64
+STOP_CHECK_EVERY = 10  # steps between agreements on stopping when distributed
 
 
 @dataclass
@@ -77,9 +80,15 @@ class Trainer:
         self.g = build_generator(self.arch).to(self.device)
         self.d = build_discriminator(self.arch).to(self.device)
         self.g_ema = copy.deepcopy(self.g).requires_grad_(False)
-        betas = (settings.beta1, settings.beta2)
-        self.opt_g = torch.optim.Adam(self.g.parameters(), lr=settings.lr_g, betas=betas)
-        self.opt_d = torch.optim.Adam(self.d.parameters(), lr=settings.lr_d, betas=betas)
+        self.amp = _amp_enabled(settings.amp, self.device)
+        self.channels_last = (
+            settings.channels_last and settings.model == "dcgan" and self.device.type == "cuda"
+        )
+        if self.channels_last:
+            self.g.to(memory_format=torch.channels_last)
+            self.d.to(memory_format=torch.channels_last)
+        self.opt_g = self._adam(self.g, settings.lr_g)
+        self.opt_d = self._adam(self.d, settings.lr_d)
         self.source = data.BatchSource(
             self.data,
             settings.batch_size,
@@ -88,14 +97,25 @@ class Trainer:
             world.rank,
             world.world_size,
             settings.num_workers,
+            on_device=settings.data_on_device,
         )
         self.state = RunState()
         self.metrics = Metrics(enabled=world.is_main and settings.metrics_port > 0)
-        self.writer = BackgroundWriter(self.store, on_failure=self._upload_failed) if world.is_main else None
+        self.writer = (
+            BackgroundWriter(self.store, on_failure=self._upload_failed) if world.is_main else None
+        )
         self.stop = StopFlag()
         self.real_fid_state: dict | None = None
+        self.grids: dict[int, bytes] = {}  # step -> sample grid PNG, for the report
 
     # ------------------------------------------------------------ set-up
+
+    def _adam(self, module: nn.Module, lr: float) -> torch.optim.Adam:
+        fast = {}
+        if self.s.fused_adam:
+            fast = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+        betas = (self.s.beta1, self.s.beta2)
+        return torch.optim.Adam(module.parameters(), lr=lr, betas=betas, **fast)
 
     def _load_data(self) -> data.ImageData:
         local = None
@@ -133,7 +153,14 @@ class Trainer:
         else:  # another world size: fresh per-rank streams, still determined by seed and step
             self._reseed_for_rank(step)
         self.metrics.inc_resumes()
+        if self.world.is_main:
+            self._reload_grids(step)
         log.info("resumed from step %d (%d images seen)", step, self.state.images_seen)
+
+    def _reload_grids(self, step: int) -> None:
+        for key in self.store.list("samples/"):
+            if (grid_step := int(key[len("samples/step-") : -len(".png")])) <= step:
+                self.grids[grid_step] = self.store.get_bytes(key)
 
     def _find_checkpoint(self) -> tuple[int, dict] | None:
         if self.s.resume == "never":
@@ -148,34 +175,38 @@ class Trainer:
     def _reseed_for_rank(self, step: int) -> None:
         torch.manual_seed(self.s.seed * 1_000_003 + step * 1009 + self.world.rank + 1)
 
-    def wrap_ddp(self) -> None:
-        """DDP for both nets; BatchNorm buffers stay per rank (or SyncBatchNorm, a setting)."""
-        if not self.world.distributed:
-            return
-        if self.s.sync_batchnorm and self.device.type == "cuda":
-            self.g = nn.SyncBatchNorm.convert_sync_batchnorm(self.g)
-            self.d = nn.SyncBatchNorm.convert_sync_batchnorm(self.d)
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        self.g = DDP(self.g, device_ids=ids, broadcast_buffers=False)
-        self.d = DDP(self.d, device_ids=ids, broadcast_buffers=False)
+    def wrap(self) -> None:
+        """DDP for both nets (BatchNorm buffers stay per rank, or SyncBatchNorm), then compile."""
+        if self.world.distributed:
+            if self.s.sync_batchnorm and self.device.type == "cuda":
+                self.g = nn.SyncBatchNorm.convert_sync_batchnorm(self.g)
+                self.d = nn.SyncBatchNorm.convert_sync_batchnorm(self.d)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.g = DDP(self.g, device_ids=ids, broadcast_buffers=False)
+            self.d = DDP(self.d, device_ids=ids, broadcast_buffers=False)
+        if self.s.compile:
+            self.g, self.d = torch.compile(self.g), torch.compile(self.d)
 
     # ------------------------------------------------------------ the loop
 
     def train_step(self) -> dict[str, torch.Tensor]:
         s, b = self.s, self.s.batch_size
         real, labels = self.source.next()
+        if self.channels_last:
+            real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(b, s.latent_dim, device=self.device)
         fake_labels = self._random_labels(b)
-        fake = self.g(z, fake_labels)
-
-        d_real = self.d(real, labels if self.arch.num_classes else None)
-        d_fake = self.d(fake.detach(), fake_labels)
-        loss_d = losses.d_loss_bce(d_real, d_fake, s.label_smoothing)
+        with self._autocast():
+            fake = self.g(z, fake_labels)
+            d_real = self.d(real, labels if self.arch.num_classes else None)
+            d_fake = self.d(fake.detach(), fake_labels)
+            loss_d = losses.d_loss_bce(d_real, d_fake, s.label_smoothing)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
 
-        with self._no_sync(self.d):  # G's step must not average D's (discarded) gradients
+        # G's step must not average D's gradients over ranks: they are discarded
+        with self._no_sync(self.d), self._autocast():
             loss_g = losses.g_loss_bce(self.d(fake, fake_labels))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -193,17 +224,21 @@ class Trainer:
             return None
         return torch.randint(self.arch.num_classes, (n,), device=self.device)
 
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
     @staticmethod
     def _no_sync(module: nn.Module):
-        import contextlib
-
+        module = getattr(module, "_orig_mod", module)
         return module.no_sync() if isinstance(module, DDP) else contextlib.nullcontext()
 
     @torch.no_grad()
     def _update_ema(self) -> None:
         g = _unwrap(self.g)
         ema_p, g_p = list(self.g_ema.parameters()), list(g.parameters())
-        torch._foreach_lerp_(ema_p, g_p, 1.0 - self.s.ema_decay)
+        # warm-up: early on the EMA follows G closely instead of lingering at the random init
+        decay = min(self.s.ema_decay, (1 + self.state.step) / (10 + self.state.step))
+        torch._foreach_lerp_(ema_p, g_p, 1.0 - decay)
         for eb, gb in zip(self.g_ema.buffers(), g.buffers(), strict=True):
             eb.copy_(gb)
 
@@ -212,9 +247,7 @@ class Trainer:
         self.stop.install()
         if self.world.is_main:
             self.metrics.serve(s.metrics_port)
-            self.metrics.set_info(
-                self.run_id, s.dataset, s.model, self.world.world_size, VERSION
-            )
+            self.metrics.set_info(self.run_id, s.dataset, s.model, self.world.world_size, VERSION)
             self._write_config()
         self._prepare_fid()
         images_per_step = s.batch_size * self.world.world_size
@@ -230,7 +263,11 @@ class Trainer:
             self.metrics.observe_step_seconds(time.monotonic() - t0)
             if st.step % s.log_every == 0 or st.step == s.max_steps:
                 elapsed = time.monotonic() - window_start
-                self._log(stats, window_steps * images_per_step / max(elapsed, 1e-9), elapsed / window_steps)
+                self._log(
+                    stats,
+                    window_steps * images_per_step / max(elapsed, 1e-9),
+                    elapsed / window_steps,
+                )
                 window_start, window_steps = time.monotonic(), 0
             if st.step % s.sample_every == 0:
                 self._samples()
@@ -245,14 +282,14 @@ class Trainer:
         s = self.s
         if self.state.step >= s.max_steps:
             return "max_steps"
-        local = self.stop.signal is not None
-        over_time = s.max_minutes and time.monotonic() - started > s.max_minutes * 60
-        check = not self.world.distributed or self.state.step % 10 == 0
-        if check and distributed.any_rank(local, self.world):
+        if self.world.distributed and self.state.step % STOP_CHECK_EVERY:
+            return None  # agreeing costs a collective and a host sync: not every step
+        signalled = self.stop.signal is not None
+        over_time = bool(s.max_minutes) and time.monotonic() - started > s.max_minutes * 60
+        signalled, over_time = distributed.any_rank_each([signalled, over_time], self.world)
+        if signalled:
             return "signal"
-        if check and distributed.any_rank(bool(over_time), self.world):
-            return "max_minutes"
-        return None
+        return "max_minutes" if over_time else None
 
     def _finish(self, reason: str) -> int:
         log.info("stopping at step %d: %s", self.state.step, reason)
@@ -263,6 +300,7 @@ class Trainer:
         self._checkpoint()
         if self.world.is_main and reason != "signal":
             self._export_generator()
+            self._report()
         return EXIT_PREEMPTED if reason == "signal" else EXIT_OK
 
     def close(self, timeout: float | None = None) -> bool:
@@ -307,7 +345,9 @@ class Trainer:
             grad_norm_d=_grad_norm(self.d), grad_norm_g=_grad_norm(self.g),
         )  # fmt: skip
         if self.device.type == "cuda":
-            self.metrics.set_gpu_memory(torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated())
+            self.metrics.set_gpu_memory(
+                torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+            )
         self._put_jsonl("metrics.jsonl", st.records)
 
     def _put_jsonl(self, key: str, rows: list[dict]) -> None:
@@ -332,7 +372,16 @@ class Trainer:
         images = evaluate.generate(self.g_ema, z, labels)
         nrow = self.arch.num_classes if self.arch.num_classes else 8
         png = evaluate.grid_png(images, nrow=nrow)
+        self.grids[self.state.step] = png
         self.writer.submit(f"samples/step-{self.state.step:08d}.png", data=png)
+
+    def _report(self) -> None:
+        """report.png: losses, D outputs and FID against images seen, and the grids over time."""
+        if not self.world.is_main:
+            return
+        st = self.state
+        png = write_report(st.records, st.evals, sorted(self.grids.items()), title=self.run_id)
+        self.writer.submit("report.png", data=png)
 
     # ------------------------------------------------------------ FID
 
@@ -341,14 +390,18 @@ class Trainer:
         if self.extractor is None:
             return
         num = evaluate.fid_num_samples(self.s, self.device)
-        key = evaluate.stats_key(self.s.dataset, self.arch.image_size, self.extractor, num, self.s.seed)
+        key = evaluate.stats_key(
+            self.s.dataset, self.arch.image_size, self.extractor, num, self.s.seed
+        )
         cache = self.root.child("fid-stats")
         state = None
         if self.world.is_main:
             if cache.exists(f"{key}.pt"):
                 state = torch.load(_bytes_io(cache.get_bytes(f"{key}.pt")), weights_only=True)
             else:
-                log.info("computing real-image FID statistics (%d images, %s)", num, self.extractor.name)
+                log.info(
+                    "computing real-image FID statistics (%d images, %s)", num, self.extractor.name
+                )
                 images, _ = data.real_images(self.data, num, self.s.seed)
                 state = evaluate.real_statistics(self.extractor, images, self.device)
                 cache.put_bytes(f"{key}.pt", checkpoint.serialize(state))
@@ -382,6 +435,7 @@ class Trainer:
         log.info("FID %.3f at step %d (%s, %d samples)", fid, st.step, self.extractor.name, num)
         self.metrics.observe_fid(fid, self.extractor.name, st.images_seen)
         self._put_jsonl("eval.jsonl", st.evals)
+        self._report()
 
     # ------------------------------------------------------------ checkpoints and exports
 
@@ -407,18 +461,33 @@ class Trainer:
             "records": st.records,
             "evals": st.evals,
         }
-        checkpoint.save(self.writer, st.step, state, self.s.keep_checkpoints)
-        seconds = time.monotonic() - t0
-        self.metrics.observe_checkpoint(seconds, st.step)
-        log.info("checkpoint at step %d queued (%.2f s)", st.step, seconds)
+
+        def stored(step: int) -> None:
+            seconds = time.monotonic() - t0
+            self.metrics.observe_checkpoint(seconds, step)
+            log.info("checkpoint at step %d stored (%.2f s after it was taken)", step, seconds)
+
+        checkpoint.save(self.writer, st.step, state, self.s.keep_checkpoints, on_stored=stored)
 
     def _export_generator(self) -> None:
-        export = {"arch": self.arch.to_dict(), "g_ema": self.g_ema.state_dict(), "step": self.state.step}
+        export = {
+            "arch": self.arch.to_dict(),
+            "g_ema": self.g_ema.state_dict(),
+            "step": self.state.step,
+        }
         self.writer.submit("final/generator.pt", data=checkpoint.serialize(export))
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
+    """The plain module under torch.compile and DDP wrappers."""
+    module = getattr(module, "_orig_mod", module)
     return module.module if isinstance(module, DDP) else module
+
+
+def _amp_enabled(setting: str, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return setting == "bf16"
 
 
 def _grad_norm(module: nn.Module) -> float:
@@ -457,13 +526,15 @@ def train(settings: Settings) -> int:
     try:
         trainer = Trainer(settings, world)
         trainer.resume()
-        trainer.wrap_ddp()
+        trainer.wrap()
         try:
             code = trainer.run()
         finally:
             uploaded = trainer.close()
             if world.is_main and settings.pushgateway_url:
-                trainer.metrics.push(settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id})
+                trainer.metrics.push(
+                    settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id}
+                )
         if not uploaded:
             log.error("some artifacts could not be uploaded before exit")
         return code

@@ -1,0 +1,37 @@
+"""Run under torchrun by test_distributed.py: trains with the real Trainer, then dumps what the
+test compares across ranks (each rank's G and D weights, and a distributed FID)."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from job import distributed, evaluate
+from job.settings import load_settings
+from job.train import Trainer, _unwrap
+from tests.helpers import TinyFeatures
+
+out = Path(sys.argv[1])
+settings = load_settings()
+world = distributed.setup("cpu")
+trainer = Trainer(settings, world)
+trainer.resume()
+trainer.wrap()
+for _ in range(settings.max_steps):
+    trainer.train_step()
+trainer.close()
+
+torch.manual_seed(0)
+extractor = evaluate.Extractor(evaluate.ChannelAdapter(TinyFeatures(1), 1), 32, "tiny", "tiny")
+images = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
+real = evaluate.real_statistics(extractor, images, world.device)
+fid = evaluate.compute_fid(
+    extractor, real, trainer.g_ema, 16, 0, 48, seed=5, device=world.device,
+    rank=world.rank, world_size=world.world_size, batch=10,
+)  # fmt: skip
+torch.save(
+    {"g": _unwrap(trainer.g).state_dict(), "d": _unwrap(trainer.d).state_dict(), "fid": fid,
+     "g_ema": trainer.g_ema.state_dict()},
+    out / f"rank{world.rank}-of-{world.world_size}.pt",
+)  # fmt: skip
+distributed.teardown()
