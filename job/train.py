@@ -100,7 +100,8 @@ class Trainer:
             on_device=settings.data_on_device,
         )
         self.state = RunState()
-        self.metrics = Metrics(enabled=world.is_main and settings.metrics_port > 0)
+        reporting = settings.metrics_port > 0 or settings.pushgateway_url is not None
+        self.metrics = Metrics(enabled=world.is_main and reporting)
         self.writer = (
             BackgroundWriter(self.store, on_failure=self._upload_failed) if world.is_main else None
         )
@@ -348,6 +349,8 @@ class Trainer:
             self.metrics.set_gpu_memory(
                 torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
             )
+        else:
+            self.metrics.set_gpu_memory(0, 0)  # truthfully none, rather than "unknown"
         self._put_jsonl("metrics.jsonl", st.records)
 
     def _put_jsonl(self, key: str, rows: list[dict]) -> None:
