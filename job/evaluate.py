@@ -148,7 +148,9 @@ def load_extractor(settings: Settings, channels: int, device: torch.device) -> E
             model = InceptionFeatures(weights)
         except Exception as exc:  # noqa: BLE001 - any load failure is a bad weights file
             raise FIDError(f"GAN_FID_INCEPTION_WEIGHTS={weights}: cannot load ({exc})") from exc
-        return Extractor(model.to(device), 2048, "inception_v3", f"inception-{_file_digest(weights)}")
+        return Extractor(
+            model.to(device), 2048, "inception_v3", f"inception-{_file_digest(weights)}"
+        )
     return _load_torchscript(Path(choice), channels, device)
 
 
@@ -173,7 +175,9 @@ def _load_torchscript(path: Path, channels: int, device: torch.device) -> Extrac
     if out.ndim != 2:
         raise FIDError(f"GAN_FID_FEATURES={path}: output shape {tuple(out.shape)}, expected N x D")
     name = f"torchscript:{path.stem}"
-    return Extractor(ChannelAdapter(model, channels), out.shape[1], name, f"ts-{_file_digest(path)}")
+    return Extractor(
+        ChannelAdapter(model, channels), out.shape[1], name, f"ts-{_file_digest(path)}"
+    )
 
 
 # ---------------------------------------------------------------- FID
@@ -251,4 +255,3 @@ def compute_fid(
 def _load_real(metric: FrechetInceptionDistance, state: dict, device: torch.device) -> None:
     for k in REAL_STATE:
         setattr(metric, k, state[k].to(device))
-

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 def d_loss_bce(real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0):
     """D's loss: real images toward 1 - smoothing (one-sided label smoothing), fakes toward 0."""
-    real = F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, 1 - smoothing))
+    real = F.binary_cross_entropy_with_logits(
+        real_logits, torch.full_like(real_logits, 1 - smoothing)
+    )
     fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
     return real + fake
 

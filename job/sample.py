@@ -30,7 +30,9 @@ def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn
         if found is None:
             final = open_store(path, endpoint_url)
             if not final.exists("final/generator.pt"):
-                raise CheckpointError(f"--checkpoint {path}: no complete checkpoint or final/generator.pt")
+                raise CheckpointError(
+                    f"--checkpoint {path}: no complete checkpoint or final/generator.pt"
+                )
             return load_generator(path.rstrip("/") + "/final/generator.pt", endpoint_url)
         state = found[1]
     if "arch" not in state or "g_ema" not in state:
@@ -43,7 +45,9 @@ def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn
 
 def sample(g: torch.nn.Module, arch: Arch, num: int, seed: int, label: int | None) -> np.ndarray:
     """num images as uint8, N x H x W (one channel) or N x H x W x 3."""
-    z, labels = evaluate.fixed_inputs(arch.latent_dim, num, arch.num_classes, seed, torch.device("cpu"))
+    z, labels = evaluate.fixed_inputs(
+        arch.latent_dim, num, arch.num_classes, seed, torch.device("cpu")
+    )
     if label is not None:
         labels = torch.full((num,), label, dtype=torch.int64)
     images = evaluate.to_uint8(evaluate.generate(g, z, labels)).permute(0, 2, 3, 1).numpy()
@@ -52,7 +56,9 @@ def sample(g: torch.nn.Module, arch: Arch, num: int, seed: int, label: int | Non
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gan-job sample", description=__doc__)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint, final/generator.pt, or run folder/URI")
+    parser.add_argument(
+        "--checkpoint", required=True, help="checkpoint, final/generator.pt, or run folder/URI"
+    )
     parser.add_argument("--num", type=int, required=True, help="number of images")
     parser.add_argument("--out", required=True, help="output .npy (uint8 images) or .png (a grid)")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
@@ -67,7 +73,9 @@ def main(argv: list[str]) -> int:
         raise SettingsError(problems)
     g, arch = load_generator(args.checkpoint)
     if args.label is not None and not 0 <= args.label < arch.num_classes:
-        expected = f"0..{arch.num_classes - 1}" if arch.num_classes else "no label (unconditional model)"
+        expected = (
+            f"0..{arch.num_classes - 1}" if arch.num_classes else "no label (unconditional model)"
+        )
         raise SettingsError([f"--label {args.label}: expected {expected}"])
     images = sample(g, arch, args.num, args.seed, args.label)
     out = Path(args.out)
