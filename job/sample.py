@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +72,8 @@ def main(argv: list[str]) -> int:
         problems.append(f"--out {args.out}: expected a .npy or .png file name")
     if problems:
         raise SettingsError(problems)
-    g, arch = load_generator(args.checkpoint)
+    # the same endpoint setting as training; unset: boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+    g, arch = load_generator(args.checkpoint, os.environ.get("GAN_S3_ENDPOINT_URL") or None)
     if args.label is not None and not 0 <= args.label < arch.num_classes:
         expected = (
             f"0..{arch.num_classes - 1}" if arch.num_classes else "no label (unconditional model)"

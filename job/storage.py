@@ -3,7 +3,8 @@
 Keys are '/'-separated paths relative to the store's root ("checkpoints/step-00000100/model.pt").
 Every put is atomic: a reader sees the old object, the whole new one, or nothing.
 S3 requests retry through botocore's own retry modes; BackgroundWriter adds an outer retry for
-outages that last minutes, so training never waits on storage.
+outages that last minutes. Training waits on storage only when max_pending writes are queued
+(back-pressure: an outage holds at most that many artifacts in memory).
 """
 
 from __future__ import annotations
