@@ -202,13 +202,23 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
 class FolderDataset(Dataset):
     """Every image under a folder, recursively; the first-level subfolder is the class."""
 
-    def __init__(self, root: Path, image_size: int):
+    def __init__(self, root: Path, image_size: int, skip_bad: bool = True):
         if not root.is_dir():
             raise DataError(f"GAN_DATASET=folder:{root}: no such folder")
-        self.root, self.image_size = root, image_size
-        self.files = sorted(
+        self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
+        files = sorted(
             p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
+        empty = [p for p in files if p.stat().st_size == 0]
+        if empty and not skip_bad:
+            raise DataError(
+                f"{empty[0]}: empty image file ({len(empty)} in {root}); "
+                f"set GAN_BAD_IMAGES=skip to train on the rest"
+            )
+        if empty:
+            log.warning("skipping %d empty image files in %s, e.g. %s", len(empty), root, empty[0])
+        self.skipped_empty = len(empty)
+        self.files = [p for p in files if p.stat().st_size > 0]
         if not self.files:
             raise DataError(
                 f"GAN_DATASET=folder:{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -223,16 +233,25 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        path = self.files[i]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"{path}: unreadable image ({exc})") from exc
-        img = _resize_center_crop(img, self.image_size)
-        array = np.asarray(img, dtype=np.uint8).copy()
-        return torch.from_numpy(array).permute(2, 0, 1), int(self.labels[i])
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
+        """(image, label, unreadable files skipped to find it): an unreadable file is replaced
+        by the next readable one when skipping, so batches keep their size."""
+        for skipped in range(len(self.files)):
+            j = (i + skipped) % len(self.files)
+            path = self.files[j]
+            try:
+                with Image.open(path) as img:
+                    img = _resize_center_crop(img.convert("RGB"), self.image_size)
+            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                if not self.skip_bad:
+                    raise DataError(
+                        f"{path}: unreadable image ({exc}); set GAN_BAD_IMAGES=skip to skip such files"
+                    ) from exc
+                log.warning("skipping unreadable image %s: %s", path, exc)
+                continue
+            array = np.asarray(img, dtype=np.uint8).copy()
+            return torch.from_numpy(array).permute(2, 0, 1), int(self.labels[j]), skipped
+        raise DataError(f"{self.root}: no readable image")
 
 
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -244,8 +263,8 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def load_folder(root: Path, image_size: int, conditional: bool) -> ImageData:
-    ds = FolderDataset(root, image_size)
+def load_folder(root: Path, image_size: int, conditional: bool, skip_bad: bool = True) -> ImageData:
+    ds = FolderDataset(root, image_size, skip_bad)
     if conditional and len(ds.classes) < 2:
         raise DataError(
             f"GAN_CONDITIONAL=true needs labels: put the images of {root} in one subfolder per class"
@@ -271,13 +290,14 @@ def load_dataset(settings: Settings, local_s3_copy: Path | None = None) -> Image
     kind, size, cond = settings.dataset_kind, settings.resolved_image_size, settings.conditional
     data_dir = Path(settings.data_dir)
     if kind == "folder":
-        return load_folder(Path(settings.dataset.removeprefix("folder:")), size, cond)
+        root = Path(settings.dataset.removeprefix("folder:"))
+        return load_folder(root, size, cond, settings.bad_images == "skip")
     if kind == "s3":
         assert local_s3_copy is not None
         if _find_idx("s3", [local_s3_copy]):
             data = load_idx_dataset("s3", local_s3_copy, cond)
         else:
-            return load_folder(local_s3_copy, size, cond)
+            return load_folder(local_s3_copy, size, cond, settings.bad_images == "skip")
     elif kind == "cifar10":
         data = load_cifar10(data_dir, cond)
     else:
@@ -337,6 +357,7 @@ class BatchSource:
                 f"(GAN_BATCH_SIZE={batch_size} x {world_size} processes)"
             )
         self.epoch, self.batch_index = 0, 0
+        self.skipped_images = data.folder.skipped_empty if data.folder is not None else 0
         self.in_memory = data.images is not None
         if self.in_memory:
             home = device if on_device else torch.device("cpu")
@@ -389,7 +410,8 @@ class BatchSource:
         else:
             if self._iter is None:
                 self._iter = self._loader()
-            x, y = next(self._iter)
+            x, y, skipped = next(self._iter)
+            self.skipped_images += int(skipped.sum())
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
         self.batch_index += 1
@@ -402,5 +424,5 @@ def real_images(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, tor
     idx = torch.randperm(len(data), generator=g)[: min(num, len(data))]
     if data.images is not None:
         return data.images[idx], data.labels[idx]
-    pairs = [data.folder[int(i)] for i in idx]
-    return torch.stack([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+    items = [data.folder[int(i)] for i in idx]
+    return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])

@@ -10,6 +10,7 @@ EXIT_STORAGE = 4
 EXIT_CHECKPOINT = 5
 EXIT_FID = 6
 EXIT_NONFINITE = 7
+EXIT_DISK_FULL = 8
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; retry
 
 
@@ -45,3 +46,9 @@ class FIDError(JobError):
 
 class NonFiniteLossError(JobError):
     exit_code = EXIT_NONFINITE
+
+
+class DiskFullError(StorageError):
+    """No space left where artifacts are written (ENOSPC): retrying will not help."""
+
+    exit_code = EXIT_DISK_FULL

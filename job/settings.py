@@ -78,6 +78,19 @@ class Settings(BaseSettings):
         "auto", description="auto picks cuda when available"
     )
 
+    # reliability
+    nonfinite: Literal["rollback", "fail"] = Field(
+        "rollback",
+        description="on a non-finite loss: roll back to the last checkpoint with halved learning rates, or fail (exit 7)",
+    )
+    nonfinite_max_rollbacks: int = Field(
+        3, ge=0, le=100, description="rollbacks allowed before a non-finite loss fails the job"
+    )
+    bad_images: Literal["skip", "fail"] = Field(
+        "skip",
+        description="unreadable or empty files in an image folder: skip and count, or fail (exit 3)",
+    )
+
     # speed
     data_on_device: bool = Field(
         True,
@@ -103,6 +116,9 @@ class Settings(BaseSettings):
     )
     resume: str = Field(
         "auto", description="auto (newest complete checkpoint, if any), never, or a path"
+    )
+    upload_timeout_minutes: float = Field(
+        30.0, gt=0, description="at exit, how long to keep retrying uploads before failing (exit 4)"
     )
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import json
 import logging
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from job import checkpoint, data, distributed, evaluate, losses
-from job.errors import EXIT_OK, EXIT_PREEMPTED, CheckpointError, NonFiniteLossError
+from job.errors import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    CheckpointError,
+    DiskFullError,
+    NonFiniteLossError,
+    StorageError,
+)
 from job.metrics import Metrics
 from job.models import Arch, build_discriminator, build_generator
 from job.report import write_report
@@ -32,6 +39,9 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 GRID_SIZE = 64
 STOP_CHECK_EVERY = 10  # steps between agreements on stopping when distributed
+NONFINITE_LR_FACTOR = 0.5
+# settings that change what a checkpoint means: resuming across a change is refused
+COMPATIBLE_SETTINGS = ("dataset", "model", "conditional", "latent_dim", "width", "image_size")
 
 
 @dataclass
@@ -42,6 +52,7 @@ class RunState:
     images_seen: int = 0
     records: list[dict] = field(default_factory=list)  # progress lines, as in metrics.jsonl
     evals: list[dict] = field(default_factory=list)  # FID records, as in eval.jsonl
+    rollbacks: int = 0  # times a non-finite loss rolled the run back (each halves the LRs)
 
 
 class StopFlag:
@@ -108,6 +119,9 @@ class Trainer:
         self.stop = StopFlag()
         self.real_fid_state: dict | None = None
         self.grids: dict[int, bytes] = {}  # step -> sample grid PNG, for the report
+        # set on the device inside a step, read where the loop syncs anyway (no per-step sync)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.store_failure: Exception | None = None  # a failure retrying cannot fix (disk full)
 
     # ------------------------------------------------------------ set-up
 
@@ -126,8 +140,9 @@ class Trainer:
         return data.load_dataset(self.s, local)
 
     def _upload_failed(self, exc: Exception) -> None:
-        log.warning("upload failed, will retry: %s", exc)
-        self.metrics.inc_upload_failures()
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            self.store_failure = exc
+        self.metrics.inc_upload_failures()  # the writer logs the failure itself
 
     def resume(self) -> None:
         found = self._find_checkpoint()
@@ -135,28 +150,54 @@ class Trainer:
             self._reseed_for_rank(self.state.step)
             return
         step, state = found
-        if state["arch"] != self.arch.to_dict():
+        self._check_compatible(step, state)
+        self._load_state(step, state)
+        self.metrics.inc_resumes()
+        if self.world.is_main:
+            self._reload_grids(step)
+        log.info("resumed from step %d (%d images seen)", step, self.state.images_seen)
+
+    def _check_compatible(self, step: int, state: dict) -> None:
+        """Refuse to continue a checkpoint on top of settings that would change what it means."""
+        saved, now = state["settings"], public_dict(self.s)
+        changed = [
+            f"GAN_{key.upper()}: {saved.get(key)!r} in the checkpoint, {now[key]!r} now"
+            for key in COMPATIBLE_SETTINGS
+            if saved.get(key) != now[key]
+        ]
+        if state["arch"] != self.arch.to_dict() and not changed:
+            changed.append(f"model {state['arch']} in the checkpoint, {self.arch.to_dict()} now")
+        if changed:
             raise CheckpointError(
-                f"checkpoint at step {step} is for model {state['arch']}, "
-                f"but these settings build {self.arch.to_dict()}: use another GAN_RUN_ID "
-                f"or GAN_RESUME=never"
+                f"{self.store.uri}: checkpoint at step {step} was made with other settings ("
+                + "; ".join(changed)
+                + "): restore them, or use another GAN_RUN_ID or GAN_RESUME=never"
             )
-        self.g.load_state_dict(state["g"])
-        self.d.load_state_dict(state["d"])
+
+    def _load_state(self, step: int, state: dict) -> None:
+        _unwrap(self.g).load_state_dict(state["g"])
+        _unwrap(self.d).load_state_dict(state["d"])
         self.g_ema.load_state_dict(state["g_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.source.load_state_dict(state["data"])
-        self.state = RunState(step, state["images_seen"], state["records"], state["evals"])
+        self.state = RunState(
+            step, state["images_seen"], state["records"], state["evals"], state["rollbacks"]
+        )
+        self._set_learning_rates()
         rng = state["rng"]
         if len(rng) == self.world.world_size:
             _set_rng(rng[self.world.rank], self.device)
         else:  # another world size: fresh per-rank streams, still determined by seed and step
             self._reseed_for_rank(step)
-        self.metrics.inc_resumes()
-        if self.world.is_main:
-            self._reload_grids(step)
-        log.info("resumed from step %d (%d images seen)", step, self.state.images_seen)
+        self.nonfinite.zero_()
+
+    def _set_learning_rates(self) -> None:
+        """The settings' rates (so a restart may change them), halved once per rollback."""
+        scale = NONFINITE_LR_FACTOR**self.state.rollbacks
+        for opt, lr in ((self.opt_g, self.s.lr_g), (self.opt_d, self.s.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
 
     def _reload_grids(self, step: int) -> None:
         for key in self.store.list("samples/"):
@@ -213,6 +254,7 @@ class Trainer:
         loss_g.backward()
         self.opt_g.step()
         self._update_ema()
+        self.nonfinite |= ~(torch.isfinite(loss_d) & torch.isfinite(loss_g))
         return {
             "d_loss": loss_d.detach(),
             "g_loss": loss_g.detach(),
@@ -244,7 +286,7 @@ class Trainer:
             eb.copy_(gb)
 
     def run(self) -> int:
-        s, st = self.s, self.state
+        s = self.s
         self.stop.install()
         if self.world.is_main:
             self.metrics.serve(s.metrics_port)
@@ -254,15 +296,23 @@ class Trainer:
         images_per_step = s.batch_size * self.world.world_size
         started = time.monotonic()
         window_start, window_steps = started, 0
-        stop_reason = "max_steps" if st.step >= s.max_steps else None
+        stop_reason = "max_steps" if self.state.step >= s.max_steps else None
         while stop_reason is None:
             t0 = time.monotonic()
             stats = self.train_step()
-            st.step += 1
-            st.images_seen += images_per_step
+            self.state.step += 1
+            self.state.images_seen += images_per_step
             window_steps += 1
             self.metrics.observe_step_seconds(time.monotonic() - t0)
-            if st.step % s.log_every == 0 or st.step == s.max_steps:
+            if self.store_failure is not None:
+                raise DiskFullError(f"{self.store.uri}: {self.store_failure}")
+            stop_reason = self._should_stop(started)
+            log_now = self.state.step % s.log_every == 0 or stop_reason is not None
+            if (log_now or self.state.step % s.checkpoint_every == 0) and self._rolled_back():
+                window_start, window_steps = time.monotonic(), 0
+                stop_reason = None if stop_reason == "max_steps" else stop_reason
+                continue
+            if log_now:
                 elapsed = time.monotonic() - window_start
                 self._log(
                     stats,
@@ -270,14 +320,42 @@ class Trainer:
                     elapsed / window_steps,
                 )
                 window_start, window_steps = time.monotonic(), 0
-            if st.step % s.sample_every == 0:
+            if self.state.step % s.sample_every == 0:
                 self._samples()
-            if s.fid_every and st.step % s.fid_every == 0:
+            if s.fid_every and self.state.step % s.fid_every == 0:
                 self._fid()
-            stop_reason = self._should_stop(started)
-            if st.step % s.checkpoint_every == 0 and stop_reason is None:
+            if self.state.step % s.checkpoint_every == 0 and stop_reason is None:
                 self._checkpoint()
         return self._finish(stop_reason)
+
+    def _rolled_back(self) -> bool:
+        """After a non-finite loss on any rank: roll back to the last checkpoint, or fail."""
+        (bad,) = distributed.any_rank_each([bool(self.nonfinite)], self.world)
+        if not bad:
+            return False
+        st = self.state
+        self.metrics.inc_nonfinite()
+        what = f"non-finite loss by step {st.step}"
+        if self.s.nonfinite == "fail" or st.rollbacks >= self.s.nonfinite_max_rollbacks:
+            raise NonFiniteLossError(
+                f"{what} (after {st.rollbacks} rollbacks; GAN_NONFINITE={self.s.nonfinite}): "
+                f"lower GAN_LR_G / GAN_LR_D"
+            )
+        if self.writer is not None:
+            self.writer.flush()
+        distributed.barrier(self.world)
+        found = checkpoint.load_latest(self.store)
+        if found is None:
+            raise NonFiniteLossError(f"{what}, and no checkpoint to roll back to")
+        rollbacks = st.rollbacks + 1
+        found[1]["rollbacks"] = rollbacks
+        self._load_state(*found)
+        log.warning(
+            "%s: rolled back to step %d with learning rates x%g (rollback %d of %d)",
+            what, found[0], NONFINITE_LR_FACTOR**rollbacks, rollbacks,
+            self.s.nonfinite_max_rollbacks,
+        )  # fmt: skip
+        return True
 
     def _should_stop(self, started: float) -> str | None:
         s = self.s
@@ -316,17 +394,12 @@ class Trainer:
         st = self.state
         values = distributed.mean_over_ranks(torch.stack(list(stats.values())).float(), self.world)
         v = dict(zip(stats, values.tolist(), strict=True))
-        if not all(math.isfinite(x) for x in v.values()):
-            self.metrics.inc_nonfinite()
-            raise NonFiniteLossError(
-                f"non-finite loss at step {st.step} ({v}); lower GAN_LR_G / GAN_LR_D "
-                f"or resume from the last checkpoint"
-            )
         record = {
             "step": st.step,
             "epoch": self.source.epoch,
             "images_seen": st.images_seen,
             "images_per_s": round(images_per_s, 1),
+            "skipped_images": self.source.skipped_images,
             **{k: round(x, 5) for k, x in v.items()},
             "time": round(time.time(), 3),
         }
@@ -463,6 +536,7 @@ class Trainer:
             "rng": rng,
             "records": st.records,
             "evals": st.evals,
+            "rollbacks": st.rollbacks,
         }
 
         def stored(step: int) -> None:
@@ -533,13 +607,18 @@ def train(settings: Settings) -> int:
         try:
             code = trainer.run()
         finally:
-            uploaded = trainer.close()
+            # a job that failed does not wait on storage that cannot take more (disk full)
+            failed = trainer.store_failure is not None
+            uploaded = trainer.close(timeout=5 if failed else settings.upload_timeout_minutes * 60)
             if world.is_main and settings.pushgateway_url:
                 trainer.metrics.push(
                     settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id}
                 )
-        if not uploaded:
-            log.error("some artifacts could not be uploaded before exit")
+        if not uploaded and code == EXIT_OK:
+            raise StorageError(
+                f"{trainer.store.uri}: artifacts still not stored after "
+                f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}"
+            )
         return code
     finally:
         distributed.teardown()

@@ -16,10 +16,12 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_idx(folder: Path, n: int = 256, size: int = 28, classes: int = 10, gz: bool = True) -> Path:
-    """train-images/labels IDX files of n images: class k is a bright square at position k."""
+def write_idx(folder: Path, n: int = 256, size: int = 28, classes: int = 10, gz: bool = True,
+              prefix: str = "train", seed: int = 0) -> Path:  # fmt: skip
+    """<prefix>-images/labels IDX files (train or t10k) of n images: class k is a bright square
+    at position k."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     labels = (np.arange(n) % classes).astype(np.uint8)
     images = rng.integers(0, 40, size=(n, size, size), dtype=np.uint8)
     for i, k in enumerate(labels):
@@ -27,9 +29,9 @@ def write_idx(folder: Path, n: int = 256, size: int = 28, classes: int = 10, gz:
         images[i, r : r + 8, r : r + 8] = 255
     opener = gzip.open if gz else open
     suffix = ".gz" if gz else ""
-    with opener(folder / f"train-images-idx3-ubyte{suffix}", "wb") as f:
+    with opener(folder / f"{prefix}-images-idx3-ubyte{suffix}", "wb") as f:
         f.write(struct.pack(">BBBBIII", 0, 0, 8, 3, n, size, size) + images.tobytes())
-    with opener(folder / f"train-labels-idx1-ubyte{suffix}", "wb") as f:
+    with opener(folder / f"{prefix}-labels-idx1-ubyte{suffix}", "wb") as f:
         f.write(struct.pack(">BBBBI", 0, 0, 8, 1, n) + labels.tobytes())
     return folder
 
@@ -78,6 +80,7 @@ def job_env(tmp: Path, **settings: object) -> dict[str, str]:
     base.update(settings)
     env.update({k if k.startswith("GAN_") else f"GAN_{k.upper()}": str(v) for k, v in base.items()})
     env["PYTHONWARNINGS"] = "ignore::FutureWarning"
+    env["OMP_NUM_THREADS"] = "1"  # tiny models: threads only contend with each other
     return env
 
 

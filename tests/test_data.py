@@ -79,8 +79,8 @@ def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
     data = load_dataset(settings(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp"))
     assert data.num_classes == 3 and len(data) == 6
-    image, label = data.folder[5]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2
+    image, label, skipped = data.folder[5]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2 and skipped == 0
 
 
 def test_empty_image_folder_is_a_clear_error(tmp_path):

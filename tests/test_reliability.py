@@ -1,0 +1,194 @@
+"""Faults injected for real: signals, NaNs, bad files, a full disk, changed settings."""
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from job import distributed
+from job.errors import NonFiniteLossError
+from job.settings import load_settings
+from job.train import Trainer
+from tests.helpers import REPO, job_env, run_job, write_idx, write_image_folder
+
+
+def start_job(env):
+    env = dict(env, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "job"], env=env, cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def terminate_after(job, marker: str, timeout: float = 120) -> tuple[int, str]:
+    """SIGTERM the job once its output shows marker; (exit status, whole output)."""
+    lines, deadline = [], time.monotonic() + timeout
+    for line in job.stdout:
+        lines.append(line)
+        if marker in line or time.monotonic() > deadline:
+            job.send_signal(signal.SIGTERM)
+            break
+    rest, _ = job.communicate(timeout=timeout)
+    return job.returncode, "".join(lines) + rest
+
+
+def state_at(run, step):
+    return torch.load(run / f"checkpoints/step-{step:08d}/state.pt", weights_only=False)
+
+
+def checkpoint_steps(run):
+    return sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir())
+
+
+def assert_same_weights(a, b):
+    for net in ("g", "d", "g_ema"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs"
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical(tmp_path, nproc):
+    write_idx(tmp_path / "data", n=2048)
+    common = dict(GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_CHECKPOINT_EVERY=100000,
+                  GAN_NPROC_PER_NODE=nproc, GAN_LOG_EVERY=10)  # fmt: skip
+    env = job_env(tmp_path, GAN_RUN_ID="stopped", GAN_MAX_STEPS=100000, **common)
+    code, output = terminate_after(start_job(env), "step 20/")
+    expected = 75 if nproc == 1 else code  # torchrun reports its own status for the signal
+    assert code == expected and code != 0, output
+    run = tmp_path / "runs/stopped"
+    (stopped,) = checkpoint_steps(run)
+    assert stopped >= 20 and "stopping at step" in output and ": signal" in output
+    assert (run / f"checkpoints/step-{stopped:08d}/COMPLETE.json").is_file()
+
+    end = stopped + 10
+    env["GAN_MAX_STEPS"] = str(end)
+    resumed = run_job(env)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed from step {stopped}" in resumed.stdout
+    straight = run_job(job_env(tmp_path, GAN_RUN_ID="straight", GAN_MAX_STEPS=end, **common))
+    assert straight.returncode == 0, straight.stdout
+    assert_same_weights(state_at(run, end), state_at(tmp_path / "runs/straight", end))
+
+
+def in_process_trainer(tmp_path, poison_at: set[int], again: bool = False, **env):
+    """A real Trainer whose D weights are overwritten with NaN after the given steps: once
+    (a transient fault), or again each time the run passes those steps."""
+    write_idx(tmp_path / "data", n=512)
+    settings = load_settings({
+        "GAN_DATASET": "mnist", "GAN_DATA_DIR": str(tmp_path / "data"), "GAN_WIDTH": "8",
+        "GAN_LATENT_DIM": "16", "GAN_BATCH_SIZE": "16", "GAN_METRICS_PORT": "0",
+        "GAN_FID_FEATURES": "none", "GAN_ARTIFACT_URI": str(tmp_path / "runs"),
+        "GAN_DEVICE": "cpu", "GAN_CHECKPOINT_EVERY": "5", "GAN_LOG_EVERY": "5", **env,
+    })  # fmt: skip
+    trainer = Trainer(settings, distributed.setup("cpu"))
+    trainer.resume()
+    real_step = trainer.train_step
+
+    def step():
+        stats = real_step()
+        if trainer.state.step + 1 in poison_at:
+            if not again:
+                poison_at.discard(trainer.state.step + 1)
+            with torch.no_grad():
+                next(trainer.d.parameters()).fill_(float("nan"))
+        return stats
+
+    trainer.train_step = step
+    return trainer
+
+
+def test_nonfinite_loss_rolls_back_with_lower_learning_rates(tmp_path, caplog):
+    trainer = in_process_trainer(tmp_path, poison_at={7}, GAN_MAX_STEPS="12")
+    assert trainer.run() == 0
+    trainer.close()
+    assert "rolled back to step 5 with learning rates x0.5" in caplog.text
+    assert trainer.state.rollbacks == 1 and trainer.state.step == 12
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(1e-4)
+    final = state_at(tmp_path / "runs/mnist-dcgan", 12)
+    assert final["rollbacks"] == 1
+    assert all(torch.isfinite(v).all() for v in final["d"].values() if v.is_floating_point())
+
+
+def test_nonfinite_loss_fails_when_rollbacks_are_used_up(tmp_path):
+    trainer = in_process_trainer(tmp_path, poison_at={7}, again=True, GAN_MAX_STEPS="30",
+                                 GAN_NONFINITE_MAX_ROLLBACKS="1")  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="after 1 rollbacks"):
+        trainer.run()
+    trainer.close()
+    assert checkpoint_steps(tmp_path / "runs/mnist-dcgan") == [5]  # nothing poisoned was saved
+
+
+def test_nonfinite_policy_fail_exits_at_once(tmp_path):
+    trainer = in_process_trainer(tmp_path, poison_at={3}, GAN_MAX_STEPS="30", GAN_NONFINITE="fail")
+    with pytest.raises(NonFiniteLossError) as info:
+        trainer.run()
+    trainer.close()
+    assert info.value.exit_code == 7 and "GAN_NONFINITE=fail" in str(info.value)
+
+
+def test_image_folder_with_empty_and_unreadable_files(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", per_class=8)
+    (root / "cats" / "empty.png").write_bytes(b"")
+    (root / "dogs" / "garbage.jpg").write_bytes(b"this is not a JPEG" * 10)
+    env = job_env(tmp_path, GAN_DATASET=f"folder:{root}", GAN_MODEL="mlp", GAN_IMAGE_SIZE=16,
+                  GAN_MAX_STEPS=8, GAN_BATCH_SIZE=8, GAN_NUM_WORKERS=0, GAN_LOG_EVERY=8)  # fmt: skip
+    skipped = run_job(env)
+    assert skipped.returncode == 0, skipped.stdout + skipped.stderr
+    assert "skipping 1 empty image files" in skipped.stdout
+    assert "skipping unreadable image" in skipped.stdout + skipped.stderr
+    env["GAN_BAD_IMAGES"] = "fail"
+    env["GAN_RUN_ID"] = "strict"
+    failed = run_job(env)
+    assert failed.returncode == 3 and "empty.png: empty image file" in failed.stdout
+    (root / "cats" / "empty.png").unlink()
+    failed = run_job(env)
+    assert failed.returncode == 3 and "garbage.jpg: unreadable image" in failed.stdout
+    assert not (tmp_path / "runs/strict/checkpoints").exists()
+
+
+def test_truncated_dataset_file_exits_3_naming_it(tmp_path):
+    data = write_idx(tmp_path / "data", n=64, gz=False)
+    images = data / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:1000])
+    result = run_job(job_env(tmp_path, GAN_DATASET="mnist"))
+    assert result.returncode == 3 and "train-images-idx3-ubyte: IDX size mismatch" in result.stdout
+
+
+def test_resume_with_changed_settings_is_refused(tmp_path):
+    write_idx(tmp_path / "data", n=128)
+    write_idx(tmp_path / "data/KMNIST/raw", n=128)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=2, GAN_RUN_ID="r")
+    assert run_job(env).returncode == 0
+    env["GAN_DATASET"] = "kmnist"
+    result = run_job(env)
+    assert result.returncode == 5
+    assert "GAN_DATASET: 'mnist' in the checkpoint, 'kmnist' now" in result.stdout
+
+
+def test_full_disk_while_checkpointing_exits_8_leaving_no_complete_checkpoint(tmp_path):
+    write_idx(tmp_path / "data", n=256)
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=40, GAN_CHECKPOINT_EVERY=4,
+                  GAN_WIDTH=32, GAN_ARTIFACT_URI=disk, GAN_RUN_ID="full")  # fmt: skip
+    # the job, then a look at what it left, inside a namespace with a 300 KiB tmpfs on disk/
+    check = (
+        "from job import checkpoint; from job.storage import open_store;"
+        f"s = open_store('{disk}/full');"
+        "print('COMPLETE', [(n, checkpoint.load_verified(s, n)['step']) "
+        "for n in checkpoint.complete_steps(s)])"
+    )
+    script = (
+        f'mount -t tmpfs -o size=300k tmpfs "{disk}" || exit 99; "{sys.executable}" -m job; '
+        f'code=$?; "{sys.executable}" -c "{check}"; exit $code'
+    )
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert result.returncode == 8, result.stdout + result.stderr
+    assert "No space left on device" in result.stdout
+    complete = ast.literal_eval(result.stdout.split("COMPLETE ")[-1].strip())
+    assert all(step == loaded for step, loaded in complete)  # every complete one is intact
+    assert os.listdir(disk) == []  # the tmpfs lived in the job's namespace only
