@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import sys
 
 from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
@@ -29,13 +31,31 @@ def _train() -> int:
 
     settings = load_settings()
     if settings.nproc_per_node > 1 and not distributed.under_torchrun():
-        argv = distributed.torchrun_argv(settings.nproc_per_node)
-        logging.info("starting %d processes: %s", settings.nproc_per_node, " ".join(argv))
-        sys.stdout.flush()
-        os.execv(argv[0], argv)  # torchrun takes this PID, so SIGTERM reaches it directly
+        return _run_torchrun(settings.nproc_per_node)
     from job.train import train
 
     return train(settings)
+
+
+def _run_torchrun(nproc: int) -> int:
+    """torchrun with nproc workers; SIGTERM/SIGINT are passed on (torchrun passes them to the
+    workers, which checkpoint) and a run stopped that way exits 75 (retry), like one process."""
+    from job import distributed
+    from job.errors import EXIT_PREEMPTED
+
+    argv = distributed.torchrun_argv(nproc)
+    logging.info("starting %d processes: %s", nproc, " ".join(argv))
+    child = subprocess.Popen(argv)
+    received: list[int] = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        child.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    code = child.wait()
+    return EXIT_PREEMPTED if received and code != 0 else code
 
 
 def main(argv: list[str] | None = None) -> int:
