@@ -77,7 +77,9 @@ def test_cifar10_reads_the_python_batches(tmp_path):
 
 def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
-    data = load_dataset(settings(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp"))
+    data = load_dataset(
+        settings(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp")
+    )
     assert data.num_classes == 3 and len(data) == 6
     image, label, skipped = data.folder[5]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2 and skipped == 0
@@ -139,8 +141,12 @@ def test_too_small_dataset_for_one_batch_is_a_clear_error(tmp_path):
 
 
 def test_idx_header_with_wrong_dimensions(tmp_path):
-    (tmp_path / "train-images-idx3-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"abc")
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(
+        struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"abc"
+    )
     write_idx(tmp_path / "x", n=3)
-    (tmp_path / "train-labels-idx1-ubyte").write_bytes(struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"\0\1\2")
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(
+        struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"\0\1\2"
+    )
     with pytest.raises(DataError, match="expected N x H x W"):
         load_dataset(settings(tmp_path, dataset="mnist"))

@@ -16,7 +16,9 @@ def trained(tmp_path_factory):
 
 
 def sample(run_dir, out, *extra):
-    return run_job(job_env(run_dir), "sample", "--checkpoint", str(run_dir), "--out", str(out), *extra)
+    return run_job(
+        job_env(run_dir), "sample", "--checkpoint", str(run_dir), "--out", str(out), *extra
+    )
 
 
 def test_sample_writes_uint8_images_and_the_same_seed_repeats(trained, tmp_path):

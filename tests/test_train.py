@@ -41,7 +41,9 @@ def test_default_dataset_run_writes_every_artifact(tmp_path):
     assert all(e["fid"] > 0 for e in evals)
     records = read_jsonl(run / "metrics.jsonl")
     assert [r["step"] for r in records] == [5, 10, 15, 20]
-    assert {"d_loss", "g_loss", "d_real", "d_fake", "images_per_s", "images_seen"} <= set(records[0])
+    assert {"d_loss", "g_loss", "d_real", "d_fake", "images_per_s", "images_seen"} <= set(
+        records[0]
+    )
     assert records[-1]["images_seen"] == 20 * 16
     export = torch.load(run / "final/generator.pt", weights_only=False)
     assert export["step"] == 20 and "g_ema" in export
