@@ -274,7 +274,9 @@ def save_extractor(model: FeatureNet, out: Path, meta: dict) -> None:
 def read_meta(path: Path | str) -> dict:
     """The meta.json stored in an extractor written by `gan-job features`."""
     extra = {META_FILE: ""}
-    torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    with warnings.catch_warnings():  # torch.jit.load is deprecated too
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
     return json.loads(extra[META_FILE])
 
 

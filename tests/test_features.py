@@ -1,5 +1,8 @@
 """`gan-job features`: a small classifier trained on tiny synthetic data becomes a FID extractor."""
 
+import pickle
+
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +92,21 @@ def test_image_folder_gives_a_three_channel_extractor(tmp_path):
     assert meta["channels"] == 3 and meta["num_classes"] == 2 and meta["test_images"] == 2
     extractor = load_extractor(load_settings({"GAN_FID_FEATURES": str(out)}), 3, CPU)
     assert extractor.model(torch.rand(4, 3, 40, 40)).shape == (4, 32)
+
+
+def test_cifar10_is_evaluated_on_its_test_batch(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 255, (8, 3072), dtype=np.uint8), "labels": [0, 1] * 4}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    out = tmp_path / "cifar.pt"
+    args = ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(out)]
+    assert main(["features", *args, *TINY]) == 0
+    meta = read_meta(out)
+    assert meta["test_split"] == "test split" and meta["test_images"] == 8
+    assert meta["train_images"] == 40 and meta["channels"] == 3 and meta["image_size"] == 32
 
 
 def test_missing_dataset_is_a_data_error(tmp_path):
