@@ -255,7 +255,7 @@ def test_outage_mid_run_is_retried_and_every_artifact_lands(tmp_path, monkeypatc
 
         assert proc.wait(timeout=90) == 0, log_path.read_text()
         log = log_path.read_text()
-        assert "upload failed, will retry" in log and "retrying in" in log
+        assert "storage write failed" in log and "retrying in" in log
         after_outage = log[log.index("storage write failed") :]
         assert f"step {max_steps}/{max_steps}" in after_outage
         assert server.secret_key not in log
