@@ -18,3 +18,38 @@ def d_loss_bce(real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: 
 def g_loss_bce(fake_logits: torch.Tensor) -> torch.Tensor:
     """Non-saturating G loss: maximise log D(G(z)) rather than minimise log(1 - D(G(z)))."""
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+
+
+def d_loss_hinge(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge D loss (Lim & Ye 2017; SN-GAN, BigGAN): mean(relu(1 - real)) + mean(relu(1 + fake))."""
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def g_loss_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Hinge G loss: -mean(D(G(z)))."""
+    return -fake_logits.mean()
+
+
+def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor,
+           smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
+    """D's loss of kind bce | hinge; label smoothing applies to bce only."""
+    if kind == "hinge":
+        return d_loss_hinge(real_logits, fake_logits)
+    return d_loss_bce(real_logits, fake_logits, smoothing)
+
+
+def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    """G's loss of kind bce (non-saturating) | hinge."""
+    if kind == "hinge":
+        return g_loss_hinge(fake_logits)
+    return g_loss_bce(fake_logits)
+
+
+def r1_penalty(real_logits: torch.Tensor, real_input: torch.Tensor, gamma: float) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): gamma/2 * E ||grad_x D(x)||^2 over real images.
+
+    real_input is the tensor D was called on, made with requires_grad_(); the graph is kept
+    (create_graph) so that the penalty's own backward reaches D's weights.
+    """
+    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_input, create_graph=True)
+    return gamma / 2 * grad.float().square().flatten(1).sum(1).mean()

@@ -2,7 +2,9 @@
 
 Discriminators return logits (one per image); the losses apply the sigmoid. Conditional models
 take integer labels: G appends a label embedding to z, D appends one to its input (the MLP) or
-as extra constant image planes (DCGAN).
+as extra constant image planes (DCGAN) -- or, with `projection`, D projects its features onto a
+label embedding (Miyato & Koyama 2018). With `spectral_norm`, every Conv/Linear of D (and the
+projection embedding) is spectrally normalised and D has no BatchNorm (SN-GAN).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
 
 @dataclass(frozen=True)
@@ -24,9 +27,16 @@ class Arch:
     latent_dim: int
     width: int
     num_classes: int  # 0: unconditional
+    spectral_norm: bool = False  # D: spectral norm on every Conv/Linear, no BatchNorm
+    projection: bool = False  # conditional D: projection instead of concatenated labels
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, leaving out later additions at their defaults, so that the dicts of
+        checkpoints made before those fields existed still equal the dict of the same model."""
+        return {k: v for k, v in asdict(self).items() if k not in _ADDED or v != _ADDED[k]}
+
+
+_ADDED = {"spectral_norm": False, "projection": False}  # fields added later, and their defaults
 
 
 def _dcgan_plan(image_size: int) -> tuple[int, int]:
@@ -62,25 +72,45 @@ class MLPGenerator(nn.Module):
         return self.net(z).view(-1, a.channels, a.image_size, a.image_size)
 
 
+class Projection(nn.Module):
+    """Projection head (Miyato & Koyama 2018): linear(phi) + <embed(y), phi>."""
+
+    def __init__(self, features: int, num_classes: int):
+        super().__init__()
+        self.linear = nn.Linear(features, 1)
+        self.embed = nn.Embedding(num_classes, features)
+        nn.init.xavier_uniform_(self.embed.weight)  # N(0, 1) would swamp linear(phi) at first
+
+    def forward(self, phi: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.linear(phi).squeeze(1) + (self.embed(labels) * phi).sum(1)
+
+
 class MLPDiscriminator(nn.Module):
     def __init__(self, arch: Arch):
         super().__init__()
         c = arch.num_classes
-        self.embed = nn.Embedding(c, c) if c else None
+        self.project = arch.projection and c > 0
+        self.embed = nn.Embedding(c, c) if c and not self.project else None
         h = arch.width * 2
-        d_in = arch.channels * arch.image_size**2 + c
-        self.net = nn.Sequential(
+        d_in = arch.channels * arch.image_size**2 + (c if self.embed is not None else 0)
+        body = [
             nn.Linear(d_in, h * 4),
             nn.LeakyReLU(0.2),
             nn.Dropout(0.3),
             nn.Linear(h * 4, h * 2),
             nn.LeakyReLU(0.2),
             nn.Dropout(0.3),
-            nn.Linear(h * 2, 1),
-        )
+        ]
+        if self.project:  # phi: the last hidden layer
+            self.net = nn.Sequential(*body)
+            self.head = Projection(h * 2, c)
+        else:
+            self.net = nn.Sequential(*body, nn.Linear(h * 2, 1))
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         x = x.flatten(1)
+        if self.project:
+            return self.head(self.net(x), labels)
         if self.embed is not None:
             x = torch.cat([x, self.embed(labels)], dim=1)
         return self.net(x).squeeze(1)
@@ -122,24 +152,32 @@ class DCGANDiscriminator(nn.Module):
         super().__init__()
         self.arch = arch
         c = arch.num_classes
-        self.embed = nn.Embedding(c, c) if c else None
+        self.project = arch.projection and c > 0
+        self.embed = nn.Embedding(c, c) if c and not self.project else None
         base, downs = _dcgan_plan(arch.image_size)
         ch = arch.width
         layers: list[nn.Module] = [
-            nn.Conv2d(arch.channels + c, ch, 4, 2, 1, bias=False),
+            nn.Conv2d(
+                arch.channels + (c if self.embed is not None else 0), ch, 4, 2, 1, bias=False
+            ),
             nn.LeakyReLU(0.2, inplace=True),
         ]
         for _ in range(downs - 1):
-            layers += [
-                nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(ch * 2),
-                nn.LeakyReLU(0.2, inplace=True),
-            ]
+            layers.append(nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False))
+            if not arch.spectral_norm:
+                layers.append(nn.BatchNorm2d(ch * 2))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
             ch *= 2
-        layers.append(nn.Conv2d(ch, 1, base, 1, 0, bias=False))
-        self.net = nn.Sequential(*layers)
+        if self.project:  # phi: the last conv block's activations summed over space
+            self.net = nn.Sequential(*layers)
+            self.head = Projection(ch, c)
+        else:
+            layers.append(nn.Conv2d(ch, 1, base, 1, 0, bias=False))
+            self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.project:
+            return self.head(self.net(x).sum((2, 3)), labels)
         if self.embed is not None:
             planes = self.embed(labels)[:, :, None, None].expand(-1, -1, *x.shape[2:])
             x = torch.cat([x, planes], dim=1)
@@ -165,7 +203,22 @@ def build_generator(arch: Arch) -> nn.Module:
 
 def build_discriminator(arch: Arch) -> nn.Module:
     if arch.model == "mlp":
-        return MLPDiscriminator(arch)
-    d = DCGANDiscriminator(arch)
-    d.apply(_dcgan_init)
+        d = MLPDiscriminator(arch)
+    else:
+        d = DCGANDiscriminator(arch)
+        d.apply(_dcgan_init)
+    if arch.spectral_norm:
+        apply_spectral_norm(d)
     return d
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectral norm (one power iteration per forward) on every Conv/Linear and on the
+    projection embedding; concatenated label embeddings are inputs, not layers, and stay as
+    they are."""
+    for m in list(module.modules()):
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            _spectral_norm(m)
+        elif isinstance(m, Projection):
+            _spectral_norm(m.embed)
+    return module

@@ -6,7 +6,8 @@ import os
 import re
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from job.errors import SettingsError
@@ -14,6 +15,7 @@ from job.errors import SettingsError
 PREFIX = "GAN_"
 NATIVE_SIZE = {"mnist": 28, "kmnist": 28, "fashion-mnist": 28, "cifar10": 32}
 DCGAN_SIZES = (28, 32, 64)
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/augment.py implements them
 
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_<n>_TCP... for every
 # Service in the namespace; a Service named gan-something must not look like a typo.
@@ -76,6 +78,40 @@ class Settings(BaseSettings):
     seed: int = Field(0, ge=0, description="seed for weights, noise and data order")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="auto picks cuda when available"
+    )
+
+    # training recipe
+    recipe: Literal["custom", "seed", "fast28"] = Field(
+        "custom",
+        description="custom: the settings as given; seed: the seed tutorials' DCGAN (bce, Adam "
+        "2e-4, betas 0.5/0.999, no EMA/SN/R1/augment); fast28: hinge, spectral norm, "
+        "lr_d 4e-4 / lr_g 2e-4, betas 0.5/0.999, DiffAugment translation, EMA 0.999, projection D "
+        "when conditional. A recipe fills in only the GAN_* variables that are not set",
+    )
+    loss: Literal["bce", "hinge"] = Field(
+        "bce", description="bce (non-saturating) or hinge; label smoothing applies to bce only"
+    )
+    spectral_norm: bool = Field(
+        False, description="spectral norm on every Conv/Linear of D, whose BatchNorm is dropped"
+    )
+    r1_gamma: float = Field(
+        0.0,
+        ge=0,
+        le=1e4,
+        description="R1 penalty gamma/2 * mean squared norm of grad_x D(real x), in D's step (0: off)",
+    )
+    r1_every: int = Field(
+        16, ge=1, le=1000, description="R1 every this many steps, scaled by it (lazy, StyleGAN2)"
+    )
+    diffaugment: str = Field(
+        "",
+        description="DiffAugment policies for D's inputs, real and fake: a comma list of color, "
+        "translation, cutout (empty: off)",
+    )
+    conditioning: Literal["concat", "projection"] = Field(
+        "concat",
+        description="how a conditional D sees labels: concat (embedding beside the input) or "
+        "projection (Miyato & Koyama); projection needs GAN_CONDITIONAL=true",
     )
 
     # reliability
@@ -164,6 +200,27 @@ class Settings(BaseSettings):
         description="S3 endpoint for non-AWS stores; unset: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
     )
 
+    @field_validator("diffaugment")
+    @classmethod
+    def _check_diffaugment(cls, value: str) -> str:
+        parts = [p.strip() for p in value.split(",") if p.strip()]
+        if any(p not in DIFFAUGMENT_POLICIES for p in parts):
+            raise PydanticCustomError(
+                "diffaugment", "a comma list of color, translation, cutout, or empty for none"
+            )
+        return ",".join(parts)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: object) -> object:
+        """Fill in the recipe's values for the settings that were not given explicitly."""
+        if not isinstance(data, dict) or data.get("recipe") in (None, "custom"):
+            return data
+        values = dict(RECIPES.get(data["recipe"], {}))  # an unknown recipe fails validation
+        if data["recipe"] == "fast28" and _truthy(data.get("conditional")):
+            values["conditioning"] = "projection"
+        return {**values, **data}
+
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
         if self.model == "dcgan" and self.resolved_image_size not in DCGAN_SIZES:
@@ -173,6 +230,15 @@ class Settings(BaseSettings):
             )
         if self.resume not in ("auto", "never") and not self.resume:
             raise ValueError("GAN_RESUME must be auto, never, or a checkpoint path")
+        if self.conditioning == "projection" and not self.conditional:
+            raise ValueError(
+                "GAN_CONDITIONING=projection needs GAN_CONDITIONAL=true (a projection "
+                "discriminator is class-conditional)"
+            )
+        if self.r1_gamma > 0 and self.compile:
+            raise ValueError(
+                "GAN_R1_GAMMA > 0 needs GAN_COMPILE=false (torch.compile has no double backward)"
+            )
         return self
 
     @property
@@ -194,6 +260,44 @@ class Settings(BaseSettings):
             return self.run_id
         name = re.sub(r"[^A-Za-z0-9]+", "-", self.dataset.split("/")[-1] or "data").strip("-")
         return f"{name}-{self.model}" + ("-cond" if self.conditional else "")
+
+
+# GAN_RECIPE presets: the values a recipe gives the settings that were not set explicitly
+RECIPES: dict[str, dict[str, object]] = {
+    "seed": {
+        "model": "dcgan",
+        "loss": "bce",
+        "lr_g": 2e-4,
+        "lr_d": 2e-4,
+        "beta1": 0.5,
+        "beta2": 0.999,
+        "label_smoothing": 0.0,
+        "ema_decay": 0.0,
+        "spectral_norm": False,
+        "r1_gamma": 0.0,
+        "diffaugment": "",
+        "conditioning": "concat",
+    },
+    "fast28": {
+        "model": "dcgan",
+        "loss": "hinge",
+        "lr_g": 2e-4,
+        "lr_d": 4e-4,
+        "beta1": 0.5,
+        "beta2": 0.999,
+        "ema_decay": 0.999,
+        "spectral_norm": True,
+        "r1_gamma": 0.0,
+        "diffaugment": "translation",
+    },
+}
+
+
+def _truthy(value: object) -> bool:
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return False
 
 
 def _check_dataset(value: str) -> str | None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from job import checkpoint, data, distributed, evaluate, losses
+from job import augment, checkpoint, data, distributed, evaluate, losses
 from job.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -85,6 +85,8 @@ class Trainer:
             latent_dim=settings.latent_dim,
             width=settings.width,
             num_classes=self.data.num_classes,
+            spectral_norm=settings.spectral_norm,
+            projection=settings.conditioning == "projection",
         )
         self.extractor = evaluate.load_extractor(settings, self.data.channels, self.device)
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
@@ -238,18 +240,27 @@ class Trainer:
             real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(b, s.latent_dim, device=self.device)
         fake_labels = self._random_labels(b)
+        aug = s.diffaugment  # DiffAugment before every D forward, real and fake ("": none)
+        # lazy R1 (StyleGAN2): every r1_every steps, scaled by the interval; in this same
+        # backward, so that DDP sees one backward per set of forwards
+        r1_now = s.r1_gamma > 0 and self.state.step % s.r1_every == 0
         with self._autocast():
             fake = self.g(z, fake_labels)
-            d_real = self.d(real, labels if self.arch.num_classes else None)
-            d_fake = self.d(fake.detach(), fake_labels)
-            loss_d = losses.d_loss_bce(d_real, d_fake, s.label_smoothing)
+            real_in = augment.diff_augment(real, aug)
+            if r1_now:
+                real_in = real_in.detach().requires_grad_(True)
+            d_real = self.d(real_in, labels if self.arch.num_classes else None)
+            d_fake = self.d(augment.diff_augment(fake.detach(), aug), fake_labels)
+            loss_d = losses.d_loss(s.loss, d_real, d_fake, s.label_smoothing)
+            if r1_now:
+                loss_d = loss_d + s.r1_every * losses.r1_penalty(d_real, real_in, s.r1_gamma)
         self.opt_d.zero_grad(set_to_none=True)
         loss_d.backward()
         self.opt_d.step()
 
         # G's step must not average D's gradients over ranks: they are discarded
         with self._no_sync(self.d), self._autocast():
-            loss_g = losses.g_loss_bce(self.d(fake, fake_labels))
+            loss_g = losses.g_loss(s.loss, self.d(augment.diff_augment(fake, aug), fake_labels))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         self.opt_g.step()

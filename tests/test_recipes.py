@@ -1,0 +1,165 @@
+"""Training recipes beyond the seeds' BCE GAN: hinge loss, spectral norm, R1, DiffAugment,
+projection discriminator, GAN_RECIPE presets."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from job import losses
+from job.augment import POLICIES, diff_augment
+from job.errors import SettingsError
+from job.models import Arch, build_discriminator
+from job.settings import DIFFAUGMENT_POLICIES, RECIPES, load_settings
+from tests.helpers import job_env, run_job, write_idx
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def test_hinge_losses_on_known_logits():
+    real, fake = torch.tensor([2.0, 0.5, -1.0]), torch.tensor([-2.0, 0.0, 1.0])
+    # relu(1 - real) = [0, 0.5, 2], relu(1 + fake) = [0, 1, 2]
+    assert losses.d_loss("hinge", real, fake) == pytest.approx(2.5 / 3 + 1.0)
+    assert losses.d_loss("hinge", real, fake, smoothing=0.2) == pytest.approx(2.5 / 3 + 1.0)
+    assert losses.g_loss("hinge", fake) == pytest.approx(1 / 3)
+    assert losses.d_loss("bce", real, fake, 0.1) == losses.d_loss_bce(real, fake, 0.1)
+    assert losses.g_loss("bce", fake) == losses.g_loss_bce(fake)
+
+
+@pytest.mark.parametrize("model", ["mlp", "dcgan"])
+def test_spectral_norm_keeps_the_largest_singular_value_at_one_and_drops_batchnorm(model):
+    torch.manual_seed(0)
+    d = build_discriminator(Arch(model, 1, 28, 16, width=8, num_classes=0, spectral_norm=True))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in d.modules())
+    for _ in range(3):  # power iterations, one per forward in training mode
+        d(torch.randn(4, 1, 28, 28))
+    layers = [m for m in d.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    assert layers and all(hasattr(m, "parametrizations") for m in layers)
+    d.eval()
+    for m in layers:
+        sigma = torch.linalg.matrix_norm(m.weight.detach().flatten(1), ord=2)
+        assert sigma == pytest.approx(1.0, abs=0.05)
+    plain = build_discriminator(Arch("dcgan", 1, 28, 16, width=8, num_classes=0))
+    assert any(isinstance(m, nn.BatchNorm2d) for m in plain.modules())
+
+
+def test_r1_penalty_of_a_linear_discriminator_is_gamma_over_2_times_the_weight_norm():
+    d = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    with torch.no_grad():
+        d[1].weight.copy_(torch.tensor([[1.0, -2.0, 0.5, 3.0]]))
+    x = torch.randn(5, 1, 2, 2).requires_grad_(True)
+    penalty = losses.r1_penalty(d(x).squeeze(1), x, gamma=10.0)
+    assert penalty.item() == pytest.approx(10.0 / 2 * (1 + 4 + 0.25 + 9))  # grad_x D = w
+    penalty.backward()  # the graph was kept: the penalty trains D (d/dw = gamma * w)
+    assert torch.allclose(d[1].weight.grad, 10.0 * d[1].weight.detach())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(4, 1, 28, 28), (3, 3, 32, 32), (2, 3, 64, 64), (2, 1, 20, 13)])
+def test_diffaugment_keeps_shapes_passes_gradients_and_repeats_under_a_seed(shape, device):
+    policy = "color,translation,cutout"
+    x = (torch.rand(shape, device=device) * 2 - 1).requires_grad_(True)
+    torch.manual_seed(1)
+    a = diff_augment(x, policy)
+    assert a.shape == x.shape and a.device == x.device
+    a.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    torch.manual_seed(1)
+    assert torch.equal(diff_augment(x, policy), a)
+    torch.manual_seed(2)
+    assert not torch.equal(diff_augment(x, policy), a)
+    assert diff_augment(x, "") is x
+
+
+def test_cutout_zeroes_a_square_and_translation_moves_pixels():
+    torch.manual_seed(0)
+    ones = torch.ones(8, 1, 28, 28)
+    zeroed = (diff_augment(ones, "cutout") == 0).flatten(1).sum(1)
+    assert ((zeroed > 0) & (zeroed <= 14 * 14)).all()
+    x = torch.arange(28.0).view(1, 1, 1, 28).expand(16, 1, 28, 28)
+    moved = diff_augment(x, "translation")
+    assert (moved != x).flatten(1).any(1).sum() > 8  # most of 16 images were shifted
+    assert set(moved.unique().tolist()) <= set(range(28)) | {0.0}
+
+
+CASES = list(itertools.product(["mlp", "dcgan"], [28, 32, 64], [1, 3]))
+
+
+@pytest.mark.parametrize("model,size,channels", CASES)
+def test_projection_discriminator_shapes_and_label_dependence(model, size, channels):
+    torch.manual_seed(0)
+    arch = Arch(model, channels, size, 16, width=8, num_classes=10, projection=True,
+                spectral_norm=size == 32)  # fmt: skip
+    d = build_discriminator(arch).eval()
+    x = torch.randn(1, channels, size, size).repeat(4, 1, 1, 1)
+    out = d(x, torch.tensor([0, 1, 2, 0]))
+    assert out.shape == (4,)
+    assert out[0] == out[3] and out[0] != out[1] and out[1] != out[2]
+
+
+def test_arch_dicts_of_older_checkpoints_still_match():
+    old = {"model": "dcgan", "channels": 1, "image_size": 28, "latent_dim": 16, "width": 8,
+           "num_classes": 10}  # fmt: skip
+    assert Arch(**old).to_dict() == old
+    sn = Arch(**old, spectral_norm=True, projection=True)
+    assert Arch(**sn.to_dict()) == sn and sn.to_dict()["projection"] is True
+
+
+def test_recipes_fill_in_what_was_not_set_and_explicit_settings_win():
+    seed = load_settings({"GAN_RECIPE": "seed"})
+    assert (seed.model, seed.loss, seed.lr_g, seed.lr_d) == ("dcgan", "bce", 2e-4, 2e-4)
+    assert (seed.beta1, seed.beta2, seed.ema_decay) == (0.5, 0.999, 0.0)
+    assert not seed.spectral_norm and seed.r1_gamma == 0 and seed.diffaugment == ""
+    fast = load_settings({"GAN_RECIPE": "fast28"})
+    for name, value in RECIPES["fast28"].items():
+        assert getattr(fast, name) == value, name
+    assert fast.loss == "hinge" and fast.spectral_norm and fast.lr_d > fast.lr_g
+    assert fast.conditioning == "concat"  # unconditional
+    mine = load_settings({"GAN_RECIPE": "fast28", "GAN_LR_D": "1e-3", "GAN_DIFFAUGMENT": ""})
+    assert mine.lr_d == 1e-3 and mine.diffaugment == "" and mine.lr_g == fast.lr_g
+    cond = load_settings({"GAN_RECIPE": "fast28", "GAN_CONDITIONAL": "true"})
+    assert cond.conditioning == "projection"
+    custom = load_settings({})
+    assert (custom.recipe, custom.loss, custom.lr_d) == ("custom", "bce", 2e-4)
+    assert custom.ema_decay == 0.999 and not custom.spectral_norm
+
+
+def problems(env):
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    return info.value.problems
+
+
+def test_projection_needs_a_conditional_model_and_bad_policies_are_named():
+    (line,) = problems({"GAN_CONDITIONING": "projection"})
+    assert "GAN_CONDITIONING" in line and "GAN_CONDITIONAL=true" in line
+    (line,) = problems({"GAN_DIFFAUGMENT": "translation,flip"})
+    assert "GAN_DIFFAUGMENT='translation,flip'" in line and "cutout" in line
+    assert load_settings({"GAN_DIFFAUGMENT": " cutout, color"}).diffaugment == "cutout,color"
+    assert DIFFAUGMENT_POLICIES == POLICIES
+
+
+def test_a_run_with_every_recipe_feature_resumes_exactly_and_samples(tmp_path):
+    write_idx(tmp_path / "data", n=64)
+    common = dict(GAN_DATASET="mnist", GAN_CONDITIONAL="true", GAN_CONDITIONING="projection",
+                  GAN_LOSS="hinge", GAN_SPECTRAL_NORM="true", GAN_R1_GAMMA=1, GAN_R1_EVERY=2,
+                  GAN_DIFFAUGMENT="color,translation,cutout", GAN_CHECKPOINT_EVERY=2)  # fmt: skip
+    straight = job_env(tmp_path, GAN_RUN_ID="straight", GAN_MAX_STEPS=4, **common)
+    result = run_job(straight)
+    assert result.returncode == 0, result.stdout + result.stderr
+    split = job_env(tmp_path, GAN_RUN_ID="split", GAN_MAX_STEPS=2, **common)
+    assert run_job(split).returncode == 0
+    split["GAN_MAX_STEPS"] = "4"
+    assert run_job(split).returncode == 0
+    a, b = (torch.load(tmp_path / f"runs/{r}/checkpoints/step-00000004/state.pt",
+                       weights_only=False) for r in ("straight", "split"))  # fmt: skip
+    assert a["arch"]["spectral_norm"] and a["arch"]["projection"]
+    for net in ("g", "d", "g_ema"):
+        for key in a[net]:
+            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs"
+    out = tmp_path / "grid.png"
+    result = run_job(straight, "sample", "--checkpoint", str(tmp_path / "runs/straight"),
+                     "--num", "4", "--out", str(out), "--label", "3")  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert out.read_bytes()[:4] == b"\x89PNG"
