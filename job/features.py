@@ -345,7 +345,9 @@ def _check(args: argparse.Namespace) -> None:
         problems.append(f"--lr {args.lr}: expected a number in (0, 1]")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device available")
-    if Path(args.out).is_dir():
+    if "://" in args.out:
+        problems.append(f"--out {args.out}: expected a local file (GAN_FID_FEATURES reads one)")
+    elif Path(args.out).is_dir():
         problems.append(f"--out {args.out}: is a folder, expected a file name")
     if problems:
         raise SettingsError(problems)

@@ -16,6 +16,15 @@ CPU = torch.device("cpu")
 TINY = ["--epochs", "1", "--batch-size", "16", "--width", "8", "--feature-dim", "32"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny nets train faster on one thread than on two shared, busy cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("features-data")
@@ -125,6 +134,7 @@ def test_missing_dataset_is_a_data_error(tmp_path):
         ["--dataset", "imagenet", "--out", "x.pt"],
         ["--dataset", "mnist", "--out", "x.pt", "--epochs", "0"],
         ["--dataset", "mnist", "--out", "x.pt", "--image-size", "4"],
+        ["--dataset", "mnist", "--out", "s3://bucket/x.pt"],
     ],
 )
 def test_bad_arguments_are_settings_errors(tmp_path, args):
