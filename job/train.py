@@ -11,6 +11,7 @@ import copy
 import errno
 import json
 import logging
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -305,7 +306,7 @@ class Trainer:
             self._write_config()
         self._prepare_fid()
         images_per_step = s.batch_size * self.world.world_size
-        started = time.monotonic()
+        started = self.started = time.monotonic()
         window_start, window_steps = started, 0
         stop_reason = "max_steps" if self.state.step >= s.max_steps else None
         while stop_reason is None:
@@ -368,6 +369,12 @@ class Trainer:
         )  # fmt: skip
         return True
 
+    def _time_left(self) -> float:
+        """Seconds left of GAN_MAX_MINUTES (infinite without a budget)."""
+        if not self.s.max_minutes:
+            return math.inf
+        return self.s.max_minutes * 60 - (time.monotonic() - self.started)
+
     def _should_stop(self, started: float) -> str | None:
         s = self.s
         if self.state.step >= s.max_steps:
@@ -375,7 +382,7 @@ class Trainer:
         if self.world.distributed and self.state.step % STOP_CHECK_EVERY:
             return None  # agreeing costs a collective and a host sync: not every step
         signalled = self.stop.signal is not None
-        over_time = bool(s.max_minutes) and time.monotonic() - started > s.max_minutes * 60
+        over_time = self._time_left() < 0
         signalled, over_time = distributed.any_rank_each([signalled, over_time], self.world)
         if signalled:
             return "signal"
@@ -417,7 +424,7 @@ class Trainer:
         st.records.append(record)
         if not self.world.is_main:
             return
-        eta = (self.s.max_steps - st.step) * step_s
+        eta = min((self.s.max_steps - st.step) * step_s, self._time_left())
         log.info(
             "step %d/%d | %.0f img/s | D %.3f G %.3f | D(x) %.3f D(G(z)) %.3f | epoch %d | ETA %s",
             st.step, self.s.max_steps, images_per_s, v["d_loss"], v["g_loss"], v["d_real"],
