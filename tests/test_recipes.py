@@ -114,15 +114,18 @@ def test_recipes_fill_in_what_was_not_set_and_explicit_settings_win():
     fast = load_settings({"GAN_RECIPE": "fast28"})
     for name, value in RECIPES["fast28"].items():
         assert getattr(fast, name) == value, name
-    assert fast.loss == "hinge" and fast.spectral_norm and fast.lr_d > fast.lr_g
-    assert fast.conditioning == "concat"  # unconditional
-    mine = load_settings({"GAN_RECIPE": "fast28", "GAN_LR_D": "1e-3", "GAN_DIFFAUGMENT": ""})
-    assert mine.lr_d == 1e-3 and mine.diffaugment == "" and mine.lr_g == fast.lr_g
-    cond = load_settings({"GAN_RECIPE": "fast28", "GAN_CONDITIONAL": "true"})
-    assert cond.conditioning == "projection"
-    custom = load_settings({})
-    assert (custom.recipe, custom.loss, custom.lr_d) == ("custom", "bce", 2e-4)
+    mine = load_settings({"GAN_RECIPE": "fast28", "GAN_LR_D": "1e-3", "GAN_WIDTH": "64"})
+    assert mine.lr_d == 1e-3 and mine.width == 64 and mine.lr_g == fast.lr_g
+    custom = load_settings({"GAN_RECIPE": "custom"})
+    assert (custom.recipe, custom.loss, custom.lr_d, custom.width) == ("custom", "bce", 2e-4, 64)
     assert custom.ema_decay == 0.999 and not custom.spectral_norm
+
+
+def test_auto_recipe_is_fast28_only_for_28px_grayscale_dcgan():
+    assert load_settings({}).recipe == "fast28"  # the default: Fashion-MNIST, 28 px, dcgan
+    assert load_settings({"GAN_DATASET": "kmnist"}).recipe == "fast28"
+    for other in ({"GAN_DATASET": "cifar10"}, {"GAN_IMAGE_SIZE": "64"}, {"GAN_MODEL": "mlp"}):
+        assert load_settings(other).recipe == "custom", other
 
 
 def problems(env):

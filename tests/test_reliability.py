@@ -105,7 +105,7 @@ def test_nonfinite_loss_rolls_back_with_lower_learning_rates(tmp_path, caplog):
     trainer.close()
     assert "rolled back to step 5 with learning rates x0.5" in caplog.text
     assert trainer.state.rollbacks == 1 and trainer.state.step == 12
-    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(trainer.s.lr_d / 2)
     final = state_at(tmp_path / "runs/mnist-dcgan", 12)
     assert final["rollbacks"] == 1
     assert all(torch.isfinite(v).all() for v in final["d"].values() if v.is_floating_point())
