@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import errno
+import io
 import json
 import logging
 import math
@@ -491,7 +492,7 @@ class Trainer:
         state = None
         if self.world.is_main:
             if cache.exists(f"{key}.pt"):
-                state = torch.load(_bytes_io(cache.get_bytes(f"{key}.pt")), weights_only=True)
+                state = torch.load(io.BytesIO(cache.get_bytes(f"{key}.pt")), weights_only=True)
             else:
                 log.info(
                     "computing real-image FID statistics (%d images, %s)", num, self.extractor.name
@@ -601,12 +602,6 @@ def _set_rng(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _bytes_io(data: bytes):
-    import io
-
-    return io.BytesIO(data)
 
 
 def _duration(seconds: float) -> str:
