@@ -105,7 +105,13 @@ def pushgateway() -> Iterator[str]:
     """An in-memory Pushgateway; yields its base URL."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pushgateway-") as tmp:
-        argv = [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}"]
+        # Debian's build persists to /var/lib/prometheus/pushgateway.data by default, which
+        # every Pushgateway on the machine would share: keep this one's state in its tmp dir
+        argv = [
+            PUSHGATEWAY,
+            f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={tmp}/pushgateway.data",
+        ]
         with _server(argv, f"http://127.0.0.1:{port}", Path(tmp, "log")) as url:
             yield url
 
