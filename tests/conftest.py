@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from s3server import SeaweedS3
+from s3server import SeaweedS3, use_server
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +26,5 @@ def s3_bucket(s3) -> str:
 @pytest.fixture
 def s3_env(s3, monkeypatch, tmp_path) -> SeaweedS3:
     """The process environment pointed at the server, as a pod would see it (no ~/.aws files)."""
-    for name, value in s3.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS"):
-        monkeypatch.delenv(name, raising=False)
+    use_server(monkeypatch, s3, tmp_path)
     return s3

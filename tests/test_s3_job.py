@@ -14,7 +14,7 @@ import uuid
 
 import numpy as np
 import pytest
-from s3server import SeaweedS3, closed_port
+from s3server import SeaweedS3, closed_port, use_server
 
 from job import checkpoint
 from job.sample import main as sample_main
@@ -34,16 +34,6 @@ def s3_job_env(tmp, server: SeaweedS3, **settings) -> dict[str, str]:
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(tmp / "no-aws-credentials")
     env["OMP_NUM_THREADS"] = "1"  # tiny models; the machine is shared
     return env
-
-
-def use_server(monkeypatch, server: SeaweedS3, tmp) -> None:
-    """Point this test process's boto3 at server (for open_store in assertions)."""
-    for name, value in server.env().items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp / "no-aws-credentials"))
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_MAX_ATTEMPTS"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def bucket_objects(server: SeaweedS3, bucket: str, prefix: str = "") -> dict[str, bytes]:
