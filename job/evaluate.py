@@ -151,27 +151,25 @@ def load_extractor(settings: Settings, channels: int, device: torch.device) -> E
         return Extractor(
             model.to(device), 2048, "inception_v3", f"inception-{_file_digest(weights)}"
         )
-    return _load_torchscript(Path(choice), channels, device)
+    return _load_torchscript(Path(choice), channels, settings.resolved_image_size, device)
 
 
-def _load_torchscript(path: Path, channels: int, device: torch.device) -> Extractor:
+def _load_torchscript(
+    path: Path, channels: int, image_size: int, device: torch.device
+) -> Extractor:
     if not path.is_file():
         raise FIDError(
             f"GAN_FID_FEATURES={path}: no such file (expected inception, none, or a TorchScript model)"
         )
     try:
         model = torch.jit.load(str(path), map_location=device).eval()
-        with torch.no_grad():
-            out = model(torch.rand(2, channels, 32, 32, device=device))
-    except Exception as exc:  # noqa: BLE001
-        try:
-            with torch.no_grad():
-                out = model(torch.rand(2, channels, 28, 28, device=device))
-        except Exception:  # noqa: BLE001
-            raise FIDError(
-                f"GAN_FID_FEATURES={path}: not a TorchScript model mapping "
-                f"N x {channels} x H x W in [0,1] to N x D features ({exc})"
-            ) from exc
+        with torch.no_grad():  # probe with images of the size FID will feed it
+            out = model(torch.rand(2, channels, image_size, image_size, device=device))
+    except Exception as exc:  # noqa: BLE001 - not TorchScript, or the wrong input or output
+        raise FIDError(
+            f"GAN_FID_FEATURES={path}: not a TorchScript model mapping "
+            f"N x {channels} x {image_size} x {image_size} in [0,1] to N x D features ({exc})"
+        ) from exc
     if out.ndim != 2:
         raise FIDError(f"GAN_FID_FEATURES={path}: output shape {tuple(out.shape)}, expected N x D")
     name = f"torchscript:{path.stem}"

@@ -307,8 +307,8 @@ class Trainer:
             self._write_config()
         self._prepare_fid()
         images_per_step = s.batch_size * self.world.world_size
-        started = self.started = time.monotonic()
-        window_start, window_steps = started, 0
+        self.started = time.monotonic()
+        window_start, window_steps = self.started, 0
         stop_reason = "max_steps" if self.state.step >= s.max_steps else None
         while stop_reason is None:
             t0 = time.monotonic()
@@ -319,7 +319,7 @@ class Trainer:
             self.metrics.observe_step_seconds(time.monotonic() - t0)
             if self.store_failure is not None:
                 raise DiskFullError(f"{self.store.uri}: {self.store_failure}")
-            stop_reason = self._should_stop(started)
+            stop_reason = self._should_stop()
             log_now = self.state.step % s.log_every == 0 or stop_reason is not None
             if (log_now or self.state.step % s.checkpoint_every == 0) and self._rolled_back():
                 window_start, window_steps = time.monotonic(), 0
@@ -376,7 +376,7 @@ class Trainer:
             return math.inf
         return self.s.max_minutes * 60 - (time.monotonic() - self.started)
 
-    def _should_stop(self, started: float) -> str | None:
+    def _should_stop(self) -> str | None:
         s = self.s
         if self.state.step >= s.max_steps:
             return "max_steps"
