@@ -135,7 +135,9 @@ class Settings(BaseSettings):
     amp: Literal["auto", "bf16", "off"] = Field(
         "auto", description="bf16 autocast; auto: on for GPUs that support bf16, off on CPU"
     )
-    channels_last: bool = Field(True, description="channels-last memory format for DCGAN on GPU")
+    channels_last: bool = Field(
+        True, description="channels-last memory format for DCGAN (faster convolutions, GPU and CPU)"
+    )
     fused_adam: bool = Field(True, description="fused Adam on GPU (foreach on CPU)")
     compile: bool = Field(
         False, description="torch.compile G and D (slow first steps; no gain on CPU)"

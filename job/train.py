@@ -96,9 +96,7 @@ class Trainer:
         self.d = build_discriminator(self.arch).to(self.device)
         self.g_ema = copy.deepcopy(self.g).requires_grad_(False)
         self.amp = _amp_enabled(settings.amp, self.device)
-        self.channels_last = (
-            settings.channels_last and settings.model == "dcgan" and self.device.type == "cuda"
-        )
+        self.channels_last = settings.channels_last and settings.model == "dcgan"
         if self.channels_last:
             self.g.to(memory_format=torch.channels_last)
             self.d.to(memory_format=torch.channels_last)
@@ -260,11 +258,14 @@ class Trainer:
         loss_d.backward()
         self.opt_d.step()
 
-        # G's step must not average D's gradients over ranks: they are discarded
+        # G's step needs gradients through D but not D's own (a third of D's backward), and
+        # must not average D's gradients over ranks
+        self.d.requires_grad_(False)
         with self._no_sync(self.d), self._autocast():
             loss_g = losses.g_loss(s.loss, self.d(augment.diff_augment(fake, aug), fake_labels))
         self.opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
+        self.d.requires_grad_(True)
         self.opt_g.step()
         self._update_ema()
         self.nonfinite |= ~(torch.isfinite(loss_d) & torch.isfinite(loss_g))

@@ -1,3 +1,4 @@
+import copy
 import itertools
 
 import pytest
@@ -26,3 +27,21 @@ def test_conditional_generator_depends_on_the_label():
     z = torch.randn(1, 16).repeat(2, 1)
     a, b = g(z, torch.tensor([0, 1]))
     assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("size,channels,classes", [(28, 1, 0), (64, 3, 10)])
+def test_channels_last_models_compute_what_contiguous_ones_do(size, channels, classes):
+    arch = Arch("dcgan", channels, size, latent_dim=16, width=8, num_classes=classes)
+    torch.manual_seed(0)
+    g, d = build_generator(arch), build_discriminator(arch)
+    g_cl = copy.deepcopy(g).to(memory_format=torch.channels_last)
+    d_cl = copy.deepcopy(d).to(memory_format=torch.channels_last)
+    z = torch.randn(8, 16)
+    labels = torch.arange(8) % classes if classes else None
+    images, images_cl = g(z, labels), g_cl(z, labels)
+    assert images_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(images_cl, images, atol=1e-5, rtol=1e-4)
+    d(images, labels).sum().backward()
+    d_cl(images_cl, labels).sum().backward()
+    for (name, p), p_cl in zip(g.named_parameters(), g_cl.parameters(), strict=True):
+        torch.testing.assert_close(p_cl.grad, p.grad, atol=1e-5, rtol=1e-3, msg=name)
