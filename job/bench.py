@@ -377,6 +377,7 @@ class ReferenceLoop:
         )
         self.iterator = None
         self.data_seconds = 0.0
+        self.worker_cpu: dict[int, float] = {}  # worker pid -> CPU seconds, last reading
         self.losses: tuple[float, float] = (0.0, 0.0)
 
     def _next_batch(self):
@@ -394,6 +395,7 @@ class ReferenceLoop:
 
     def step(self) -> int:
         real, labels = self._next_batch()
+        self.worker_cpu_seconds()
         real, labels = real.to(self.device), labels.to(self.device)
         b = real.size(0)
         k = self.arch.num_classes
@@ -425,7 +427,11 @@ class ReferenceLoop:
         return [w.pid for w in getattr(self.iterator, "_workers", None) or [] if w.pid]
 
     def worker_cpu_seconds(self) -> float:
-        return sum(_cpu_seconds(pid) for pid in self._worker_pids())
+        """CPU time of every worker this loop started: an epoch's end shuts its workers down,
+        so each one's last reading (taken every step) stands for it once it is gone."""
+        for pid in self._worker_pids():
+            self.worker_cpu[pid] = max(_cpu_seconds(pid), self.worker_cpu.get(pid, 0.0))
+        return sum(self.worker_cpu.values())
 
     def worker_pss_mib(self) -> float | None:
         sizes = [_pss_kib(pid) for pid in self._worker_pids()]
