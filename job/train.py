@@ -94,12 +94,12 @@ class Trainer:
         torch.manual_seed(settings.seed)  # identical initial weights on every rank
         self.g = build_generator(self.arch).to(self.device)
         self.d = build_discriminator(self.arch).to(self.device)
-        self.g_ema = copy.deepcopy(self.g).requires_grad_(False)
         self.amp = _amp_enabled(settings.amp, self.device)
         self.channels_last = settings.channels_last and settings.model == "dcgan"
         if self.channels_last:
             self.g.to(memory_format=torch.channels_last)
             self.d.to(memory_format=torch.channels_last)
+        self.g_ema = copy.deepcopy(self.g).requires_grad_(False)
         self.opt_g = self._adam(self.g, settings.lr_g)
         self.opt_d = self._adam(self.d, settings.lr_d)
         self.source = data.BatchSource(

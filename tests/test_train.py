@@ -168,3 +168,19 @@ def test_generator_step_leaves_discriminator_gradients_as_its_own_loss_made_them
         assert p.requires_grad, f"{name} stayed frozen after G's step"
         assert torch.equal(p.grad, after_d_step[name]), f"G's step changed {name}.grad"
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.g.parameters())
+
+
+def test_compiled_run_checkpoints_plain_weights_that_an_eager_run_resumes(tmp_path):
+    write_idx(tmp_path / "data", n=128)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=4, GAN_CHECKPOINT_EVERY=2,
+                  GAN_COMPILE="true", GAN_RUN_ID="r")  # fmt: skip
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
+    compiled = run_job(env)
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    state = load_state(tmp_path / "runs/r", 4)
+    assert not any("_orig_mod" in k or "module." in k for net in ("g", "d") for k in state[net])
+    env.update(GAN_COMPILE="false", GAN_MAX_STEPS="6")
+    eager = run_job(env)
+    assert eager.returncode == 0, eager.stdout + eager.stderr
+    assert "resumed from step 4" in eager.stdout
+    assert load_state(tmp_path / "runs/r", 6)["step"] == 6
