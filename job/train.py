@@ -258,7 +258,7 @@ class Trainer:
         loss_d.backward()
         self.opt_d.step()
 
-        # G's step needs gradients through D but not D's own (a third of D's backward), and
+        # G's step needs gradients through D but not D's own (half of D's backward), and
         # must not average D's gradients over ranks
         self.d.requires_grad_(False)
         with self._no_sync(self.d), self._autocast():
