@@ -4,6 +4,9 @@ Layout under the run: checkpoints/step-00001000/state.pt and checkpoints/step-00
 The marker records every part's size and SHA-256; a checkpoint without it, or whose parts do not
 match it, is never taken as complete. Retention deletes the marker first, so a half-deleted
 checkpoint is not complete either.
+
+state.pt holds {"format": 2, "meta": {...}, <component name>: <its state_dict()>, ...}: the
+Checkpointer is built from the run's components and owns when they are saved and restored.
 """
 
 from __future__ import annotations
@@ -15,17 +18,21 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
+from job import distributed
 from job.errors import CheckpointError
-from job.storage import BackgroundWriter, Store, open_store
+from job.metrics import Metrics
+from job.storage import BackgroundWriter, JsonlLog, NullWriter, Store, open_store
 
 log = logging.getLogger(__name__)
 
 PREFIX = "checkpoints/"
 MARKER = "COMPLETE.json"
 STATE = "state.pt"
+FORMAT = 2
 _STEP_DIR = re.compile(r"^checkpoints/step-(\d{8,})/" + re.escape(MARKER) + "$")
 
 
@@ -52,7 +59,7 @@ def marker_for(step: int, parts: dict[str, bytes]) -> bytes:
 
 
 def save(
-    writer: BackgroundWriter,
+    writer: BackgroundWriter | NullWriter,
     step: int,
     state: dict,
     keep: int,
@@ -102,7 +109,8 @@ def load_verified(store: Store, step: int) -> dict:
             if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
                 raise CheckpointError(f"{store.uri}/{base}{name}: checksum mismatch")
             parts[name] = data
-        return torch.load(io.BytesIO(parts[STATE]), map_location="cpu", weights_only=False)
+        state = torch.load(io.BytesIO(parts[STATE]), map_location="cpu", weights_only=False)
+        return upgrade(state)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - missing part, bad JSON, unpickling error
@@ -130,3 +138,141 @@ def load_from(uri: str, endpoint_url: str | None = None, run_id: str | None = No
     if found is None and run_id:
         found = load_latest(store.child(run_id))
     return found
+
+
+def upgrade(state: dict) -> dict:
+    """A checkpoint of gan-job 0.1.0 (one flat dict) in today's layout."""
+    if state.get("format") == FORMAT:
+        return state
+    pick = lambda *keys: {k: state[k] for k in keys}  # noqa: E731
+    return {
+        "format": FORMAT,
+        "meta": pick("arch", "settings", "world_size"),
+        "run": pick("step", "images_seen", "rollbacks"),
+        "nets": pick("g", "d", "g_ema", "opt_g", "opt_d"),
+        "data": state["data"],
+        "rng": state["rng"],
+        "records": {"rows": state["records"]},
+        "evals": {"rows": state["evals"]},
+    }
+
+
+def generator_state(state: dict) -> tuple[dict, dict] | None:
+    """(arch, EMA generator weights) of a checkpoint or a final/generator.pt export."""
+    if "arch" in state and "g_ema" in state:  # an export
+        return state["arch"], state["g_ema"]
+    if "g_ema" in state:  # a 0.1.0 checkpoint
+        state = upgrade(state)
+    if state.get("format") == FORMAT:
+        return state["meta"]["arch"], state["nets"]["g_ema"]
+    return None
+
+
+def check_compatible(saved: dict, now: dict, keys: tuple[str, ...], where: str) -> None:
+    """Refuse to continue a checkpoint on top of settings that would change what it means.
+
+    saved, now: checkpoint metadata ({"settings": ..., "arch": ...}); keys: the settings that
+    must match."""
+    changed = [
+        f"GAN_{key.upper()}: {saved['settings'].get(key)!r} in the checkpoint, "
+        f"{now['settings'][key]!r} now"
+        for key in keys
+        if saved["settings"].get(key) != now["settings"][key]
+    ]
+    if saved["arch"] != now["arch"] and not changed:
+        changed.append(f"model {saved['arch']} in the checkpoint, {now['arch']} now")
+    if changed:
+        raise CheckpointError(
+            f"{where} was made with other settings ("
+            + "; ".join(changed)
+            + "): restore them, or use another GAN_RUN_ID or GAN_RESUME=never"
+        )
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any) -> None: ...
+
+
+class Checkpointer:
+    """Saves the run's components every `every` steps and at the end, restores the newest
+    complete checkpoint, and prunes all but the newest `keep`.
+
+    Components are restored in the order given. Every rank calls save() (gathering state can
+    be a collective); rank 0 alone writes. Histories (JsonlLog) are uploaded with the
+    checkpoint that holds them.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        writer: BackgroundWriter | NullWriter,
+        world: distributed.World,
+        components: dict[str, Stateful],
+        meta: dict,
+        compatible_settings: tuple[str, ...],
+        every: int,
+        keep: int,
+        metrics: Metrics,
+    ):
+        self.store, self.writer, self.world = store, writer, world
+        self.components, self.meta, self.compatible = components, meta, compatible_settings
+        self.every, self.keep, self.metrics = every, keep, metrics
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def maybe_save(self, step: int, last: bool = False) -> None:
+        if last or self.due(step):
+            self.save(step)
+
+    def save(self, step: int) -> None:
+        """Queue a checkpoint of every component at step; returns without waiting for storage."""
+        state = {"format": FORMAT, "meta": self.meta}
+        state |= {name: c.state_dict() for name, c in self.components.items()}
+        if not self.world.is_main:
+            return
+        for c in self.components.values():
+            if isinstance(c, JsonlLog):
+                c.sync()
+        t0 = time.monotonic()
+
+        def stored(step: int) -> None:
+            seconds = time.monotonic() - t0
+            self.metrics.observe_checkpoint(seconds, step)
+            log.info("checkpoint at step %d stored (%.2f s after it was taken)", step, seconds)
+
+        save(self.writer, step, state, self.keep, on_stored=stored)
+
+    def restore(self, resume: str, endpoint_url: str | None, run_id: str) -> int | None:
+        """Loads the checkpoint GAN_RESUME names (auto: this run's newest; never: none; or a
+        URI) into the components; returns its step, or None for a fresh start."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            found = load_latest(self.store)
+        else:
+            found = load_from(resume, endpoint_url, run_id)
+            if found is None:
+                raise CheckpointError(f"GAN_RESUME={resume}: no complete checkpoint there")
+        if found is None:
+            return None
+        self._load(*found)
+        return found[0]
+
+    def rollback(self) -> int | None:
+        """Restores this run's newest complete checkpoint, once every queued upload is stored."""
+        self.writer.flush()
+        distributed.barrier(self.world)
+        found = load_latest(self.store)
+        if found is None:
+            return None
+        self._load(*found)
+        return found[0]
+
+    def _load(self, step: int, state: dict) -> None:
+        where = f"{self.store.uri}: checkpoint at step {step}"
+        check_compatible(state["meta"], self.meta, self.compatible, where)
+        for name, c in self.components.items():
+            c.load_state_dict(state[name])

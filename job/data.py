@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from job.errors import DataError
-from job.settings import Settings
+from job.settings import dataset_kind
 
 log = logging.getLogger(__name__)
 
@@ -282,30 +282,36 @@ def load_folder(root: Path, image_size: int, conditional: bool, skip_bad: bool =
 # ---------------------------------------------------------------- entry point
 
 
-def load_dataset(settings: Settings, local_s3_copy: Path | None = None) -> ImageData:
-    """The training split named by GAN_DATASET, at GAN_IMAGE_SIZE.
+def load_dataset(
+    dataset: str,
+    data_dir: str | Path,
+    image_size: int,
+    conditional: bool = False,
+    skip_bad: bool = True,
+    local_s3_copy: Path | None = None,
+) -> ImageData:
+    """The training split GAN_DATASET names (mnist, fashion-mnist, kmnist, cifar10,
+    folder:PATH or s3://...), at image_size.
 
     local_s3_copy: for an s3:// dataset, the local folder it was already downloaded to.
     """
-    kind, size, cond = settings.dataset_kind, settings.resolved_image_size, settings.conditional
-    data_dir = Path(settings.data_dir)
+    kind, data_dir = dataset_kind(dataset), Path(data_dir)
     if kind == "folder":
-        root = Path(settings.dataset.removeprefix("folder:"))
-        return load_folder(root, size, cond, settings.bad_images == "skip")
+        return load_folder(Path(dataset.removeprefix("folder:")), image_size, conditional, skip_bad)
     if kind == "s3":
         assert local_s3_copy is not None
         if _find_idx("s3", [local_s3_copy]):
-            data = load_idx_dataset("s3", local_s3_copy, cond)
+            data = load_idx_dataset("s3", local_s3_copy, conditional)
         else:
-            return load_folder(local_s3_copy, size, cond, settings.bad_images == "skip")
+            return load_folder(local_s3_copy, image_size, conditional, skip_bad)
     elif kind == "cifar10":
-        data = load_cifar10(data_dir, cond)
+        data = load_cifar10(data_dir, conditional)
     else:
-        data = load_idx_dataset(kind, data_dir, cond)
-    data.name = settings.dataset
-    if cond and data.num_classes < 2:
-        raise DataError(f"GAN_CONDITIONAL=true: {settings.dataset} has fewer than 2 classes")
-    return resize_in_memory(data, size)
+        data = load_idx_dataset(kind, data_dir, conditional)
+    data.name = dataset
+    if conditional and data.num_classes < 2:
+        raise DataError(f"GAN_CONDITIONAL=true: {dataset} has fewer than 2 classes")
+    return resize_in_memory(data, image_size)
 
 
 def resize_in_memory(data: ImageData, size: int) -> ImageData:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +21,14 @@ with warnings.catch_warnings():  # torcheval still calls the deprecated torch.ji
     warnings.simplefilter("ignore", FutureWarning)
     from torcheval.metrics import FrechetInceptionDistance
 
+from job import distributed
 from job.errors import FIDError
-from job.settings import Settings
+from job.metrics import Metrics
+from job.storage import JsonlLog, Store
 
 log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"  # torchvision's ImageNet InceptionV3
-REAL_STATE = ("real_sum", "real_cov_sum", "num_real_images")
 
 
 # ---------------------------------------------------------------- samples
@@ -108,12 +112,6 @@ class Extractor:
     identity: str  # changes when the weights change; keys the real-statistics cache
 
 
-def _inception_weights(settings: Settings) -> Path:
-    if settings.fid_inception_weights:
-        return Path(settings.fid_inception_weights)
-    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
-
-
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -122,25 +120,33 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_extractor(settings: Settings, channels: int, device: torch.device) -> Extractor | None:
-    """The FID feature extractor, or None when FID is off.
+def load_extractor(
+    choice: str,
+    channels: int,
+    image_size: int,
+    device: torch.device,
+    inception_weights: str | None = None,
+    required: bool = True,
+) -> Extractor | None:
+    """The FID feature extractor GAN_FID_FEATURES names (inception, none, or a TorchScript
+    file), or None when FID is off.
 
-    Asked for explicitly and unavailable: FIDError before training. Left at the default
-    (inception) and unavailable, as offline without baked-in weights: a warning and no FID.
+    Unavailable and required: FIDError before training. Unavailable and not required (the
+    default inception, offline without baked-in weights): a warning and no FID.
     """
-    choice = settings.fid_features
     if choice == "none":
         return None
-    explicit = "fid_features" in settings.model_fields_set or settings.fid_inception_weights
     if choice == "inception":
-        weights = _inception_weights(settings)
+        weights = Path(
+            inception_weights or Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+        )
         if not weights.is_file():
             msg = (
                 f"InceptionV3 weights not found at {weights}: put {INCEPTION_FILE} in "
                 f"$TORCH_HOME/hub/checkpoints, set GAN_FID_INCEPTION_WEIGHTS, or set "
                 f"GAN_FID_FEATURES to a TorchScript extractor (`gan-job features`) or none"
             )
-            if explicit:
+            if required:
                 raise FIDError(msg)
             log.warning("%s. Training goes on without FID.", msg)
             return None
@@ -151,7 +157,7 @@ def load_extractor(settings: Settings, channels: int, device: torch.device) -> E
         return Extractor(
             model.to(device), 2048, "inception_v3", f"inception-{_file_digest(weights)}"
         )
-    return _load_torchscript(Path(choice), channels, settings.resolved_image_size, device)
+    return _load_torchscript(Path(choice), channels, image_size, device)
 
 
 def _load_torchscript(
@@ -181,9 +187,10 @@ def _load_torchscript(
 # ---------------------------------------------------------------- FID
 
 
-def fid_num_samples(settings: Settings, device: torch.device) -> int:
-    if settings.fid_num_samples:
-        return settings.fid_num_samples
+def fid_num_samples(setting: int | None, device: torch.device) -> int:
+    """GAN_FID_NUM_SAMPLES, or its default: 10,000 on a GPU, 500 on a CPU."""
+    if setting:
+        return setting
     return 10_000 if device.type == "cuda" else 500
 
 
@@ -198,15 +205,15 @@ def _three_channels(x: torch.Tensor) -> torch.Tensor:
 def real_statistics(
     extractor: Extractor, images: torch.Tensor, device: torch.device, batch: int = 100
 ) -> dict[str, torch.Tensor]:
-    """torcheval's running sums for real uint8 images, to be cached and reused at every FID."""
+    """The metric's state after only real uint8 images: cached, and loaded at every FID."""
     metric = _metric(extractor, device)
     for chunk in images.split(batch):
         metric.update(_three_channels(chunk.to(device).float() / 255), is_real=True)
-    return {k: getattr(metric, k).detach().cpu() for k in REAL_STATE}
+    return {k: v.detach().cpu() for k, v in metric.state_dict().items()}
 
 
 def stats_key(dataset: str, image_size: int, extractor: Extractor, num: int, seed: int) -> str:
-    text = f"{dataset}|{image_size}|{extractor.identity}|{num}|{seed}"
+    text = f"v2|{dataset}|{image_size}|{extractor.identity}|{num}|{seed}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -223,33 +230,116 @@ def compute_fid(
     rank: int = 0,
     world_size: int = 1,
     batch: int = 100,
-) -> float:
-    """FID of num generated images against the cached real statistics.
+    stop: Callable[[], bool] | None = None,
+) -> float | None:
+    """FID of num generated images against the cached real statistics; None when stop()
+    (asked before every batch, the same number of times on every rank) turned true.
 
     The noise for all num images is drawn from one seeded generator and each rank takes its
-    stride of it, so FID over W ranks equals FID over one process for the same samples.
+    stride of it, so FID over W ranks equals FID over one process for the same samples. Rank 0
+    alone holds the real statistics: merging the ranks' states sums them once.
     """
     metric = _metric(extractor, device)
+    if rank == 0:
+        metric.load_state_dict({k: v.to(device) for k, v in real_state.items()})
     z, labels = fixed_inputs(latent_dim, num, num_classes, seed, torch.device("cpu"))
     z = z[rank::world_size]
     labels = labels[rank::world_size] if labels is not None else None
-    for start in range(0, len(z), batch):
+    for start in range(0, math.ceil(num / world_size), batch):
+        if stop is not None and stop():
+            return None
         zb = z[start : start + batch].to(device)
-        lb = labels[start : start + batch].to(device) if labels is not None else None
-        metric.update(_three_channels(generate(g, zb, lb)), is_real=False)
+        if len(zb):
+            lb = labels[start : start + batch].to(device) if labels is not None else None
+            metric.update(_three_channels(generate(g, zb, lb)), is_real=False)
     if world_size > 1:
         from torcheval.metrics.toolkit import sync_and_compute
 
-        metric.real_sum = metric.real_sum.zero_()
-        metric.real_cov_sum = metric.real_cov_sum.zero_()
-        metric.num_real_images = metric.num_real_images.zero_()
-        if rank == 0:
-            _load_real(metric, real_state, device)
         return float(sync_and_compute(metric))
-    _load_real(metric, real_state, device)
     return float(metric.compute())
 
 
-def _load_real(metric: FrechetInceptionDistance, state: dict, device: torch.device) -> None:
-    for k in REAL_STATE:
-        setattr(metric, k, state[k].to(device))
+# ---------------------------------------------------------------- the run's FID schedule
+
+
+class FidEvaluator:
+    """FID of the EMA generator every `every` steps and once more at the end of a run, against
+    real statistics computed once per dataset and extractor and cached in the store; each
+    result is a row of eval.jsonl and the gan_fid gauge.
+
+    Every rank calls it: generation and feature extraction are split over ranks.
+    """
+
+    def __init__(
+        self,
+        extractor: Extractor | None,
+        history: JsonlLog,
+        metrics: Metrics,
+        world: distributed.World,
+        every: int,
+        num: int,
+        seed: int,
+        latent_dim: int,
+        num_classes: int,
+    ):
+        self.extractor, self.history, self.metrics, self.world = extractor, history, metrics, world
+        self.every, self.num, self.seed = every, num, seed
+        self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.real_state: dict[str, torch.Tensor] | None = None
+
+    def prepare(self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]) -> None:
+        """Real statistics from the cache, or from real_images(num) (then cached)."""
+        if self.extractor is None:
+            return
+        state = None
+        if self.world.is_main:
+            if cache.exists(f"{key}.pt"):
+                state = torch.load(io.BytesIO(cache.get_bytes(f"{key}.pt")), weights_only=True)
+            else:
+                log.info(
+                    "computing real-image FID statistics (%d images, %s)",
+                    self.num, self.extractor.name,
+                )  # fmt: skip
+                state = real_statistics(self.extractor, real_images(self.num), self.world.device)
+                buf = io.BytesIO()
+                torch.save(state, buf)
+                cache.put_bytes(f"{key}.pt", buf.getvalue())
+        self.real_state = distributed.broadcast_object(state, self.world)
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """At every `every` steps, and at the end unless this step was just evaluated."""
+        if self.extractor is None:
+            return False
+        if last:
+            return not any(row["step"] == step for row in self.history.rows)
+        return bool(self.every) and step % self.every == 0
+
+    def evaluate(
+        self, g_ema: nn.Module, step: int, images_seen: int, stop: Callable[[], bool]
+    ) -> bool:
+        """One FID; False when a stop request cut it short (then nothing is recorded)."""
+        t0 = time.monotonic()
+        fid = compute_fid(
+            self.extractor, self.real_state, g_ema, self.latent_dim, self.num_classes, self.num,
+            self.seed, self.world.device, self.world.rank, self.world.world_size,
+            stop=lambda: distributed.any_rank_each([stop()], self.world)[0],
+        )  # fmt: skip
+        if fid is None:
+            log.info("FID at step %d cut short by a stop request", step)
+            return False
+        if self.world.is_main:
+            self.history.append({
+                "step": step, "images_seen": images_seen, "fid": round(fid, 4),
+                "extractor": self.extractor.name, "num_samples": self.num,
+                "seconds": round(time.monotonic() - t0, 2),
+            })  # fmt: skip
+            log.info(
+                "FID %.3f at step %d (%s, %d samples)", fid, step, self.extractor.name, self.num
+            )
+            self.metrics.observe_fid(fid, self.extractor.name, images_seen)
+            self.history.sync()
+        return True
+
+    @property
+    def records(self) -> list[dict]:
+        return self.history.rows

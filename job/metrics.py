@@ -1,4 +1,5 @@
-"""Prometheus metrics of the training job: an HTTP endpoint on rank 0, a Pushgateway push at exit.
+"""Prometheus metrics of the training job, and the processor that turns each log step into a
+console line, gauges and a metrics.jsonl row.
 
 Every sample carries a `run_id` label (set by `set_info`), so dashboards and alerts filter with
 `{run_id="..."}` directly instead of joining each query with `gan_run_info`. The label is added
@@ -23,6 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import torch
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -37,11 +39,31 @@ from prometheus_client import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from job import distributed
+from job.storage import JsonlLog
+
 log = logging.getLogger(__name__)
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 CHECKPOINT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 PUSH_TIMEOUT_SECONDS = 10.0
+
+# A log record's fields and the gauge each one sets: (metric name, help, starts as NaN).
+RECORD_GAUGES: dict[str, tuple[str, str, bool]] = {
+    "step": ("gan_step", "Optimizer steps done (restored on resume)", False),
+    "epoch": ("gan_epoch", "Current epoch over the training set", False),
+    "images_seen": ("gan_images_seen", "Real images seen by D, all ranks (restored on resume)", False),
+    "images_per_s": ("gan_images_per_second", "Training throughput over the last logging interval", True),
+    "step_s": ("gan_recent_step_duration_seconds", "Mean step time over the last logging interval", True),
+    "d_loss": ("gan_discriminator_loss", "Discriminator loss, mean over ranks", True),
+    "g_loss": ("gan_generator_loss", "Generator loss, mean over ranks", True),
+    "d_real": ("gan_discriminator_real_probability", "Mean D(x) on real images, 0..1", True),
+    "d_fake": ("gan_discriminator_fake_probability", "Mean D(G(z)) on fakes, 0..1", True),
+    "grad_norm_d": ("gan_discriminator_grad_norm", "Discriminator gradient L2 norm", True),
+    "grad_norm_g": ("gan_generator_grad_norm", "Generator gradient L2 norm", True),
+    "gpu_memory_bytes": ("gan_gpu_memory_allocated_bytes", "GPU memory allocated by tensors", False),
+    "gpu_memory_peak_bytes": ("gan_gpu_memory_peak_bytes", "Peak GPU memory allocated by tensors", False),
+}  # fmt: skip
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,94 +97,56 @@ class _RunIdLabel(Collector):
 
 
 class Metrics:
-    """The job's metrics. Rank 0 creates an enabled one; other ranks a disabled one."""
+    """The job's Prometheus metrics. Rank 0 creates an enabled one; other ranks a disabled one."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
         self._server: Any = None
         if not enabled:
             return
-        inner = CollectorRegistry()
-        self._label = _RunIdLabel(inner)
+        r = CollectorRegistry()
+        self._label = _RunIdLabel(r)
         self.registry = CollectorRegistry()
         self.registry.register(self._label)
-        self._create(inner)
-
-    def _create(self, r: CollectorRegistry) -> None:
         ProcessCollector(registry=r)
         self.run_info = Info(
             "gan_run", "The run: id, dataset, model, world size, job version", registry=r
         )
-
-        self.step = Gauge("gan_step", "Optimizer steps done (restored on resume)", registry=r)
-        self.epoch = Gauge("gan_epoch", "Current epoch over the training set", registry=r)
-        self.images_seen = Gauge(
-            "gan_images_seen", "Real images seen by D, all ranks (restored on resume)", registry=r
-        )
-        self.images_per_second = _nan_gauge(
-            "gan_images_per_second", "Training throughput over the last logging interval", r
-        )
-        self.recent_step_seconds = _nan_gauge(
-            "gan_recent_step_duration_seconds", "Mean step time over the last logging interval", r
-        )
+        self.gauges = {
+            field: _gauge(name, doc, r, math.nan if nan else 0.0)
+            for field, (name, doc, nan) in RECORD_GAUGES.items()
+        }
         self.step_seconds = Histogram(
-            "gan_step_duration_seconds",
-            "Wall time of one training step",
-            buckets=STEP_BUCKETS,
-            registry=r,
-        )
-        self.d_loss = _nan_gauge("gan_discriminator_loss", "Discriminator loss, mean over ranks", r)
-        self.g_loss = _nan_gauge("gan_generator_loss", "Generator loss, mean over ranks", r)
-        self.d_real = _nan_gauge(
-            "gan_discriminator_real_probability", "Mean D(x) on real images, 0..1", r
-        )
-        self.d_fake = _nan_gauge(
-            "gan_discriminator_fake_probability", "Mean D(G(z)) on fakes, 0..1", r
-        )
-        self.grad_norm_d = _nan_gauge(
-            "gan_discriminator_grad_norm", "Discriminator gradient L2 norm", r
-        )
-        self.grad_norm_g = _nan_gauge("gan_generator_grad_norm", "Generator gradient L2 norm", r)
+            "gan_step_duration_seconds", "Wall time of one training step",
+            buckets=STEP_BUCKETS, registry=r,
+        )  # fmt: skip
         self.nonfinite = Counter(
             "gan_nonfinite_losses", "Steps whose loss was NaN or infinite", registry=r
         )
-
         self.fid = Gauge("gan_fid", "Latest FID (lower is better)", ["extractor"], registry=r)
         self.fid_images_seen = Gauge(
-            "gan_fid_images_seen",
-            "Images seen when the latest FID was measured",
-            ["extractor"],
+            "gan_fid_images_seen", "Images seen when the latest FID was measured", ["extractor"],
             registry=r,
-        )
-
+        )  # fmt: skip
         self.checkpoint_seconds = Histogram(
-            "gan_checkpoint_duration_seconds",
-            "Time to write and commit a checkpoint",
-            buckets=CHECKPOINT_BUCKETS,
-            registry=r,
+            "gan_checkpoint_duration_seconds", "Time to write and commit a checkpoint",
+            buckets=CHECKPOINT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.checkpoint_last_seconds = _gauge(
+            "gan_checkpoint_last_duration_seconds", "Time the latest checkpoint took", r, math.nan
         )
-        self.checkpoint_last_seconds = _nan_gauge(
-            "gan_checkpoint_last_duration_seconds", "Time the latest checkpoint took", r
+        self.checkpoint_step = _gauge(
+            "gan_checkpoint_last_step", "Step of the latest complete checkpoint", r
         )
-        self.checkpoint_step = Gauge(
-            "gan_checkpoint_last_step", "Step of the latest complete checkpoint", registry=r
-        )
-        self.checkpoint_time = Gauge(
+        self.checkpoint_time = _gauge(
             "gan_checkpoint_last_success_timestamp_seconds",
-            "Unix time of the latest complete checkpoint (0: none yet in this process)",
-            registry=r,
-        )
+            "Unix time of the latest complete checkpoint (0: none yet in this process)", r,
+        )  # fmt: skip
         self.upload_failures = Counter(
             "gan_upload_failures", "Artifact uploads that failed after their retries", registry=r
         )
         self.resumes = Counter(
             "gan_resumes", "1 when this process resumed from a checkpoint", registry=r
-        )
-        self.gpu_allocated = Gauge(
-            "gan_gpu_memory_allocated_bytes", "GPU memory allocated by tensors", registry=r
-        )
-        self.gpu_peak = Gauge(
-            "gan_gpu_memory_peak_bytes", "Peak GPU memory allocated by tensors", registry=r
         )
 
     @_if_enabled
@@ -195,31 +179,11 @@ class Metrics:
         )
 
     @_if_enabled
-    def observe_step(
-        self,
-        step: int,
-        epoch: int,
-        images_seen: int,
-        images_per_second: float,
-        step_seconds: float,
-        d_loss: float,
-        g_loss: float,
-        d_real: float,
-        d_fake: float,
-        grad_norm_d: float,
-        grad_norm_g: float,
-    ) -> None:
-        self.step.set(step)
-        self.epoch.set(epoch)
-        self.images_seen.set(images_seen)
-        self.images_per_second.set(images_per_second)
-        self.recent_step_seconds.set(step_seconds)
-        self.d_loss.set(d_loss)
-        self.g_loss.set(g_loss)
-        self.d_real.set(d_real)
-        self.d_fake.set(d_fake)
-        self.grad_norm_d.set(grad_norm_d)
-        self.grad_norm_g.set(grad_norm_g)
+    def observe_record(self, record: dict[str, Any]) -> None:
+        """Sets the gauge of every field of a log record that has one."""
+        for field, value in record.items():
+            if field in self.gauges:
+                self.gauges[field].set(value)
 
     @_if_enabled
     def observe_step_seconds(self, seconds: float) -> None:
@@ -252,11 +216,6 @@ class Metrics:
         self.resumes.inc()
 
     @_if_enabled
-    def set_gpu_memory(self, allocated_bytes: int, peak_bytes: int) -> None:
-        self.gpu_allocated.set(allocated_bytes)
-        self.gpu_peak.set(peak_bytes)
-
-    @_if_enabled
     def push(self, url: str, job: str, grouping: dict[str, str]) -> None:
         """Pushes every metric (replacing the group); logs and swallows any failure.
 
@@ -282,7 +241,74 @@ class Metrics:
         return generate_latest(self.registry) if self.enabled else b""
 
 
-def _nan_gauge(name: str, documentation: str, registry: CollectorRegistry) -> Gauge:
-    gauge = Gauge(name, documentation, registry=registry)
-    gauge.set(math.nan)
+def _gauge(name: str, doc: str, registry: CollectorRegistry, start: float = 0.0) -> Gauge:
+    gauge = Gauge(name, doc, registry=registry)
+    gauge.set(start)
     return gauge
+
+
+class MetricsProcessor:
+    """Every log_every steps (and at the last step): one record, averaged over ranks, that
+    becomes a console line, the gauges and a row of metrics.jsonl. Owns the timing window.
+
+    Every rank calls it (averaging is a collective); rank 0 alone prints and reports.
+    """
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        history: JsonlLog,
+        world: distributed.World,
+        log_every: int,
+        max_steps: int,
+        time_left: Callable[[], float],
+    ):
+        self.metrics, self.history, self.world = metrics, history, world
+        self.log_every, self.max_steps, self.time_left = log_every, max_steps, time_left
+        self.restart_window()
+
+    def restart_window(self) -> None:
+        self.window_start, self.window_steps, self.window_images = time.monotonic(), 0, 0
+
+    def step_done(self, images: int, seconds: float) -> None:
+        self.window_steps += 1
+        self.window_images += images
+        self.metrics.observe_step_seconds(seconds)
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.log_every == 0
+
+    def log(self, record: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
+        """record: the run's position (step, epoch, images_seen, ...); stats: this rank's
+        losses and D outputs, averaged over ranks here."""
+        values = distributed.mean_over_ranks(torch.stack(list(stats.values())).float(), self.world)
+        elapsed = time.monotonic() - self.window_start
+        step_s = elapsed / max(self.window_steps, 1)
+        record = {
+            **record,
+            "images_per_s": round(self.window_images / max(elapsed, 1e-9), 1),
+            "step_s": round(step_s, 5),
+            **{k: round(v, 5) for k, v in zip(stats, values.tolist(), strict=True)},
+            "time": round(time.time(), 3),
+        }
+        self.restart_window()
+        if not self.world.is_main:
+            return
+        self.history.append(record)
+        self.metrics.observe_record(record)
+        eta = min((self.max_steps - record["step"]) * step_s, self.time_left())
+        log.info(
+            "step %d/%d | %.0f img/s | D %.3f G %.3f | D(x) %.3f D(G(z)) %.3f | epoch %d | ETA %s",
+            record["step"], self.max_steps, record["images_per_s"], record["d_loss"],
+            record["g_loss"], record["d_real"], record["d_fake"], record["epoch"], _duration(eta),
+        )  # fmt: skip
+
+    @property
+    def records(self) -> list[dict]:
+        return self.history.rows
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

@@ -36,11 +36,12 @@ def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn
                 )
             return load_generator(path.rstrip("/") + "/final/generator.pt", endpoint_url)
         state = found[1]
-    if "arch" not in state or "g_ema" not in state:
+    found = checkpoint.generator_state(state)
+    if found is None:
         raise CheckpointError(f"--checkpoint {path}: not a gan-job checkpoint or generator export")
-    arch = Arch(**state["arch"])
+    arch = Arch(**found[0])
     g = build_generator(arch)
-    g.load_state_dict(state["g_ema"])
+    g.load_state_dict(found[1])
     return g.eval(), arch
 
 

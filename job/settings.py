@@ -246,12 +246,7 @@ class Settings(BaseSettings):
 
     @property
     def dataset_kind(self) -> str:
-        """mnist | kmnist | fashion-mnist | cifar10 | folder | s3."""
-        if self.dataset.startswith("folder:"):
-            return "folder"
-        if self.dataset.startswith("s3://"):
-            return "s3"
-        return self.dataset
+        return dataset_kind(self.dataset)
 
     @property
     def resolved_image_size(self) -> int:
@@ -299,6 +294,15 @@ RECIPES: dict[str, dict[str, object]] = {
         "conditioning": "concat",
     },
 }
+
+
+def dataset_kind(dataset: str) -> str:
+    """mnist | kmnist | fashion-mnist | cifar10 | folder | s3."""
+    if dataset.startswith("folder:"):
+        return "folder"
+    if dataset.startswith("s3://"):
+        return "s3"
+    return dataset
 
 
 def _grayscale_28px(data: dict) -> bool:

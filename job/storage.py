@@ -9,7 +9,9 @@ outages that last minutes. Training waits on storage only when max_pending write
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import json
 import logging
 import os
 import queue
@@ -32,7 +34,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
-from job.errors import StorageError
+from job.errors import DiskFullError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -566,6 +568,71 @@ class BackgroundWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class NullWriter:
+    """The writer of ranks other than 0: they write no artifacts."""
+
+    pending = 0
+
+    def submit(self, key: str, data: bytes | None = None, path=None, delete_after=False) -> None:
+        pass
+
+    def submit_call(self, fn: Callable[[], None]) -> None:
+        pass
+
+    def flush(self, timeout: float | None = None) -> bool:
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        return True
+
+
+class JsonlLog:
+    """A JSON-lines history (metrics.jsonl, eval.jsonl): its rows, kept for the report and the
+    checkpoint, and the artifact of the same name.
+
+    In a local store each row is appended to the file as it comes. An S3 object cannot be
+    appended to, so there the whole file is uploaded at sync(), which the checkpointer calls
+    with every checkpoint and the run calls at its end.
+    """
+
+    def __init__(self, key: str, writer: BackgroundWriter | NullWriter, store: Store):
+        self.key, self.writer, self.rows = key, writer, []
+        self.path = store.local_path(key) if isinstance(writer, BackgroundWriter) else None
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.path is not None:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    raise DiskFullError(f"{self.path}: {e}") from e
+                raise
+
+    def _text(self) -> bytes:
+        return "".join(json.dumps(r) + "\n" for r in self.rows).encode()
+
+    def sync(self) -> None:
+        if self.path is None and self.rows:
+            self.writer.submit(self.key, data=self._text())
+
+    def state_dict(self) -> dict:
+        return {"rows": list(self.rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Rows of a checkpoint: the artifact loses rows logged after it was taken."""
+        self.rows = list(state["rows"])
+        if not self.rows and (self.path is None or not self.path.exists()):
+            return
+        if self.path is not None:
+            text = self._text()
+            _atomic_write(self.path, lambda tmp: tmp.write_bytes(text))
+        else:
+            self.sync()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ from pathlib import Path
 import torch
 
 from job import distributed, evaluate
+from job.networks import unwrap
 from job.settings import load_settings
-from job.train import Trainer, _unwrap
+from job.train import Trainer
 from tests.helpers import TinyFeatures
 
 out = Path(sys.argv[1])
@@ -18,7 +19,8 @@ trainer = Trainer(settings, world)
 trainer.resume()
 trainer.wrap()
 for _ in range(settings.max_steps):
-    trainer.train_step()
+    trainer.train_step(*trainer.source.next())
+    trainer.run_state.advance(settings.batch_size * world.world_size)
 trainer.close()
 
 torch.manual_seed(0)
@@ -26,12 +28,12 @@ extractor = evaluate.Extractor(evaluate.ChannelAdapter(TinyFeatures(1), 1), 32, 
 images = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
 real = evaluate.real_statistics(extractor, images, world.device)
 fid = evaluate.compute_fid(
-    extractor, real, trainer.g_ema, 16, 0, 48, seed=5, device=world.device,
+    extractor, real, trainer.nets.g_ema, 16, 0, 48, seed=5, device=world.device,
     rank=world.rank, world_size=world.world_size, batch=10,
 )  # fmt: skip
 torch.save(
-    {"g": _unwrap(trainer.g).state_dict(), "d": _unwrap(trainer.d).state_dict(), "fid": fid,
-     "g_ema": trainer.g_ema.state_dict()},
+    {"g": unwrap(trainer.nets.g).state_dict(), "d": unwrap(trainer.nets.d).state_dict(),
+     "fid": fid, "g_ema": trainer.nets.g_ema.state_dict()},
     out / f"rank{world.rank}-of-{world.world_size}.pt",
 )  # fmt: skip
 distributed.teardown()

@@ -17,26 +17,34 @@ def settings(tmp_path, **env):
     return load_settings(base)
 
 
+def load(tmp_path, **env):
+    """load_dataset with the values the job passes for these settings."""
+    s = settings(tmp_path, **env)
+    return load_dataset(
+        s.dataset, s.data_dir, s.resolved_image_size, s.conditional, s.bad_images == "skip"
+    )
+
+
 @pytest.mark.parametrize(
     "dataset,sub,gz",
     [("mnist", "MNIST/raw", True), ("kmnist", "KMNIST/raw", False), ("fashion-mnist", "", True)],
 )
 def test_idx_datasets_load_from_the_data_dir(tmp_path, dataset, sub, gz):
     write_idx(tmp_path / sub, n=50, gz=gz)
-    data = load_dataset(settings(tmp_path, dataset=dataset, conditional="true"))
+    data = load(tmp_path, dataset=dataset, conditional="true")
     assert data.images.shape == (50, 1, 28, 28) and data.images.dtype == torch.uint8
     assert data.num_classes == 10 and data.labels[:3].tolist() == [0, 1, 2]
 
 
 def test_idx_images_are_resized_to_the_requested_size(tmp_path):
     write_idx(tmp_path, n=20)
-    data = load_dataset(settings(tmp_path, dataset="mnist", image_size=32))
+    data = load(tmp_path, dataset="mnist", image_size=32)
     assert data.images.shape == (20, 1, 32, 32) and data.num_classes == 0
 
 
 def test_missing_idx_files_say_where_to_put_which_files(tmp_path):
     with pytest.raises(DataError) as info:
-        load_dataset(settings(tmp_path, dataset="kmnist"))
+        load(tmp_path, dataset="kmnist")
     msg = str(info.value)
     assert "train-images-idx3-ubyte[.gz]" in msg and str(tmp_path) in msg
 
@@ -70,16 +78,14 @@ def test_cifar10_reads_the_python_batches(tmp_path):
     for i in range(1, 6):
         batch = {"data": np.full((4, 3072), i, dtype=np.uint8), "labels": [0, 1, 2, i]}
         (folder / f"data_batch_{i}").write_bytes(pickle.dumps(batch))
-    data = load_dataset(settings(tmp_path, dataset="cifar10", conditional="true"))
+    data = load(tmp_path, dataset="cifar10", conditional="true")
     assert data.images.shape == (20, 3, 32, 32) and data.channels == 3
     assert data.num_classes == 10 and int(data.images[-1].max()) == 5
 
 
 def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
-    data = load_dataset(
-        settings(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp")
-    )
+    data = load(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp")
     assert data.num_classes == 3 and len(data) == 6
     image, label, skipped = data.folder[5]
     assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2 and skipped == 0
@@ -88,18 +94,18 @@ def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
 def test_empty_image_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
-        load_dataset(settings(tmp_path, dataset=f"folder:{tmp_path / 'empty'}"))
+        load(tmp_path, dataset=f"folder:{tmp_path / 'empty'}")
 
 
 def test_conditional_folder_without_class_subfolders_is_refused(tmp_path):
     write_image_folder(tmp_path / "flat", classes=("only",))
     with pytest.raises(DataError, match="one subfolder per class"):
-        load_dataset(settings(tmp_path, dataset=f"folder:{tmp_path / 'flat'}", conditional="true"))
+        load(tmp_path, dataset=f"folder:{tmp_path / 'flat'}", conditional="true")
 
 
 def _idx_data(tmp_path, n=64):
     write_idx(tmp_path, n=n)
-    return load_dataset(settings(tmp_path, dataset="mnist", conditional="true"))
+    return load(tmp_path, dataset="mnist", conditional="true")
 
 
 def test_ranks_see_disjoint_shards_of_each_epoch(tmp_path):
@@ -149,4 +155,4 @@ def test_idx_header_with_wrong_dimensions(tmp_path):
         struct.pack(">BBBBI", 0, 0, 8, 1, 3) + b"\0\1\2"
     )
     with pytest.raises(DataError, match="expected N x H x W"):
-        load_dataset(settings(tmp_path, dataset="mnist"))
+        load(tmp_path, dataset="mnist")

@@ -68,6 +68,6 @@ def test_checkpoint_of_two_processes_resumes_in_one_and_back(tmp_path):
     assert "resumed from step 8 (192 images seen)" in third.stdout
     state = torch.load(tmp_path / "runs/elastic/checkpoints/step-00000010/state.pt",
                        weights_only=False)  # fmt: skip
-    assert state["world_size"] == 2 and state["images_seen"] == 192 + 2 * 2 * 16
+    assert state["meta"]["world_size"] == 2 and state["run"]["images_seen"] == 192 + 2 * 2 * 16
     assert state["data"] == {"epoch": 0, "images_consumed": 256}
     assert len(state["rng"]) == 2

@@ -7,11 +7,12 @@ from job.evaluate import (
     Extractor,
     InceptionFeatures,
     compute_fid,
+    fixed_inputs,
+    generate,
     load_extractor,
     real_statistics,
 )
 from job.models import Arch, build_generator
-from job.settings import load_settings
 from tests.helpers import write_extractor
 
 CPU = torch.device("cpu")
@@ -20,15 +21,15 @@ CPU = torch.device("cpu")
 def test_inception_weights_file_loads_offline_and_gives_2048_features(tmp_path):
     net = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
     torch.save(net.state_dict(), tmp_path / "inception.pth")
-    settings = load_settings({"GAN_FID_INCEPTION_WEIGHTS": str(tmp_path / "inception.pth")})
-    extractor = load_extractor(settings, channels=3, device=CPU)
+    weights = str(tmp_path / "inception.pth")
+    extractor = load_extractor("inception", 3, 32, CPU, inception_weights=weights)
     assert isinstance(extractor.model, InceptionFeatures) and extractor.dim == 2048
     assert extractor.model(torch.rand(2, 3, 32, 32)).shape == (2, 2048)
 
 
 def test_torchscript_extractor_gives_repeatable_real_stats_and_a_positive_fid(tmp_path):
     path = write_extractor(tmp_path / "f.pt", channels=1)
-    extractor = load_extractor(load_settings({"GAN_FID_FEATURES": str(path)}), 1, CPU)
+    extractor = load_extractor(str(path), 1, 28, CPU)
     assert extractor.dim == 32 and extractor.name == "torchscript:f"
     arch = Arch("mlp", 1, 28, 8, 8, 0)
     g = build_generator(arch)
@@ -37,12 +38,43 @@ def test_torchscript_extractor_gives_repeatable_real_stats_and_a_positive_fid(tm
     fid_g = compute_fid(extractor, state, g, 8, 0, 200, seed=0, device=CPU)
     same = Extractor(extractor.model, 32, "x", "x")
     twin = real_statistics(same, images, CPU)
-    assert torch.equal(twin["real_sum"], state["real_sum"])
+    assert all(torch.equal(twin[k], state[k]) for k in state)
     assert fid_g > 0.01
+
+
+def test_fid_from_cached_real_statistics_equals_torcheval_fed_both_sets_at_once(tmp_path):
+    """The cache holds torcheval's own state (its public state_dict): if torcheval changes what
+    that state means, the two numbers part."""
+    from torcheval.metrics import FrechetInceptionDistance
+
+    extractor = load_extractor(str(write_extractor(tmp_path / "f.pt", channels=1)), 1, 28, CPU)
+    g = build_generator(Arch("mlp", 1, 28, 8, 8, 0))
+    real = (torch.rand(150, 1, 28, 28) * 255).to(torch.uint8)
+    cached = compute_fid(extractor, real_statistics(extractor, real, CPU), g, 8, 0, 120, 3, CPU)
+
+    direct = FrechetInceptionDistance(model=extractor.model, feature_dim=extractor.dim)
+    direct.update(real.float().div(255).expand(-1, 3, -1, -1), is_real=True)
+    z, _ = fixed_inputs(8, 120, 0, 3, CPU)
+    direct.update(generate(g, z, None).expand(-1, 3, -1, -1), is_real=False)
+    assert cached == pytest.approx(float(direct.compute()), rel=1e-3)  # summed in batches
+
+
+def test_fid_stops_within_a_batch_when_asked(tmp_path):
+    extractor = load_extractor(str(write_extractor(tmp_path / "f.pt", channels=1)), 1, 28, CPU)
+    g = build_generator(Arch("mlp", 1, 28, 8, 8, 0))
+    real = real_statistics(extractor, (torch.rand(20, 1, 28, 28) * 255).to(torch.uint8), CPU)
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) > 2
+
+    assert compute_fid(extractor, real, g, 8, 0, 1000, 0, CPU, batch=10, stop=stop) is None
+    assert len(asked) == 3
 
 
 def test_a_file_that_is_not_torchscript_is_a_clear_fid_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
     with pytest.raises(FIDError, match="bad.pt"):
-        load_extractor(load_settings({"GAN_FID_FEATURES": str(bad)}), 1, CPU)
+        load_extractor(str(bad), 1, 28, CPU)

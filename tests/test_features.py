@@ -9,7 +9,7 @@ import torch
 from job.__main__ import main
 from job.evaluate import ChannelAdapter, _file_digest, load_extractor, real_statistics
 from job.features import read_meta
-from job.settings import help_text, load_settings
+from job.settings import help_text
 from tests.helpers import job_env, run_job, write_idx, write_image_folder
 
 CPU = torch.device("cpu")
@@ -42,7 +42,7 @@ def trained(idx_dir, tmp_path_factory):
 
 
 def test_writes_an_extractor_that_load_extractor_accepts(trained):
-    extractor = load_extractor(load_settings({"GAN_FID_FEATURES": str(trained)}), 1, CPU)
+    extractor = load_extractor(str(trained), 1, 28, CPU)
     assert extractor.name == "torchscript:mnist-feat" and extractor.dim == 32
     assert extractor.identity == f"ts-{_file_digest(trained)}"
     assert isinstance(extractor.model, ChannelAdapter)
@@ -74,10 +74,7 @@ def test_output_prints_accuracy_and_wall_time(idx_dir, tmp_path, capsys):
 def test_another_file_gives_another_extractor_identity(trained, tmp_path):
     other = tmp_path / "mnist-feat.pt"
     torch.jit.load(str(trained)).save(str(other), _extra_files={"meta.json": "{}"})
-    ids = [
-        load_extractor(load_settings({"GAN_FID_FEATURES": str(p)}), 1, CPU).identity
-        for p in (trained, other)
-    ]
+    ids = [load_extractor(str(p), 1, 28, CPU).identity for p in (trained, other)]
     assert ids[0] != ids[1]
 
 
@@ -99,7 +96,7 @@ def test_image_folder_gives_a_three_channel_extractor(tmp_path):
     assert main(["features", *args, *TINY]) == 0
     meta = read_meta(out)
     assert meta["channels"] == 3 and meta["num_classes"] == 2 and meta["test_images"] == 2
-    extractor = load_extractor(load_settings({"GAN_FID_FEATURES": str(out)}), 3, CPU)
+    extractor = load_extractor(str(out), 3, 28, CPU)
     assert extractor.model(torch.rand(4, 3, 40, 40)).shape == (4, 32)
 
 

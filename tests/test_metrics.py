@@ -32,21 +32,25 @@ TEMPLATE_VARS = {"$run_id": LIVE_RUN, "$__rate_interval": "1m", "$__range": "1h"
 
 def feed(metrics: Metrics, i: int) -> None:
     """One logging interval of a pretend training run: every kind of observation."""
-    metrics.observe_step(
-        step=10 * i,
-        epoch=i // 50,
-        images_seen=640 * i,
-        images_per_second=900.0 + i % 7,
-        step_seconds=0.02 + 0.01 * (i % 5),
-        d_loss=1.2 - 0.001 * i,
-        g_loss=0.8 + 0.001 * i,
-        d_real=0.6,
-        d_fake=0.3,
-        grad_norm_d=1.5,
-        grad_norm_g=2.5,
+    metrics.observe_record(
+        {
+            "step": 10 * i,
+            "epoch": i // 50,
+            "images_seen": 640 * i,
+            "images_per_s": 900.0 + i % 7,
+            "step_s": 0.02 + 0.01 * (i % 5),
+            "d_loss": 1.2 - 0.001 * i,
+            "g_loss": 0.8 + 0.001 * i,
+            "d_real": 0.6,
+            "d_fake": 0.3,
+            "grad_norm_d": 1.5,
+            "grad_norm_g": 2.5,
+            "gpu_memory_bytes": 2**30,
+            "gpu_memory_peak_bytes": 2**31,
+            "time": 1.0,
+        }
     )
     metrics.observe_step_seconds(0.02 + 0.01 * (i % 5))
-    metrics.set_gpu_memory(allocated_bytes=2**30, peak_bytes=2**31)
     if i % 10 == 0:
         metrics.observe_fid(300.0 / (1 + i), extractor="cnn28", images_seen=640 * i)
         metrics.observe_checkpoint(0.5, step=10 * i)

@@ -45,8 +45,8 @@ def checkpoint_steps(run):
 
 def assert_same_weights(a, b):
     for net in ("g", "d", "g_ema"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs"
+        for key in a["nets"][net]:
+            assert torch.equal(a["nets"][net][key], b["nets"][net][key]), f"{net}.{key} differs"
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
@@ -86,13 +86,13 @@ def in_process_trainer(tmp_path, poison_at: set[int], again: bool = False, **env
     trainer.resume()
     real_step = trainer.train_step
 
-    def step():
-        stats = real_step()
-        if trainer.state.step + 1 in poison_at:
+    def step(real, labels):
+        stats = real_step(real, labels)
+        if trainer.run_state.step + 1 in poison_at:
             if not again:
-                poison_at.discard(trainer.state.step + 1)
+                poison_at.discard(trainer.run_state.step + 1)
             with torch.no_grad():
-                next(trainer.d.parameters()).fill_(float("nan"))
+                next(trainer.nets.d.parameters()).fill_(float("nan"))
         return stats
 
     trainer.train_step = step
@@ -104,11 +104,12 @@ def test_nonfinite_loss_rolls_back_with_lower_learning_rates(tmp_path, caplog):
     assert trainer.run() == 0
     trainer.close()
     assert "rolled back to step 5 with learning rates x0.5" in caplog.text
-    assert trainer.state.rollbacks == 1 and trainer.state.step == 12
-    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(trainer.s.lr_d / 2)
+    assert trainer.run_state.rollbacks == 1 and trainer.run_state.step == 12
+    assert trainer.nets.opt_d.param_groups[0]["lr"] == pytest.approx(trainer.settings.lr_d / 2)
     final = state_at(tmp_path / "runs/mnist-dcgan", 12)
-    assert final["rollbacks"] == 1
-    assert all(torch.isfinite(v).all() for v in final["d"].values() if v.is_floating_point())
+    assert final["run"]["rollbacks"] == 1
+    d = final["nets"]["d"]
+    assert all(torch.isfinite(v).all() for v in d.values() if v.is_floating_point())
 
 
 def test_nonfinite_loss_fails_when_rollbacks_are_used_up(tmp_path):

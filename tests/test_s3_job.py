@@ -262,7 +262,7 @@ def test_outage_mid_run_is_retried_and_every_artifact_lands(tmp_path, monkeypatc
 
         use_server(monkeypatch, server, tmp_path)
         step, state = checkpoint.load_latest(open_store(f"s3://{bucket}/runs/o"))
-        assert step == max_steps and state["step"] == max_steps
+        assert step == max_steps and state["run"]["step"] == max_steps
     finally:
         server.stop()
 

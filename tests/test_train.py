@@ -70,7 +70,7 @@ def test_time_budget_stops_cleanly_and_a_restart_resumes_from_that_step(tmp_path
     second = run_job(env)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"resumed from step {stopped}" in second.stdout
-    assert load_state(run, stopped + 7)["step"] == stopped + 7
+    assert load_state(run, stopped + 7)["run"]["step"] == stopped + 7
     steps = [r["step"] for r in read_jsonl(run / "metrics.jsonl")]
     assert steps == sorted(set(steps)) and steps[-1] == stopped + 7
 
@@ -86,8 +86,8 @@ def test_resumed_run_matches_an_uninterrupted_one_bit_for_bit(tmp_path):
     assert run_job(split).returncode == 0
     a, b = load_state(tmp_path / "runs/straight", 12), load_state(tmp_path / "runs/split", 12)
     for net in ("g", "d", "g_ema"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs"
+        for key in a["nets"][net]:
+            assert torch.equal(a["nets"][net][key], b["nets"][net][key]), f"{net}.{key} differs"
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -145,7 +145,7 @@ def test_folder_dataset_trains_with_a_conditional_mlp(tmp_path):
                   GAN_RUN_ID="folder")  # fmt: skip
     result = run_job(env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert load_state(tmp_path / "runs/folder", 4)["arch"]["num_classes"] == 2
+    assert load_state(tmp_path / "runs/folder", 4)["meta"]["arch"]["num_classes"] == 2
 
 
 def test_generator_step_leaves_discriminator_gradients_as_its_own_loss_made_them(tmp_path):
@@ -154,20 +154,20 @@ def test_generator_step_leaves_discriminator_gradients_as_its_own_loss_made_them
     trainer = Trainer(load_settings(env), distributed.setup("cpu"))
     trainer.resume()
     after_d_step = {}
-    d_step = trainer.opt_d.step
+    d_step = trainer.nets.opt_d.step
 
     def step_and_remember():
         d_step()
-        after_d_step.update({n: p.grad.clone() for n, p in trainer.d.named_parameters()})
+        after_d_step.update({n: p.grad.clone() for n, p in trainer.nets.d.named_parameters()})
 
-    trainer.opt_d.step = step_and_remember
-    trainer.train_step()
+    trainer.nets.opt_d.step = step_and_remember
+    trainer.train_step(*trainer.source.next())
     trainer.close()
     assert after_d_step, "D's optimizer did not step"
-    for name, p in trainer.d.named_parameters():
+    for name, p in trainer.nets.d.named_parameters():
         assert p.requires_grad, f"{name} stayed frozen after G's step"
         assert torch.equal(p.grad, after_d_step[name]), f"G's step changed {name}.grad"
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.g.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.nets.g.parameters())
 
 
 def test_compiled_run_checkpoints_plain_weights_that_an_eager_run_resumes(tmp_path):
@@ -178,9 +178,11 @@ def test_compiled_run_checkpoints_plain_weights_that_an_eager_run_resumes(tmp_pa
     compiled = run_job(env)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr
     state = load_state(tmp_path / "runs/r", 4)
-    assert not any("_orig_mod" in k or "module." in k for net in ("g", "d") for k in state[net])
+    assert not any(
+        "_orig_mod" in k or "module." in k for net in ("g", "d") for k in state["nets"][net]
+    )
     env.update(GAN_COMPILE="false", GAN_MAX_STEPS="6")
     eager = run_job(env)
     assert eager.returncode == 0, eager.stdout + eager.stderr
     assert "resumed from step 4" in eager.stdout
-    assert load_state(tmp_path / "runs/r", 6)["step"] == 6
+    assert load_state(tmp_path / "runs/r", 6)["run"]["step"] == 6
