@@ -153,7 +153,15 @@ class Settings(BaseSettings):
         description="folder name of this run; unset: <dataset>-<model>[-cond], so a restart resumes",
     )
     resume: str = Field(
-        "auto", description="auto (newest complete checkpoint, if any), never, or a path"
+        "auto",
+        description="auto (newest complete checkpoint, if any), never (a fresh run: refused "
+        "where this run id already has artifacts), or a checkpoint path",
+    )
+    run_lease_seconds: float = Field(
+        60.0,
+        ge=2,
+        description="lease of the run lock that keeps a second job off this run id; a killed "
+        "job's lock is taken over after this long",
     )
     upload_timeout_minutes: float = Field(
         30.0, gt=0, description="at exit, how long to keep retrying uploads before failing (exit 4)"

@@ -27,7 +27,9 @@ from job.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
     DiskFullError,
+    JobError,
     NonFiniteLossError,
+    RunLockedError,
     StorageError,
 )
 from job.metrics import Metrics, MetricsProcessor
@@ -35,6 +37,7 @@ from job.models import Arch
 from job.networks import Networks, no_sync
 from job.report import write_report
 from job.rng import RngStreams
+from job.runlock import RunLock
 from job.settings import Settings, public_dict
 from job.storage import BackgroundWriter, JsonlLog, NullWriter, download_prefix, open_store
 
@@ -100,8 +103,16 @@ class Trainer:
         self.run_id = s.resolved_run_id
         self.root = open_store(s.artifact_uri, s.s3_endpoint_url)
         self.store = self.root.child(self.run_id)
-        if world.is_main:
-            self.store.check()
+        self.lock = RunLock(self.store, s.run_lease_seconds)
+        self._take_lock()
+        try:
+            self._build(s)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, s: Settings) -> None:
+        world = self.world
         self.data = self._load_data(s)
         self.arch = Arch(
             model=s.model,
@@ -176,6 +187,21 @@ class Trainer:
         self.store_failure: Exception | None = None  # a failure retrying cannot fix (disk full)
 
     # ------------------------------------------------------------ set-up
+
+    def _take_lock(self) -> None:
+        """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
+        refused: Exception | None = None
+        if self.world.is_main:
+            try:
+                self.store.check()
+                self.lock.acquire()
+            except JobError as exc:
+                refused = exc
+        (failed,) = distributed.any_rank_each([refused is not None], self.world)
+        if refused is not None:
+            raise refused
+        if failed:
+            raise RunLockedError("rank 0 could not check the store or take the run lock")
 
     def _load_data(self, s: Settings) -> data.ImageData:
         local = None
@@ -359,7 +385,14 @@ class Trainer:
             return None  # agreeing costs a collective and a host sync: not every step
         signalled = self.stop.signal is not None
         over_time = self._time_left() < 0
-        signalled, over_time = distributed.any_rank_each([signalled, over_time], self.world)
+        signalled, over_time, lost = distributed.any_rank_each(
+            [signalled, over_time, self.lock.lost], self.world
+        )
+        if lost:
+            raise RunLockedError(
+                f"{self.store.uri}: another job took over this run's lock (this job could not "
+                f"renew it for GAN_RUN_LEASE_SECONDS={self.lock.lease:g}): stopping"
+            )
         if signalled:
             return "signal"
         return "max_minutes" if over_time else None
@@ -379,8 +412,11 @@ class Trainer:
         return EXIT_PREEMPTED if reason == "signal" else EXIT_OK
 
     def close(self, timeout: float | None = None) -> bool:
-        """Wait for every queued upload; False when they did not all finish in time."""
-        return self.writer.close(timeout)
+        """Wait for every queued upload, then free the run id; False when the uploads did not
+        all finish in time."""
+        uploaded = self.writer.close(timeout)
+        self.lock.release()
+        return uploaded
 
     # ------------------------------------------------------------ artifacts
 
@@ -462,6 +498,7 @@ def _grad_norm(module: nn.Module) -> float:
 def train(settings: Settings) -> int:
     """The whole job for one process: returns its exit status."""
     world = distributed.setup(settings.device)
+    trainer = None
     try:
         trainer = Trainer(settings, world)
         trainer.resume()
@@ -483,4 +520,6 @@ def train(settings: Settings) -> int:
             )
         return code
     finally:
+        if trainer is not None:
+            trainer.lock.release()  # also when it failed before closing
         distributed.teardown()
