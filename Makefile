@@ -16,14 +16,14 @@ test:  ## the whole test suite
 	$(PYTHON) -m pytest -q
 
 lint:
-	$(PYTHON) -m ruff check job tests
-	$(PYTHON) -m ruff format --check job tests
+	$(PYTHON) -m ruff check job tests benchmarks
+	$(PYTHON) -m ruff format --check job tests benchmarks
 
 # make bench BENCH_ARGS="--steps 20 --warmup 3 --repeats 3 --skip-fid --json bench.json"
 BENCH_ARGS ?=
 
 bench:  ## gan-job's loop against a plain tutorial loop, side by side (docs/performance.md)
-	$(PYTHON) -m job.bench $(BENCH_ARGS)
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
 # --- container --------------------------------------------------------------------------------
 # make image push IMAGE=registry.example.com/team/gan-job:0.1.0   (docs/container.md)
