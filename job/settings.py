@@ -6,7 +6,7 @@ import os
 import re
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,6 +28,7 @@ class Settings(BaseSettings):
     """The job's knobs. Field descriptions are the one-line docs shown by --help and README."""
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", validate_default=True)
+    _recipe_filled: dict[str, object] = PrivateAttr(default_factory=dict)
 
     # data
     dataset: str = Field(
@@ -220,17 +221,20 @@ class Settings(BaseSettings):
             )
         return ",".join(parts)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _apply_recipe(cls, data: object) -> object:
+    def _apply_recipe(cls, data: object, handler) -> Settings:
         """Fill in the recipe's values for the settings that were not given explicitly."""
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         recipe = data.get("recipe") or "auto"
         if recipe == "auto":
             recipe = "fast28" if _grayscale_28px(data) else "custom"
             data = {**data, "recipe": recipe}
-        return {**RECIPES.get(recipe, {}), **data}  # an unknown name fails validation
+        preset = RECIPES.get(recipe, {})  # an unknown name fails validation
+        settings = handler({**preset, **data})
+        settings._recipe_filled = {k: v for k, v in preset.items() if k not in data}
+        return settings
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
@@ -251,6 +255,11 @@ class Settings(BaseSettings):
                 "GAN_R1_GAMMA > 0 needs GAN_COMPILE=false (torch.compile has no double backward)"
             )
         return self
+
+    @property
+    def recipe_filled(self) -> dict[str, object]:
+        """The settings GAN_RECIPE gave a value because they were not set."""
+        return dict(self._recipe_filled)
 
     @property
     def dataset_kind(self) -> str:

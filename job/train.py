@@ -226,12 +226,43 @@ class Trainer:
             self.rng.reseed(0)
             for history in (self.progress.history, self.fid.history):
                 history.load_state_dict({"rows": []})
-            return
-        self._after_restore()
-        self.metrics.inc_resumes()
+        else:
+            self._after_restore()
+            self.metrics.inc_resumes()
+            if self.world.is_main:
+                self._reload_grids(step)
         if self.world.is_main:
-            self._reload_grids(step)
-        log.info("resumed from step %d (%d images seen)", step, self.run_state.images_seen)
+            self._announce(step)
+
+    def _announce(self, resumed: int | None) -> None:
+        """One block that says what this run is about to do, and with what."""
+        s, d, st = self.settings, self.data, self.run_state
+        start = (
+            f"resumed from step {resumed} ({st.images_seen} images seen)"
+            if resumed is not None
+            else "fresh start"
+        )
+        filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
+        if self.fid.extractor is not None:
+            fid = f"{self.fid.extractor.name}, {self.fid.num} samples, every {s.fid_every} steps"
+        elif s.fid_features == "none":
+            fid = "off (GAN_FID_FEATURES=none)"
+        else:
+            fid = "off: no InceptionV3 weights (see the warning above)"
+        lines = [
+            f"run {self.run_id}: {start}, until step {s.max_steps}"
+            + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
+            f"artifacts: {self.store.uri}",
+            f"data: {s.dataset} from {d.source}: {len(d)} images, "
+            f"{len(torch.unique(d.labels))} classes, {d.channels}x{d.image_size}x{d.image_size}",
+            f"device: {distributed.describe_device(self.device)} x {self.world.world_size} "
+            f"process(es), batch {s.batch_size} per process",
+            f"model: {self.arch.model}, width {self.arch.width}, latent {self.arch.latent_dim}"
+            + (", class-conditional" if self.arch.num_classes else ""),
+            f"recipe: {s.recipe} (filled in: {filled})",
+            f"FID: {fid}",
+        ]
+        log.info("starting\n  %s", "\n  ".join(lines))
 
     def _after_restore(self) -> None:
         """The configured learning rates (a restart may change them), halved once per rollback."""
