@@ -98,7 +98,7 @@ class StopFlag:
 
 class Trainer:
     def __init__(self, settings: Settings, world: distributed.World):
-        s = self.settings = settings  # read here, and in run()'s start-up alone
+        s = self.settings = settings  # read during set-up alone; the loop uses plain values
         self.world, self.device = world, world.device
         self.run_id = s.resolved_run_id
         self.root = open_store(s.artifact_uri, s.s3_endpoint_url)
@@ -177,7 +177,7 @@ class Trainer:
         )  # fmt: skip
 
         self.max_steps, self.max_minutes = s.max_steps, s.max_minutes
-        self.sample_every = s.sample_every
+        self.sample_every, self.seed = s.sample_every, s.seed
         self.nonfinite_policy, self.max_rollbacks = s.nonfinite, s.nonfinite_max_rollbacks
         self.stop = StopFlag()
         self.started = time.monotonic()
@@ -480,7 +480,7 @@ class Trainer:
         if not self.world.is_main:
             return
         z, labels = evaluate.fixed_inputs(
-            self.arch.latent_dim, GRID_SIZE, self.arch.num_classes, self.settings.seed,
+            self.arch.latent_dim, GRID_SIZE, self.arch.num_classes, self.seed,
             self.device,
         )  # fmt: skip
         images = evaluate.generate(self.nets.g_ema, z, labels)
