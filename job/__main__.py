@@ -76,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             from job.features import main as features_main
 
             return features_main(argv[1:])
+        if argv and argv[0] == "sweep":
+            from job.sweep import main as sweep_main
+
+            return sweep_main(argv[1:])
+        if argv and argv[0] == "compare":
+            from job.compare import main as compare_main
+
+            return compare_main(argv[1:])
         if argv:
             raise SettingsError(
                 [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]

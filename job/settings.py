@@ -443,6 +443,8 @@ def help_text() -> str:
         "Subcommands:",
         "  gan-job sample --checkpoint PATH --num N --out FILE [--seed S] [--label K]",
         "  gan-job features --dataset NAME --out FILE [--data-dir D] [--epochs E] [--image-size S] [--seed S]",
+        "  gan-job sweep FILE [--parallel N] [--index I]   (rows of GAN_* settings, each its own run)",
+        "  gan-job compare URI... [--out DIR]   (runs or sweep prefixes: a CSV table and a PNG)",
         "",
         "S3 credentials come from the standard AWS_* variables and are never logged.",
     ]

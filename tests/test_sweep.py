@@ -1,0 +1,203 @@
+"""`gan-job sweep`: rows validated up front, each row a real run, and k8s/sweep.yaml's Indexed
+Job driving the same command with its completion index."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helpers import REPO, job_env, run_job, write_idx
+
+MANIFEST = REPO / "k8s" / "sweep.yaml"
+KUBE_VERSION = "1.31.0"  # as tests/test_manifests.py: podFailurePolicy GA
+PERMANENT_EXIT_CODES = {2, 3, 5, 6, 7}  # job/errors.py: a retry fails the same way
+
+
+def tiny_env(tmp: Path, **settings: object) -> dict[str, str]:
+    write_idx(tmp / "data", n=64)
+    return job_env(tmp, GAN_DATASET="mnist", GAN_MAX_STEPS=2, GAN_LOG_EVERY=1, **settings)
+
+
+def write_sweep(path: Path, doc: object) -> Path:
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def config(run: Path) -> dict:
+    return json.loads((run / "config.json").read_text())
+
+
+def test_each_row_of_a_sweep_is_its_own_run(tmp_path):
+    rows = [
+        {"name": "base", "GAN_SEED": 1},
+        {"GAN_SEED": 2, "GAN_LR_G": 1e-3},
+        {"name": "hinge", "GAN_SEED": 3, "GAN_LOSS": "hinge"},
+    ]
+    sweep = write_sweep(
+        tmp_path / "s.yaml", {"name": "trio", "common": {"GAN_MAX_STEPS": 3}, "rows": rows}
+    )
+    result = run_job(tiny_env(tmp_path), "sweep", str(sweep), "--parallel", "3")
+    assert result.returncode == 0, result.stdout + result.stderr
+    runs = tmp_path / "runs" / "trio"
+    assert sorted(p.name for p in runs.iterdir() if (p / "config.json").exists()) == [
+        "base", "hinge", "trio-1",
+    ]  # fmt: skip
+    settings = {name: config(runs / name)["settings"] for name in ("base", "trio-1", "hinge")}
+    assert [s["seed"] for s in settings.values()] == [1, 2, 3]
+    assert settings["trio-1"]["lr_g"] == 1e-3 and settings["base"]["lr_g"] != 1e-3
+    assert settings["hinge"]["loss"] == "hinge" and settings["base"]["loss"] == "bce"
+    assert {s["max_steps"] for s in settings.values()} == {3}  # common, over the caller's 2
+    assert {config(runs / n)["run_id"] for n in settings} == set(settings)
+    table = result.stdout.split("sweep trio: 3 rows", 1)[1]
+    assert re.search(r"0\s+base\s+0 ", table) and re.search(r"2\s+hinge\s+0 ", table)
+    assert "[hinge] " in result.stdout  # parallel rows' lines are told apart
+
+
+def test_a_bad_row_fails_the_sweep_before_any_row_runs(tmp_path):
+    rows = [{"GAN_SEED": 1}, {"name": "typo", "GAN_LRG": 1}, {"name": "neg", "GAN_LR_G": -1}]
+    sweep = write_sweep(tmp_path / "bad.yaml", {"rows": rows})
+    result = run_job(tiny_env(tmp_path), "sweep", str(sweep))
+    out = result.stdout + result.stderr
+    assert result.returncode == 2, out
+    assert f"{sweep}: row 2 (neg): GAN_LR_G='-1': expected a number > 0" in out
+    assert f"{sweep}: row 1 (typo): GAN_LRG: unknown setting" in out
+    assert "row 0" not in out
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+@pytest.mark.parametrize(
+    "doc,message",
+    [
+        ({"rows": [{"name": "a/b"}]}, "row 0 (a/b): name 'a/b': expected a value matching"),
+        ({"rows": [{"name": "x"}, {"name": "x"}]}, "row 1 (x): name 'x' is used by an earlier row"),
+        ({"rows": [{"GAN_RUN_ID": "x"}]}, "row 0: GAN_RUN_ID is set by the sweep"),
+        ({"rows": [{"seed": 1}]}, "row 0: 'seed': expected GAN_* variables"),
+        ({"rows": [], "name": "s"}, "no rows"),
+        ({"rows": [{}], "comon": {}}, "unknown keys ['comon']"),
+        ("just text", "expected a list of rows or a mapping with rows:"),
+    ],
+)
+def test_malformed_sweep_files_are_settings_errors(tmp_path, doc, message):
+    from job.errors import SettingsError
+    from job.sweep import load_sweep
+
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_sweep(write_sweep(tmp_path / "s.yaml", doc), environ={})
+
+
+def test_json_lines_and_yaml_values_become_settings(tmp_path):
+    from job.sweep import load_sweep
+
+    path = tmp_path / "grid.jsonl"
+    path.write_text(
+        '{"GAN_SEED": 4, "GAN_SPECTRAL_NORM": true}\n\n{"name": "b", "GAN_LR_D": 0.001}\n'
+    )
+    sweep = load_sweep(path, environ={"GAN_ARTIFACT_URI": "s3://bucket/runs/"})
+    assert sweep.name == "grid" and [r.name for r in sweep.rows] == ["grid-0", "b"]
+    env = sweep.rows[0].env
+    assert env["GAN_SPECTRAL_NORM"] == "true" and env["GAN_SEED"] == "4"
+    assert env["GAN_ARTIFACT_URI"] == "s3://bucket/runs/grid" and env["GAN_RUN_ID"] == "grid-0"
+    assert sweep.rows[1].artifacts == "s3://bucket/runs/grid/b"
+
+
+def test_the_sweep_exits_with_the_first_failing_rows_status(tmp_path):
+    rows = [
+        {"name": "ok", "GAN_MAX_STEPS": 1},
+        {"name": "nodata", "GAN_DATASET": f"folder:{tmp_path}/missing"},  # exit 3
+        {"name": "badckpt", "GAN_RESUME": str(tmp_path / "no-checkpoint")},  # exit 5
+    ]
+    sweep = write_sweep(tmp_path / "s.yaml", {"name": "mixed", "rows": rows})
+    result = run_job(tiny_env(tmp_path), "sweep", str(sweep), "--parallel", "3")
+    out = result.stdout + result.stderr
+    assert result.returncode == 3, out
+    table = out.split("sweep mixed: 3 rows", 1)[1]
+    assert [re.search(rf"\d+\s+{n}\s+(\d+) ", table).group(1) for n in ("ok", "nodata", "badckpt")] == ["0", "3", "5"]  # fmt: skip
+    assert (tmp_path / "runs/mixed/ok/config.json").exists()
+
+
+# ------------------------------------------------------------------------- k8s/sweep.yaml
+
+
+def manifest() -> tuple[dict, dict]:
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text()) if d}
+    return docs["ConfigMap"], docs["Job"]
+
+
+def test_sweep_manifest_passes_strict_schema_validation():
+    for doc in yaml.safe_load_all(MANIFEST.read_text()):
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_sweep_job_has_one_index_per_row_and_retries_per_row(tmp_path):
+    """What the schema does not check but the API server and the sweep rely on."""
+    from job.sweep import load_sweep
+
+    configmap, job = manifest()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "configMap" in v]
+    assert volume["configMap"]["name"] == configmap["metadata"]["name"]
+    (container,) = pod["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+    args = container["args"]
+    assert args[:2] == ["sweep", f"{mount['mountPath']}/rows.yaml"]
+    assert args[2:] == ["--index", "$(JOB_COMPLETION_INDEX)"]
+
+    assert set(configmap["data"]) == {"rows.yaml"}
+    assert spec["completionMode"] == "Indexed"
+    (tmp_path / "rows.yaml").write_text(configmap["data"]["rows.yaml"])
+    sweep = load_sweep(tmp_path / "rows.yaml", environ={})
+    assert spec["completions"] == len(sweep.rows)
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    assert 1 <= spec["backoffLimitPerIndex"] <= 10 and "backoffLimit" not in spec
+    assert 0 <= spec["maxFailedIndexes"] < spec["completions"]
+    assert pod["restartPolicy"] == "Never"
+
+    rules = spec["podFailurePolicy"]["rules"]
+    assert {r["action"] for r in rules} <= {"Ignore", "FailJob", "FailIndex", "Count"}
+    ignore = [r for r in rules if r["action"] == "Ignore"]
+    assert any(c["type"] == "DisruptionTarget" for r in ignore for c in r["onPodConditions"])
+    codes = {r["action"]: r["onExitCodes"] for r in rules if "onExitCodes" in r}
+    assert all(
+        c["operator"] == "In" and c["containerName"] == container["name"] for c in codes.values()
+    )
+    assert codes["FailJob"]["values"] == [2]  # every pod validates every row
+    assert set(codes["FailIndex"]["values"]) == PERMANENT_EXIT_CODES - {2}
+
+
+def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
+    """The container's args and env as the manifest gives them, the ConfigMap mounted where the
+    pod would see it, and the index the Job controller would set."""
+    configmap, job = manifest()
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "sweep"]
+    mounted = tmp_path / "configmap"
+    mounted.mkdir()
+    for key, text in configmap["data"].items():
+        (mounted / key).write_text(text)
+
+    env = tiny_env(tmp_path)  # stands in for the gan-job-settings ConfigMap (envFrom)
+    env |= {e["name"]: e["value"] for e in container["env"]}
+    env["GAN_METRICS_PORT"] = "0"  # the pod's 9090 may be taken on a shared test machine
+    env["JOB_COMPLETION_INDEX"] = "1"
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
+    args = [a.replace(mount["mountPath"], str(mounted)) for a in args]
+    result = subprocess.run(
+        [sys.executable, "-m", "job", *args],  # the image's entrypoint: gan-job
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    doc = yaml.safe_load(configmap["data"]["rows.yaml"])
+    row = doc["rows"][1]
+    runs = tmp_path / "runs" / doc["name"]
+    assert [p.name for p in runs.iterdir() if (p / "config.json").exists()] == [row["name"]]
+    settings = config(runs / row["name"])["settings"]
+    assert settings["seed"] == row["GAN_SEED"] and settings["lr_g"] == float(row["GAN_LR_G"])
+    assert settings["recipe"] == doc["common"]["GAN_RECIPE"]
