@@ -25,6 +25,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 from PIL import Image
 
 from job.errors import SettingsError
@@ -190,22 +191,32 @@ def write_png(runs: Sequence[Run], out: Path) -> None:
 
 
 def _plot_fid(ax: Axes, runs: Sequence[Run], wall: bool) -> None:
+    plotted = [r for r in runs if r.fids()]
+    seconds = np.concatenate([r.fid_seconds() for r in plotted]) if plotted else np.zeros(1)
+    unit, scale = _time_unit(float(np.nanmax(seconds, initial=0.0)))
     if wall:
-        _setup(ax, "FID against training time", "FID", "training time (minutes)")
+        _setup(ax, "FID against training time", "FID", f"training time ({unit})")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
     else:
         _setup(ax, "FID against images seen (lower is better)", "FID")
+    if not plotted:
+        return _no_data(ax)
     xs = []
-    for r in runs:
+    for r in plotted:
         fids = r.fids()
-        if not fids:
-            continue
-        x = r.fid_seconds() / 60 if wall else np.array([float(e["images_seen"]) for e in fids])
+        x = r.fid_seconds() / scale if wall else np.array([float(e["images_seen"]) for e in fids])
         ax.plot(x, [float(e["fid"]) for e in fids], marker="o", markersize=4, label=r.name)
         xs.append(x)
-    if not xs:
-        return _no_data(ax)
     _widen_single_x(ax, np.concatenate(xs))
     ax.legend(loc="upper right", fontsize=8)
+
+
+def _time_unit(seconds: float) -> tuple[str, float]:
+    if seconds < 120:
+        return "seconds", 1.0
+    if seconds < 2 * 3600:
+        return "minutes", 60.0
+    return "hours", 3600.0
 
 
 def _settings_text(ax: Axes, runs: Sequence[Run], keys: list[str]) -> None:

@@ -74,6 +74,13 @@ def test_compare_tables_and_plots_a_local_and_an_s3_run(two_runs):
     png = Image.open(out / "compare.png")
     assert png.format == "PNG" and png.width >= 1200 and png.height >= 600
 
+    # the other way round: a local run named directly, an S3 prefix expanded to its runs
+    s3_prefix = s3_run.rsplit("/", 1)[0]
+    again = run_job(env, "compare", str(tmp / "runs/local-run"), s3_prefix, "--out", str(out))
+    assert again.returncode == 0, again.stdout + again.stderr
+    with open(out / "compare.csv") as f:
+        assert list(csv.DictReader(f)) == rows
+
 
 def test_compare_refuses_a_uri_that_holds_no_run(tmp_path):
     (tmp_path / "empty").mkdir()

@@ -201,3 +201,14 @@ def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
     settings = config(runs / row["name"])["settings"]
     assert settings["seed"] == row["GAN_SEED"] and settings["lr_g"] == float(row["GAN_LR_G"])
     assert settings["recipe"] == doc["common"]["GAN_RECIPE"]
+
+
+def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
+    from job.sweep import load_sweep
+
+    section = (REPO / "README.md").read_text().split("## Sweeps and comparisons", 1)[1]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "lr.yaml").write_text(example)
+    sweep = load_sweep(tmp_path / "lr.yaml", environ={"GAN_ARTIFACT_URI": "runs"})
+    assert [r.name for r in sweep.rows] == ["slow", "fast", "lr-2"]
+    assert sweep.rows[1].artifacts == "runs/lr/fast"
