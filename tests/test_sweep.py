@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,9 @@ PERMANENT_EXIT_CODES = {2, 3, 5, 6, 7}  # job/errors.py: a retry fails the same 
 
 def tiny_env(tmp: Path, **settings: object) -> dict[str, str]:
     write_idx(tmp / "data", n=64)
-    return job_env(tmp, GAN_DATASET="mnist", GAN_MAX_STEPS=2, GAN_LOG_EVERY=1, **settings)
+    return job_env(
+        tmp, **{"GAN_DATASET": "mnist", "GAN_MAX_STEPS": 2, "GAN_LOG_EVERY": 1, **settings}
+    )
 
 
 def write_sweep(path: Path, doc: object) -> Path:
@@ -212,3 +215,25 @@ def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
     sweep = load_sweep(tmp_path / "lr.yaml", environ={"GAN_ARTIFACT_URI": "runs"})
     assert [r.name for r in sweep.rows] == ["slow", "fast", "lr-2"]
     assert sweep.rows[1].artifacts == "runs/lr/fast"
+
+
+def test_a_stopped_sweep_passes_the_signal_on_and_starts_no_more_rows(tmp_path):
+    rows = [{"name": "first"}, {"name": "second"}]
+    sweep = write_sweep(tmp_path / "s.yaml", {"name": "stop", "rows": rows})
+    env = tiny_env(tmp_path, GAN_MAX_STEPS=100000, GAN_LOG_EVERY=5)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "job", "sweep", str(sweep)], env=env, cwd=REPO, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "step 5/100000" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = "".join(lines) + proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, out
+    table = out.split("sweep stop: 2 rows", 1)[1]
+    assert re.search(r"0\s+first\s+75 ", table) and re.search(r"1\s+second\s+- ", table), table
+    assert (tmp_path / "runs/stop/first/checkpoints").is_dir()  # the row checkpointed
+    assert not (tmp_path / "runs/stop/second").exists()
