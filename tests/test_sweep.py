@@ -186,9 +186,13 @@ def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
         (mounted / key).write_text(text)
 
     env = tiny_env(tmp_path)  # stands in for the gan-job-settings ConfigMap (envFrom)
-    env |= {e["name"]: e["value"] for e in container["env"]}
+    env |= {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env["GAN_METRICS_PORT"] = "0"  # the pod's 9090 may be taken on a shared test machine
-    env["JOB_COMPLETION_INDEX"] = "1"
+    (index,) = [e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX"]
+    assert index["valueFrom"]["fieldRef"]["fieldPath"] == (
+        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+    env["JOB_COMPLETION_INDEX"] = "1"  # what that annotation holds in the second pod
     args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container["args"]]
     args = [a.replace(mount["mountPath"], str(mounted)) for a in args]
     result = subprocess.run(
