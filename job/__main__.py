@@ -49,7 +49,7 @@ def _run_torchrun(settings: Settings) -> int:
     from job import distributed
     from job.errors import EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED
 
-    argv = distributed.torchrun_argv(
+    options = distributed.torchrun_options(
         settings.nproc_per_node,
         settings.nnodes,
         settings.node_rank,
@@ -57,6 +57,7 @@ def _run_torchrun(settings: Settings) -> int:
         settings.resolved_run_id,
         settings.rdzv_timeout_seconds,
     )
+    argv = distributed.torchrun_argv(options)
     logging.info("starting %d processes: %s", settings.nproc_per_node, " ".join(argv))
     with tempfile.TemporaryDirectory(prefix="gan-job-torchrun-") as scratch:
         error_file = os.path.join(scratch, "error.json")  # torchrun's own failure, if any

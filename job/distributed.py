@@ -98,7 +98,7 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def torchrun_argv(
+def torchrun_options(
     nproc_per_node: int,
     nnodes: int = 1,
     node_rank: int = 0,
@@ -106,29 +106,32 @@ def torchrun_argv(
     rdzv_id: str = "gan-job",
     rdzv_timeout_seconds: int = 900,
 ) -> list[str]:
-    """The command that re-runs this job under torchrun with nproc_per_node workers; with
-    nnodes > 1, one agent per node meets the others at node 0's c10d store.
+    """torchrun's options for nproc_per_node workers here; with nnodes > 1, one agent per node
+    meets the others at node 0's c10d store.
 
     read_timeout is what bounds a node's wait for node 0's store to come up: left at its 60 s
     default, a pod that starts minutes before pod 0 gives up whatever join_timeout says. There
     are no in-place restarts: a lost node breaks the store or the collectives, and the workload
     (JobSet, TrainJob) restarts the whole group, which resumes from the newest checkpoint.
     """
-    argv = [sys.executable, "-m", "torch.distributed.run"]
     if nnodes == 1:
-        argv.append("--standalone")
-    else:
-        timeout = rdzv_timeout_seconds
-        is_host = "true" if node_rank == 0 else "false"
-        argv += [
-            f"--nnodes={nnodes}",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint={rdzv_endpoint}",
-            f"--rdzv-id={rdzv_id}",
-            f"--rdzv-conf=is_host={is_host},join_timeout={timeout},read_timeout={timeout}",
-            "--max-restarts=0",
-        ]
-    return [*argv, f"--nproc-per-node={nproc_per_node}", "-m", "job"]
+        return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+    is_host = "true" if node_rank == 0 else "false"
+    timeout = rdzv_timeout_seconds
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rdzv_endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        f"--rdzv-conf=is_host={is_host},join_timeout={timeout},read_timeout={timeout}",
+        "--max-restarts=0",
+    ]
+
+
+def torchrun_argv(options: list[str]) -> list[str]:
+    """The command that re-runs this job under torchrun with these options."""
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "job"]
 
 
 def rendezvous_failed(error_file: str) -> bool:

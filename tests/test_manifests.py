@@ -351,11 +351,11 @@ def test_multinode_pods_meet_at_pod_0_which_alone_hosts_the_store():
         settings = load_settings(configmap_settings() | env)
         assert settings.rdzv_endpoint.rsplit(":", 1)[0] == pod0[kind], where
         assert settings.rdzv_timeout_seconds >= 600, where  # image pulls take minutes
-        argv = distributed.torchrun_argv(
+        options = distributed.torchrun_options(
             settings.nproc_per_node, settings.nnodes, settings.node_rank,
             settings.rdzv_endpoint, settings.resolved_run_id, settings.rdzv_timeout_seconds,
         )  # fmt: skip
-        (conf,) = [a.removeprefix("--rdzv-conf=") for a in argv if a.startswith("--rdzv-conf=")]
+        (conf,) = [a.removeprefix("--rdzv-conf=") for a in options if a.startswith("--rdzv-conf=")]
         conf = dict(kv.split("=") for kv in conf.split(","))
         assert conf["is_host"] == ("true" if index == 0 else "false"), where
         assert conf["read_timeout"] == conf["join_timeout"] == str(settings.rdzv_timeout_seconds)
