@@ -46,7 +46,7 @@ run-local:  ## train in the image: settings from local.env, artifacts in ./runs,
 	  --user $$(id -u):$$(id -g) -e HOME=/tmp \
 	  --env-file local.env \
 	  -v "$(CURDIR)/runs:/work/runs" -v "$(CURDIR)/data:/work/data" \
-	  -p 9090:9090 \
+	  -p 127.0.0.1:9090:9090 \
 	  $(IMAGE)
 
 compose-up:  ## the job with MinIO, Prometheus and Grafana (docker-compose.yml)

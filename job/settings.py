@@ -194,7 +194,33 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="processes on this node; >1 and not under torchrun: gan-job starts torchrun",
+        description="processes (GPUs) on this node; >1 or GAN_NNODES > 1, and not under torchrun: "
+        "gan-job starts torchrun",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="nodes (pods) in the run; >1: gan-job starts torchrun with a c10d rendezvous "
+        "hosted by node 0 at GAN_RDZV_ENDPOINT",
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="this node's index, 0 to GAN_NNODES-1; node 0 hosts the rendezvous "
+        "(on Kubernetes: the pod's completion index)",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$",
+        description="host:port of node 0's rendezvous store (needed when GAN_NNODES > 1)",
+    )
+    rdzv_timeout_seconds: int = Field(
+        900,
+        ge=1,
+        le=86400,
+        description="how long nodes wait for each other, at the start and for node 0's store "
+        "(pods can start minutes apart: image pulls, scheduling)",
     )
     sync_batchnorm: bool = Field(
         False,
@@ -249,6 +275,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 "GAN_CONDITIONING=projection needs GAN_CONDITIONAL=true (a projection "
                 "discriminator is class-conditional)"
+            )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"GAN_NNODES={self.nnodes} needs GAN_RDZV_ENDPOINT (host:port of node 0)"
+            )
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"GAN_NODE_RANK={self.node_rank} is not below GAN_NNODES={self.nnodes}"
             )
         if self.r1_gamma > 0 and self.compile:
             raise ValueError(
