@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 # podFailurePolicy is GA from 1.31: the oldest version these manifests are meant for
 KUBE_VERSION = "1.31.0"
-MANIFESTS = sorted(p for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
+# sweep.yaml is applied on its own and checked by tests/test_sweep.py
+MANIFESTS = sorted(
+    p for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", "sweep.yaml")
+)
 WORKLOADS = ["job.yaml", "jobset.yaml", "trainjob.yaml", "pytorchjob.yaml"]
 # job/errors.py: exit statuses a retry cannot fix, and those that ask for one
 PERMANENT_EXIT_CODES = {2, 3, 5, 6, 7, 9, 11}

@@ -3,6 +3,7 @@ Job driving the same command with its completion index."""
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import signal
@@ -15,10 +16,19 @@ import pytest
 import yaml
 
 from tests.helpers import REPO, job_env, run_job, write_idx
+from tests.test_manifests import (
+    KUBE_VERSION,
+    PERMANENT_EXIT_CODES,
+    RETRY_EXIT_CODES,
+    SIGKILL_EXIT_CODE,
+    crd_errors,
+    pod_failure,
+)
+from tests.test_manifests import (
+    test_pods_are_locked_down_bounded_and_have_writable_scratch as check_pod_template,
+)
 
 MANIFEST = REPO / "k8s" / "sweep.yaml"
-KUBE_VERSION = "1.31.0"  # as tests/test_manifests.py: podFailurePolicy GA
-PERMANENT_EXIT_CODES = {2, 3, 5, 6, 7}  # job/errors.py: a retry fails the same way
 
 
 def tiny_env(tmp: Path, **settings: object) -> dict[str, str]:
@@ -134,8 +144,36 @@ def manifest() -> tuple[dict, dict]:
 
 
 def test_sweep_manifest_passes_strict_schema_validation():
-    for doc in yaml.safe_load_all(MANIFEST.read_text()):
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    docs = [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "Job", "PodMonitor"]
+    for doc in docs:
+        if doc["kind"] == "PodMonitor":
+            assert crd_errors(doc) == []
+        else:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_sweep_pods_are_locked_down_like_the_other_workloads():
+    _, job = manifest()
+    template = copy.deepcopy(job["spec"]["template"])
+    (container,) = template["spec"]["containers"]
+    # the sweep file's read-only ConfigMap volume aside, the same checks as every workload's pods
+    template["spec"]["volumes"] = [v for v in template["spec"]["volumes"] if v["name"] != "sweep"]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "sweep"]
+    check_pod_template("Job gan-job-sweep", template)
+    (main_job,) = [d for d in yaml.safe_load_all((REPO / "k8s/job.yaml").read_text()) if d]
+    assert container["image"] == main_job["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert job["spec"]["activeDeadlineSeconds"] > 0 and job["spec"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_every_sweep_pod_is_scraped():
+    docs = {d["kind"]: d for d in yaml.safe_load_all(MANIFEST.read_text()) if d}
+    selector = docs["PodMonitor"]["spec"]["selector"]["matchLabels"]
+    labels = docs["Job"]["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= labels.items()
+    (endpoint,) = docs["PodMonitor"]["spec"]["podMetricsEndpoints"]
+    assert "relabelings" not in endpoint  # every index is its own run's rank 0
 
 
 def test_sweep_job_has_one_index_per_row_and_retries_per_row(tmp_path):
@@ -162,16 +200,17 @@ def test_sweep_job_has_one_index_per_row_and_retries_per_row(tmp_path):
     assert 0 <= spec["maxFailedIndexes"] < spec["completions"]
     assert pod["restartPolicy"] == "Never"
 
+    assert spec["podReplacementPolicy"] == "Failed"
     rules = spec["podFailurePolicy"]["rules"]
     assert {r["action"] for r in rules} <= {"Ignore", "FailJob", "FailIndex", "Count"}
-    ignore = [r for r in rules if r["action"] == "Ignore"]
-    assert any(c["type"] == "DisruptionTarget" for r in ignore for c in r["onPodConditions"])
-    codes = {r["action"]: r["onExitCodes"] for r in rules if "onExitCodes" in r}
-    assert all(
-        c["operator"] == "In" and c["containerName"] == container["name"] for c in codes.values()
-    )
-    assert codes["FailJob"]["values"] == [2]  # every pod validates every row
-    assert set(codes["FailIndex"]["values"]) == PERMANENT_EXIT_CODES - {2}
+    assert pod_failure(spec, 2)[0] == "FailJob"  # every pod validates every row
+    for code in PERMANENT_EXIT_CODES - {2}:
+        assert pod_failure(spec, code)[0] == "FailIndex", code
+        assert pod_failure(spec, code, disrupted=True)[0] == "FailIndex", code
+    for code in RETRY_EXIT_CODES | {1, 143}:
+        assert pod_failure(spec, code)[0] == "Count", code
+        assert pod_failure(spec, code, disrupted=True)[0] == "Ignore", code
+    assert pod_failure(spec, SIGKILL_EXIT_CODE, disrupted=True)[0] == "Count"
 
 
 def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
@@ -188,6 +227,7 @@ def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
     env = tiny_env(tmp_path)  # stands in for the gan-job-settings ConfigMap (envFrom)
     env |= {e["name"]: e["value"] for e in container["env"] if "value" in e}
     env["GAN_METRICS_PORT"] = "0"  # the pod's 9090 may be taken on a shared test machine
+    env["GAN_DEVICE"] = "cpu"  # the pod's cuda: no GPU here
     (index,) = [e for e in container["env"] if e["name"] == "JOB_COMPLETION_INDEX"]
     assert index["valueFrom"]["fieldRef"]["fieldPath"] == (
         "metadata.annotations['batch.kubernetes.io/job-completion-index']"
