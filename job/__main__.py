@@ -1,14 +1,16 @@
-"""Entry point: `python -m job` / `gan-job` trains; `gan-job sample ...` samples a generator."""
+"""Entry point: `python -m job` / `gan-job` trains (GAN_NPROC_PER_NODE > 1: over torchrun);
+`gan-job torchrun <options>` trains over torchrun on several nodes; `gan-job sample ...` samples
+a generator."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import subprocess
 import sys
 
-from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
+from job import launcher
+from job.errors import EXIT_UNEXPECTED, JobError, SettingsError, Stopped
 
 
 def _setup_logging() -> None:
@@ -25,37 +27,44 @@ def _setup_logging() -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
+def _stop_at_once(signum, frame) -> None:
+    raise Stopped(
+        f"stopped by {signal.Signals(signum).name} during start-up, before training: nothing new "
+        "to save; a retry starts from the last complete checkpoint"
+    )
+
+
 def _train() -> int:
+    # until the training loop takes SIGTERM/SIGINT over (StopFlag): stop at once, nothing to save
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_at_once)
+    launcher.record_status(None)  # a worker of gan-job's launcher: started
     from job import distributed
     from job.settings import load_settings
 
     settings = load_settings()
     if settings.nproc_per_node > 1 and not distributed.under_torchrun():
-        return _run_torchrun(settings.nproc_per_node)
+        logging.info("starting %d processes on this node", settings.nproc_per_node)
+        args = ["--standalone", f"--nproc-per-node={settings.nproc_per_node}"]
+        return launcher.run_torchrun(args, settings.grace_seconds)
+    if distributed.under_torchrun() and not launcher.started_by_launcher():
+        if os.environ.get("RANK", "0") == "0":
+            logging.warning(
+                "started by torchrun itself, which exits 1 whatever failed and kills workers 30 s "
+                "after SIGTERM: run `gan-job torchrun <torchrun options>` for the exit statuses "
+                "of the README and GAN_GRACE_SECONDS"
+            )
     from job.train import train
 
     return train(settings)
 
 
-def _run_torchrun(nproc: int) -> int:
-    """torchrun with nproc workers; SIGTERM/SIGINT are passed on (torchrun passes them to the
-    workers, which checkpoint) and a run stopped that way exits 75 (retry), like one process."""
-    from job import distributed
-    from job.errors import EXIT_PREEMPTED
+def _torchrun(args: list[str]) -> int:
+    """`gan-job torchrun <options>`: torchrun with these options (several nodes, c10d) over the
+    job, exiting with the job's own status."""
+    from job.settings import load_settings
 
-    argv = distributed.torchrun_argv(nproc)
-    logging.info("starting %d processes: %s", nproc, " ".join(argv))
-    child = subprocess.Popen(argv)
-    received: list[int] = []
-
-    def forward(signum, frame):
-        received.append(signum)
-        child.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    code = child.wait()
-    return EXIT_PREEMPTED if received and code != 0 else code
+    return launcher.run_torchrun(args, load_settings().grace_seconds)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     _setup_logging()
+    code = _run(argv)
+    launcher.record_status(code)  # a worker of gan-job's launcher: how it ended
+    return code
+
+
+def _run(argv: list[str]) -> int:
     log = logging.getLogger("job")
     try:
         if argv and argv[0] == "sample":
@@ -76,11 +91,16 @@ def main(argv: list[str] | None = None) -> int:
             from job.features import main as features_main
 
             return features_main(argv[1:])
+        if argv and argv[0] == "torchrun":
+            return _torchrun(argv[1:])
         if argv:
             raise SettingsError(
                 [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]
             )
         return _train()
+    except Stopped as exc:
+        log.warning("%s", exc)
+        return exc.exit_code
     except JobError as exc:
         log.error("%s", exc)
         return exc.exit_code
