@@ -39,15 +39,14 @@ def _train() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_at_once)
     launcher.record_status(None)  # a worker of gan-job's launcher: started
-    from job import distributed
     from job.settings import load_settings
 
     settings = load_settings()
-    if settings.nproc_per_node > 1 and not distributed.under_torchrun():
+    if settings.nproc_per_node > 1 and not launcher.under_torchrun():
         logging.info("starting %d processes on this node", settings.nproc_per_node)
         args = ["--standalone", f"--nproc-per-node={settings.nproc_per_node}"]
         return launcher.run_torchrun(args, settings.grace_seconds)
-    if distributed.under_torchrun() and not launcher.started_by_launcher():
+    if launcher.under_torchrun() and not launcher.started_by_launcher():
         if os.environ.get("RANK", "0") == "0":
             logging.warning(
                 "started by torchrun itself, which exits 1 whatever failed and kills workers 30 s "

@@ -136,8 +136,8 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
         return torch.device("cpu")
     facts = cuda_facts(local_rank)
     problem = cuda_problem(facts)
-    if problem and setting == "cuda":
-        raise DeviceError(f"GAN_DEVICE=cuda: {problem}; or set GAN_DEVICE=cpu")
+    if problem and (setting == "cuda" or facts.available):  # auto: not some ranks on the CPU
+        raise DeviceError(f"GAN_DEVICE={setting}: {problem}; or set GAN_DEVICE=cpu")
     if problem:
         if facts.driver_cuda is not None:  # a GPU machine: say why its GPU is not used
             log.warning("GAN_DEVICE=auto: training on the CPU: %s", problem)
@@ -218,7 +218,3 @@ def broadcast_object(obj, world: World):
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ

@@ -135,5 +135,9 @@ def record_status(code: int | None) -> None:
     os.replace(tmp, path)
 
 
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
 def started_by_launcher() -> bool:
     return STATUS_DIR_ENV in os.environ

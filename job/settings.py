@@ -433,6 +433,7 @@ def help_text() -> str:
     lines += [
         "",
         "Subcommands:",
+        "  gan-job torchrun <torchrun options>   train over torchrun, e.g. on several nodes",
         "  gan-job sample --checkpoint PATH --num N --out FILE [--seed S] [--label K]",
         "  gan-job features --dataset NAME --out FILE [--data-dir D] [--epochs E] [--image-size S] [--seed S]",
         "",

@@ -86,7 +86,7 @@ class StopFlag:
     """Set by SIGTERM/SIGINT once the loop runs; the loop finishes its step and checkpoints, with
     grace_seconds from the signal on to store that checkpoint before it exits for a retry."""
 
-    def __init__(self, grace_seconds: float):
+    def __init__(self, grace_seconds: int):
         self.grace_seconds = grace_seconds
         self.signal: int | None = None
         self.received: float | None = None  # time.monotonic() of the first signal
@@ -398,13 +398,11 @@ class Trainer:
         """
         stored = distributed.broadcast_object(self.writer.close(self.stop.time_left()), self.world)
         if stored:
-            log.info("checkpoint of step %d stored: exit %d, a retry resumes here", step,
-                     EXIT_PREEMPTED)  # fmt: skip
+            log.info("checkpoint of step %d stored: exit 75, a retry resumes here", step)
             return EXIT_PREEMPTED
         log.warning(
-            "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%g: exit %d, a retry "
+            "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%d: exit 10, a retry "
             "resumes from the last complete checkpoint", step, self.stop.grace_seconds,
-            EXIT_STOPPED_UNSAVED,
         )  # fmt: skip
         return EXIT_STOPPED_UNSAVED
 
@@ -492,7 +490,7 @@ def _grad_norm(module: nn.Module) -> float:
 def train(settings: Settings) -> int:
     """The whole job for one process: returns its exit status."""
     try:
-        return _train(settings, distributed.setup(settings.device))
+        return _run_trainer(settings, distributed.setup(settings.device))
     except JobError:
         raise
     except Exception as exc:
@@ -506,7 +504,7 @@ def train(settings: Settings) -> int:
         distributed.teardown()
 
 
-def _train(settings: Settings, world: distributed.World) -> int:
+def _run_trainer(settings: Settings, world: distributed.World) -> int:
     """Build the trainer, run it, wait for its uploads: the exit status of this process."""
     trainer = Trainer(settings, world)
     trainer.resume()
