@@ -1,19 +1,15 @@
-"""Entry point: `python -m job` / `gan-job` trains; `gan-job sample ...` samples a generator."""
+"""Entry point: `python -m job` / `gan-job` trains (over torchrun when GAN_NPROC_PER_NODE > 1 or
+GAN_NNODES > 1); `gan-job sample|features|sweep|compare ...` are the subcommands."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
-import subprocess
 import sys
-import tempfile
-from typing import TYPE_CHECKING
 
-from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
-
-if TYPE_CHECKING:
-    from job.settings import Settings
+from job import launcher
+from job.errors import EXIT_UNEXPECTED, JobError, SettingsError, Stopped
 
 
 def _setup_logging() -> None:
@@ -30,53 +26,42 @@ def _setup_logging() -> None:
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
 
+def _stop_at_once(signum, frame) -> None:
+    raise Stopped(
+        f"stopped by {signal.Signals(signum).name} during start-up, before training: nothing new "
+        "to save; a retry starts from the last complete checkpoint"
+    )
+
+
 def _train() -> int:
-    from job import distributed
+    # until the training loop takes SIGTERM/SIGINT over (StopFlag): stop at once, nothing to save
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_at_once)
+    launcher.record_status(None)  # a worker of gan-job's launcher: started
     from job.settings import load_settings
 
     settings = load_settings()
-    if (settings.nproc_per_node > 1 or settings.nnodes > 1) and not distributed.under_torchrun():
-        return _run_torchrun(settings)
+    if (settings.nproc_per_node > 1 or settings.nnodes > 1) and not launcher.under_torchrun():
+        logging.info("starting %d processes on this node", settings.nproc_per_node)
+        options = launcher.torchrun_options(
+            settings.nproc_per_node,
+            settings.nnodes,
+            settings.node_rank,
+            settings.rdzv_endpoint,
+            settings.resolved_run_id,
+            settings.rdzv_timeout_seconds,
+        )
+        return launcher.run_torchrun(options, settings.grace_seconds)
+    if launcher.under_torchrun() and not launcher.started_by_launcher():
+        if os.environ.get("RANK", "0") == "0":
+            logging.warning(
+                "started by torchrun itself, which exits 1 whatever failed and kills workers 30 s "
+                "after SIGTERM: set GAN_NPROC_PER_NODE / GAN_NNODES and run gan-job instead, for "
+                "the exit statuses of the README and GAN_GRACE_SECONDS"
+            )
     from job.train import train
 
     return train(settings)
-
-
-def _run_torchrun(settings: Settings) -> int:
-    """torchrun; SIGTERM/SIGINT are passed on (torchrun passes them to the workers, which
-    checkpoint) and a run stopped that way exits 75 (retry), like one process. A node group
-    that broke at the rendezvous (a node lost, or one that never came) exits 10 (retry)."""
-    from job import distributed
-    from job.errors import EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED
-
-    options = distributed.torchrun_options(
-        settings.nproc_per_node,
-        settings.nnodes,
-        settings.node_rank,
-        settings.rdzv_endpoint,
-        settings.resolved_run_id,
-        settings.rdzv_timeout_seconds,
-    )
-    argv = distributed.torchrun_argv(options)
-    logging.info("starting %d processes: %s", settings.nproc_per_node, " ".join(argv))
-    with tempfile.TemporaryDirectory(prefix="gan-job-torchrun-") as scratch:
-        error_file = os.path.join(scratch, "error.json")  # torchrun's own failure, if any
-        child = subprocess.Popen(argv, env={**os.environ, "TORCHELASTIC_ERROR_FILE": error_file})
-        received: list[int] = []
-
-        def forward(signum, frame):
-            received.append(signum)
-            child.send_signal(signum)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, forward)
-        code = child.wait()
-        if received and code != 0:
-            return EXIT_PREEMPTED
-        if code != 0 and distributed.rendezvous_failed(error_file):
-            logging.error("the node group broke at the rendezvous: exit for a retry of the group")
-            return EXIT_STOPPED_UNSAVED
-        return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     _setup_logging()
+    code = _run(argv)
+    launcher.record_status(code)  # a worker of gan-job's launcher: how it ended
+    return code
+
+
+def _run(argv: list[str]) -> int:
     log = logging.getLogger("job")
     try:
         if argv and argv[0] == "sample":
@@ -110,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                 [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]
             )
         return _train()
+    except Stopped as exc:
+        log.warning("%s", exc)
+        return exc.exit_code
     except JobError as exc:
         log.error("%s", exc)
         return exc.exit_code

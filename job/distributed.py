@@ -2,17 +2,25 @@
 
 Run as a plain process this is a world of one; under torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR/PORT in the environment) it joins the process group: NCCL on GPUs, gloo on CPU.
+GAN_DEVICE=cuda on a machine whose GPU cannot be used stops before any work (DeviceError) rather
+than train on the CPU or fail later with a traceback.
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
+import logging
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from job.errors import DeviceError
+
+log = logging.getLogger(__name__)
+# how a collective reports that a peer process is gone (gloo raises a plain RuntimeError)
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 @dataclass(frozen=True)
@@ -31,19 +39,121 @@ class World:
         return self.world_size > 1
 
 
+@dataclass(frozen=True)
+class CudaFacts:
+    """What this machine says about CUDA, as plain values (cuda_problem judges them)."""
+
+    torch_cuda: str | None  # torch.version.cuda: the CUDA torch is built for; None: CPU-only
+    driver_cuda: int | None  # cuDriverGetVersion: 12040 for CUDA 12.4; None: no NVIDIA driver
+    available: bool  # torch.cuda.is_available()
+    device_count: int
+    local_rank: int
+    capability: tuple[int, int] | None  # of this rank's GPU
+    arch_list: tuple[str, ...]  # torch.cuda.get_arch_list(): sm_80, sm_90a, compute_90...
+    visible_devices: str | None  # CUDA_VISIBLE_DEVICES
+
+
+def cuda_problem(f: CudaFacts) -> str | None:
+    """Why this rank cannot train on its GPU, or None when it can."""
+    if f.torch_cuda is None:
+        return f"this torch ({torch.__version__}) is built without CUDA"
+    if f.driver_cuda is None:
+        return (
+            "no NVIDIA driver: libcuda.so.1 cannot be loaded (does the pod request nvidia.com/gpu "
+            "and run with the NVIDIA container runtime?)"
+        )
+    driver = f"{f.driver_cuda // 1000}.{f.driver_cuda % 1000 // 10}"
+    if f.driver_cuda // 1000 < int(f.torch_cuda.split(".")[0]):
+        return (
+            f"the NVIDIA driver supports CUDA {driver}, torch is built for CUDA {f.torch_cuda}: "
+            f"update the driver, or use a torch built for CUDA {driver}"
+        )
+    if not f.available or f.device_count == 0:
+        return (
+            f"torch.cuda.is_available() is false: the driver (CUDA {driver}) sees no usable GPU "
+            f"(CUDA_VISIBLE_DEVICES={f.visible_devices if f.visible_devices is not None else 'unset'})"
+        )
+    if f.local_rank >= f.device_count:
+        return (
+            f"local rank {f.local_rank} has no GPU of its own: {f.device_count} visible; start at "
+            f"most {f.device_count} processes per node (GAN_NPROC_PER_NODE, --nproc-per-node)"
+        )
+    if f.capability and f.arch_list and not has_kernels_for(f.capability, f.arch_list):
+        major, minor = f.capability
+        return (
+            f"GPU {f.local_rank} has compute capability {major}.{minor}; this torch has kernels "
+            f"for {' '.join(f.arch_list)} only: use a torch build that supports the GPU"
+        )
+    return None
+
+
+def has_kernels_for(capability: tuple[int, int], arch_list: tuple[str, ...]) -> bool:
+    """Whether code built for arch_list runs on a GPU of this compute capability: sm_XY runs
+    on X.Y and later minors of X (sm_XYa on X.Y only), compute_XY (PTX) on X.Y and later."""
+    device = capability[0] * 10 + capability[1]
+    for arch in arch_list:
+        kind, _, code = arch.partition("_")
+        exact = code.endswith("a")
+        cc = int(code.rstrip("af"))
+        if kind == "compute" and device >= cc:
+            return True
+        later_minor = device // 10 == cc // 10 and device > cc
+        if kind == "sm" and (device == cc or later_minor and not exact):
+            return True
+    return False
+
+
+def cuda_facts(local_rank: int) -> CudaFacts:
+    available = torch.cuda.is_available()
+    count = torch.cuda.device_count() if available else 0
+    return CudaFacts(
+        torch_cuda=torch.version.cuda,
+        driver_cuda=_driver_cuda_version(),
+        available=available,
+        device_count=count,
+        local_rank=local_rank,
+        capability=torch.cuda.get_device_capability(local_rank) if local_rank < count else None,
+        arch_list=tuple(torch.cuda.get_arch_list()),
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+    )
+
+
+def _driver_cuda_version() -> int | None:
+    """The CUDA version the installed NVIDIA driver supports; needs no GPU and no cuInit."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value
+
+
 def pick_device(setting: str, local_rank: int) -> torch.device:
-    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+    """cuda:<local rank> or cpu; GAN_DEVICE=cuda without a usable GPU raises DeviceError."""
+    if setting == "cpu":
+        return torch.device("cpu")
+    facts = cuda_facts(local_rank)
+    problem = cuda_problem(facts)
+    if problem and (setting == "cuda" or facts.available):  # auto: not some ranks on the CPU
+        raise DeviceError(f"GAN_DEVICE={setting}: {problem}; or set GAN_DEVICE=cpu")
+    if problem:
+        if facts.driver_cuda is not None:  # a GPU machine: say why its GPU is not used
+            log.warning("GAN_DEVICE=auto: training on the CPU: %s", problem)
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
 
 
 def describe_device(device: torch.device) -> str:
-    """The device, with the GPU's name and memory."""
     if device.type != "cuda":
-        return str(device)
-    props = torch.cuda.get_device_properties(device)
-    return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+        return f"{device.type} ({torch.get_num_threads()} threads)"
+    p = torch.cuda.get_device_properties(device)
+    return (
+        f"{device} ({p.name}, {p.total_memory / 2**30:.1f} GiB, "
+        f"compute capability {p.major}.{p.minor}, CUDA {torch.version.cuda})"
+    )
 
 
 def setup(device_setting: str) -> World:
@@ -54,7 +164,15 @@ def setup(device_setting: str) -> World:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    log.info("rank %d of world size %d on %s", rank, world_size, describe_device(device))
     return World(rank, world_size, local_rank, device)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether exc is a collective that failed because another process of the job is gone."""
+    if isinstance(exc, dist.DistError):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_GONE)
 
 
 def teardown() -> None:
@@ -100,54 +218,3 @@ def broadcast_object(obj, world: World):
 def barrier(world: World) -> None:
     if world.distributed:
         dist.barrier()
-
-
-def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
-
-
-def torchrun_options(
-    nproc_per_node: int,
-    nnodes: int = 1,
-    node_rank: int = 0,
-    rdzv_endpoint: str | None = None,
-    rdzv_id: str = "gan-job",
-    rdzv_timeout_seconds: int = 900,
-) -> list[str]:
-    """torchrun's options for nproc_per_node workers here; with nnodes > 1, one agent per node
-    meets the others at node 0's c10d store.
-
-    read_timeout is what bounds a node's wait for node 0's store to come up: left at its 60 s
-    default, a pod that starts minutes before pod 0 gives up whatever join_timeout says. There
-    are no in-place restarts: a lost node breaks the store or the collectives, and the workload
-    (JobSet, TrainJob) restarts the whole group, which resumes from the newest checkpoint.
-    """
-    if nnodes == 1:
-        return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
-    is_host = "true" if node_rank == 0 else "false"
-    timeout = rdzv_timeout_seconds
-    return [
-        f"--nnodes={nnodes}",
-        f"--nproc-per-node={nproc_per_node}",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={rdzv_endpoint}",
-        f"--rdzv-id={rdzv_id}",
-        f"--rdzv-conf=is_host={is_host},join_timeout={timeout},read_timeout={timeout}",
-        "--max-restarts=0",
-    ]
-
-
-def torchrun_argv(options: list[str]) -> list[str]:
-    """The command that re-runs this job under torchrun with these options."""
-    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "job"]
-
-
-def rendezvous_failed(error_file: str) -> bool:
-    """Whether torchrun's agent stopped on a rendezvous error (a node that never came, or node
-    0's store gone with its pod), going by the error file torchrun writes on its own failure."""
-    try:
-        with open(error_file) as f:
-            message = json.load(f)["message"]["message"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return message.startswith("Rendezvous")

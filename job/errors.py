@@ -11,6 +11,7 @@ EXIT_CHECKPOINT = 5
 EXIT_FID = 6
 EXIT_NONFINITE = 7
 EXIT_DISK_FULL = 8
+EXIT_DEVICE = 9  # GAN_DEVICE=cuda asked for and not usable
 EXIT_STOPPED_UNSAVED = 10  # stopped before a complete checkpoint of the stop step; retry
 EXIT_RUN_LOCKED = 11
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; retry
@@ -54,6 +55,28 @@ class DiskFullError(StorageError):
     """No space left where artifacts are written (ENOSPC): retrying will not help."""
 
     exit_code = EXIT_DISK_FULL
+
+
+class DeviceError(JobError):
+    """GAN_DEVICE=cuda and no usable GPU: stop before any work rather than train on the CPU."""
+
+    exit_code = EXIT_DEVICE
+
+
+class PeerLostError(JobError):
+    """Another process of the job failed or vanished mid-collective: this one stops too."""
+
+    exit_code = EXIT_STOPPED_UNSAVED
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT before training started: there is nothing new to save.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way (a
+    retry loop, a loader that reports bad files) takes it for an ordinary failure.
+    """
+
+    exit_code = EXIT_STOPPED_UNSAVED
 
 
 class RunLockedError(JobError):

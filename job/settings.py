@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     )
     seed: int = Field(0, ge=0, description="seed for weights, noise and data order")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="auto picks cuda when available"
+        "auto",
+        description="auto picks cuda when usable; cuda without a usable GPU stops before any work (exit 9)",
     )
 
     # training recipe
@@ -126,6 +127,14 @@ class Settings(BaseSettings):
     bad_images: Literal["skip", "fail"] = Field(
         "skip",
         description="unreadable or empty files in an image folder: skip and count, or fail (exit 3)",
+    )
+    grace_seconds: int = Field(
+        110,
+        ge=1,
+        le=86400,
+        description="after SIGTERM/SIGINT, how long the job may take to store its checkpoint (exit 75; "
+        "not stored in time: exit 10); torchrun kills workers 5 s later. Keep it 10 s under the pod's "
+        "terminationGracePeriodSeconds (120)",
     )
 
     # speed

@@ -26,9 +26,11 @@ from job.checkpoint import Checkpointer, serialize
 from job.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_STOPPED_UNSAVED,
     DiskFullError,
     JobError,
     NonFiniteLossError,
+    PeerLostError,
     RunLockedError,
     StorageError,
 )
@@ -83,17 +85,26 @@ class Recipe:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop finishes its step, checkpoints and exits for a retry."""
+    """Set by SIGTERM/SIGINT once the loop runs; the loop finishes its step and checkpoints, with
+    grace_seconds from the signal on to store that checkpoint before it exits for a retry."""
 
-    def __init__(self):
+    def __init__(self, grace_seconds: int):
+        self.grace_seconds = grace_seconds
         self.signal: int | None = None
+        self.received: float | None = None  # time.monotonic() of the first signal
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signal = signum
+        if self.signal is None:
+            self.signal, self.received = signum, time.monotonic()
+
+    def time_left(self) -> float:
+        """Seconds of the grace period left (all of it on a rank that was not signalled)."""
+        since = time.monotonic() - self.received if self.received is not None else 0.0
+        return max(0.0, self.grace_seconds - since)
 
 
 class Trainer:
@@ -179,7 +190,7 @@ class Trainer:
         self.max_steps, self.max_minutes = s.max_steps, s.max_minutes
         self.sample_every, self.seed = s.sample_every, s.seed
         self.nonfinite_policy, self.max_rollbacks = s.nonfinite, s.nonfinite_max_rollbacks
-        self.stop = StopFlag()
+        self.stop = StopFlag(s.grace_seconds)
         self.started = time.monotonic()
         self.grids: dict[int, bytes] = {}  # step -> sample grid PNG, for the report
         # set on the device inside a step, read where the loop syncs anyway (no per-step sync)
@@ -437,10 +448,26 @@ class Trainer:
             if self.fid.due(step, last=True):
                 self._fid()
         self.checkpointer.maybe_save(step, last=True)
-        if self.world.is_main and reason != "signal":
+        if reason == "signal":
+            return self._stored_for_retry(step)
+        if self.world.is_main:
             self._export_generator()
             self._report()
-        return EXIT_PREEMPTED if reason == "signal" else EXIT_OK
+        return EXIT_OK
+
+    def _stored_for_retry(self, step: int) -> int:
+        """75 once the checkpoint of the stop step is complete in the store, within the grace
+        period; 10 when it is not (a retry resumes from an older checkpoint). Agreed by all ranks.
+        """
+        stored = distributed.broadcast_object(self.writer.close(self.stop.time_left()), self.world)
+        if stored:
+            log.info("checkpoint of step %d stored: exit 75, a retry resumes here", step)
+            return EXIT_PREEMPTED
+        log.warning(
+            "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%d: exit 10, a retry "
+            "resumes from the last complete checkpoint", step, self.stop.grace_seconds,
+        )  # fmt: skip
+        return EXIT_STOPPED_UNSAVED
 
     def close(self, timeout: float | None = None) -> bool:
         """Wait for every queued upload, then free the run id; False when the uploads did not
@@ -528,29 +555,37 @@ def _grad_norm(module: nn.Module) -> float:
 
 def train(settings: Settings) -> int:
     """The whole job for one process: returns its exit status."""
-    world = distributed.setup(settings.device)
-    trainer = None
     try:
-        trainer = Trainer(settings, world)
+        return _run_trainer(settings, distributed.setup(settings.device))
+    except JobError:
+        raise
+    except Exception as exc:
+        if distributed.peer_lost(exc):
+            raise PeerLostError(
+                f"another process of the job failed or is gone ({exc}): see its log; a retry "
+                "resumes from the last complete checkpoint"
+            ) from exc
+        raise
+    finally:
+        distributed.teardown()
+
+
+def _run_trainer(settings: Settings, world: distributed.World) -> int:
+    """Build the trainer, run it, wait for its uploads: the exit status of this process."""
+    trainer = Trainer(settings, world)
+    try:
         trainer.resume()
         trainer.wrap()
-        try:
-            code = trainer.run()
-        finally:
-            # a job that failed does not wait on storage that cannot take more (disk full)
-            failed = trainer.store_failure is not None
-            uploaded = trainer.close(timeout=5 if failed else settings.upload_timeout_minutes * 60)
-            if world.is_main and settings.pushgateway_url:
-                trainer.metrics.push(
-                    settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id}
-                )
-        if not uploaded and code == EXIT_OK:
-            raise StorageError(
-                f"{trainer.store.uri}: artifacts still not stored after "
-                f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}"
-            )
-        return code
+        code = trainer.run()
     finally:
-        if trainer is not None:
-            trainer.lock.release()  # also when it failed before closing
-        distributed.teardown()
+        # a job that failed does not wait on storage that cannot take more (disk full)
+        failed = trainer.store_failure is not None
+        uploaded = trainer.close(timeout=5 if failed else settings.upload_timeout_minutes * 60)
+        if world.is_main and settings.pushgateway_url:
+            trainer.metrics.push(settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id})
+    if not uploaded and code == EXIT_OK:
+        raise StorageError(
+            f"{trainer.store.uri}: artifacts still not stored after "
+            f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}"
+        )
+    return code

@@ -1,0 +1,192 @@
+"""gan-job over torchrun: the grace period after SIGTERM, and the exit status of the job.
+
+torchrun exits 1 whenever a worker fails, whatever the worker returned, and gives workers 30 s
+after SIGTERM. Started by gan-job (GAN_NPROC_PER_NODE > 1, or GAN_NNODES > 1), torchrun runs
+with --shutdown-timeout GAN_GRACE_SECONDS + SHUTDOWN_MARGIN, and each worker records its exit status in a file of a folder this launcher makes (STATUS_DIR_ENV). When torchrun
+is done, the node exits with the status of its first worker that failed (README: Exit status).
+
+torch's own error files (TORCHELASTIC_ERROR_FILE, @record) carry the exit code of the failure
+torchrun saw first, but they order failures by whole seconds (so the peer that failed because
+another did often wins), are written for exceptions only, and not at all when torchrun is
+stopped by a signal: they cannot tell 75 from 10.
+
+This module imports no torch: the launcher process stays small.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED
+
+log = logging.getLogger(__name__)
+
+STATUS_DIR_ENV = "GANJOB_STATUS_DIR"  # not GAN_*: that namespace is the user's settings
+SHUTDOWN_MARGIN = 5  # s between the workers' own deadline and torchrun's SIGKILL
+_STOPPED = (EXIT_STOPPED_UNSAVED, EXIT_PREEMPTED)
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker's record: written when it starts (code None) and again when it exits."""
+
+    rank: int
+    restart: int  # TORCHELASTIC_RESTART_COUNT: torchrun's attempt
+    code: int | None  # None: started and never reported (killed: SIGKILL, OOM killer...)
+    time: float
+
+
+def torchrun_options(
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "gan-job",
+    rdzv_timeout_seconds: int = 900,
+) -> list[str]:
+    """torchrun's options for nproc_per_node workers here; with nnodes > 1, one agent per node
+    meets the others at node 0's c10d store.
+
+    read_timeout is what bounds a node's wait for node 0's store to come up: left at its 60 s
+    default, a pod that starts minutes before pod 0 gives up whatever join_timeout says. There
+    are no in-place restarts: a lost node breaks the store or the collectives, and the workload
+    (JobSet, TrainJob) restarts the whole group, which resumes from the newest checkpoint.
+    """
+    if nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+    is_host = "true" if node_rank == 0 else "false"
+    timeout = rdzv_timeout_seconds
+    return [
+        f"--nnodes={nnodes}",
+        f"--nproc-per-node={nproc_per_node}",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rdzv_endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        f"--rdzv-conf=is_host={is_host},join_timeout={timeout},read_timeout={timeout}",
+        "--max-restarts=0",
+    ]
+
+
+def torchrun_argv(torchrun_args: list[str], grace_seconds: int) -> list[str]:
+    """torchrun with these options over `python -m job`; workers still stopping GAN_GRACE_SECONDS
+    after SIGTERM are killed SHUTDOWN_MARGIN s later (a later --shutdown-timeout wins)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--shutdown-timeout={grace_seconds + SHUTDOWN_MARGIN}",
+        *torchrun_args,
+        "-m",
+        "job",
+    ]
+
+
+def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
+    """Run torchrun, pass SIGTERM/SIGINT on to it, and return the job's exit status."""
+    with tempfile.TemporaryDirectory(prefix="gan-job-status-") as folder:
+        argv = torchrun_argv(torchrun_args, grace_seconds)
+        received: list[int] = []
+        child: subprocess.Popen | None = None
+
+        def forward(signum, frame):
+            received.append(signum)
+            if child is not None:
+                child.send_signal(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        log.info("starting torchrun: %s", " ".join(argv))
+        error_file = os.path.join(folder, "torchrun-error.json")  # the agent's own failure
+        env = {**os.environ, STATUS_DIR_ENV: folder, "TORCHELASTIC_ERROR_FILE": error_file}
+        child = subprocess.Popen(argv, env=env)
+        if received:  # signalled while torchrun was being started
+            child.send_signal(received[0])
+        torchrun_code = child.wait()
+        statuses = read_statuses(Path(folder))
+        rendezvous_broke = rendezvous_failed(error_file)
+    code, why = job_status(torchrun_code, statuses, bool(received), rendezvous_broke)
+    log.log(logging.INFO if code == EXIT_OK else logging.WARNING, "exit %d: %s", code, why)
+    return code
+
+
+def job_status(
+    torchrun_code: int,
+    statuses: list[WorkerStatus],
+    signalled: bool,
+    rendezvous_broke: bool = False,
+) -> tuple[int, str]:
+    """The node's exit status and why, from torchrun's and its workers' (latest attempt).
+
+    The earliest failure wins over everything else: a peer's failure or a stop that followed
+    it is its consequence. A stop counts as stored (75) only when every worker says so.
+    """
+    if torchrun_code == 0:
+        return EXIT_OK, "every worker finished"
+    latest = max((s.restart for s in statuses), default=0)
+    statuses = sorted((s for s in statuses if s.restart == latest), key=lambda s: s.time)
+    failed = [s for s in statuses if s.code not in (None, EXIT_OK, *_STOPPED)]
+    if failed:
+        first = failed[0]
+        return first.code, f"rank {first.rank} failed first, with exit {first.code}"
+    if statuses and all(s.code == EXIT_PREEMPTED for s in statuses):
+        return EXIT_PREEMPTED, "stopped once the checkpoint of the stop step was stored"
+    killed = [s.rank for s in statuses if s.code is None]
+    if killed:
+        cause = "after the grace period" if signalled else "by a signal (another node failed?)"
+        return EXIT_STOPPED_UNSAVED, f"ranks {killed} were killed {cause} before they reported"
+    if signalled:
+        return EXIT_STOPPED_UNSAVED, "stopped by a signal with no checkpoint of where it stopped"
+    if any(s.code in _STOPPED for s in statuses):
+        return EXIT_STOPPED_UNSAVED, "stopped: a process of the job failed (see the other nodes)"
+    if rendezvous_broke:
+        return EXIT_STOPPED_UNSAVED, "the node group broke at the rendezvous (a node lost or late)"
+    return torchrun_code, f"torchrun failed (exit {torchrun_code}); no worker reported a failure"
+
+
+def rendezvous_failed(error_file: str) -> bool:
+    """Whether torchrun's agent stopped on a rendezvous error (a node that never came, or node
+    0's store gone with its pod), going by the error file torchrun writes on its own failure."""
+    try:
+        with open(error_file) as f:
+            message = json.load(f)["message"]["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return message.startswith("Rendezvous")
+
+
+def read_statuses(folder: Path) -> list[WorkerStatus]:
+    return [WorkerStatus(**json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))]
+
+
+def record_status(code: int | None) -> None:
+    """This worker's status, for the launcher that started torchrun (nothing without one)."""
+    folder = os.environ.get(STATUS_DIR_ENV)
+    if not folder or "RANK" not in os.environ:
+        return
+    status = WorkerStatus(
+        rank=int(os.environ["RANK"]),
+        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        code=code,
+        time=time.time(),
+    )
+    path = Path(folder, f"attempt-{status.restart:03d}-rank-{status.rank:05d}.json")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status.__dict__))
+    os.replace(tmp, path)
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
+
+
+def started_by_launcher() -> bool:
+    return STATUS_DIR_ENV in os.environ
