@@ -105,7 +105,7 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)
         log.info("starting torchrun: %s", " ".join(argv))
-        error_file = os.path.join(folder, "torchrun-error.json")  # the agent's own failure
+        error_file = os.path.join(folder, "torchrun.error")  # the agent's failure (JSON)
         env = {**os.environ, STATUS_DIR_ENV: folder, "TORCHELASTIC_ERROR_FILE": error_file}
         child = subprocess.Popen(argv, env=env)
         if received:  # signalled while torchrun was being started

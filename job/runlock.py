@@ -25,6 +25,7 @@ from job.storage import Store
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "lock.json"
+RELEASE_SECONDS = 5.0
 
 
 class RunLock:
@@ -50,13 +51,25 @@ class RunLock:
         self._thread = threading.Thread(target=self._heartbeat, name="run-lock", daemon=True)
         self._thread.start()
 
-    def release(self) -> None:
-        """Stop renewing and remove the lock if it is still ours."""
+    def release(self, timeout: float = RELEASE_SECONDS) -> None:
+        """Stop renewing and remove the lock if it is still ours, waiting at most timeout
+        seconds on the store (a job that is stopping must not hang on a store that does)."""
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join()
-        self._thread = None
+        heartbeat, self._thread = self._thread, None
+        remover = threading.Thread(
+            target=self._remove, args=(heartbeat,), name="run-unlock", daemon=True
+        )
+        remover.start()
+        remover.join(timeout)
+        if remover.is_alive():
+            log.warning(
+                "could not remove the run lock in %g s: the next job waits one lease", timeout
+            )
+
+    def _remove(self, heartbeat: threading.Thread) -> None:
+        heartbeat.join()  # a renewal in flight must not land after the removal
         try:
             held = self._read()
             if held is not None and held["owner"] == self.owner:
