@@ -23,6 +23,9 @@ def _setup_logging() -> None:
         stream=sys.stdout,
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    from job.settings import redact_logs
+
+    redact_logs()
 
 
 def _train() -> int:

@@ -98,6 +98,9 @@ class Trainer:
         s = self.settings = settings  # read here, and in run()'s start-up alone
         self.world, self.device = world, world.device
         self.run_id = s.resolved_run_id
+        reporting = s.metrics_port > 0 or s.pushgateway_url is not None
+        self.metrics = Metrics(enabled=world.is_main and reporting)
+        self.metrics.serve(s.metrics_port)  # before any work: a port in use is a settings error
         self.root = open_store(s.artifact_uri, s.s3_endpoint_url)
         self.store = self.root.child(self.run_id)
         if world.is_main:
@@ -132,9 +135,6 @@ class Trainer:
         )  # fmt: skip
         self.run_state = RunState()
         self.rng = RngStreams(s.seed, world, lambda: self.run_state.step)
-
-        reporting = s.metrics_port > 0 or s.pushgateway_url is not None
-        self.metrics = Metrics(enabled=world.is_main and reporting)
         self.writer = (
             BackgroundWriter(self.store, on_failure=self._upload_failed)
             if world.is_main
@@ -308,7 +308,6 @@ class Trainer:
         s = self.settings
         self.stop.install()
         if self.world.is_main:
-            self.metrics.serve(s.metrics_port)
             self.metrics.set_info(self.run_id, s.dataset, s.model, self.world.world_size, VERSION)
             self._write_config()
         key = evaluate.stats_key(
@@ -420,7 +419,7 @@ class Trainer:
         nrow = self.arch.num_classes if self.arch.num_classes else 8
         png = evaluate.grid_png(images, nrow=nrow)
         self.grids[self.run_state.step] = png
-        self.writer.submit(f"samples/step-{self.run_state.step:08d}.png", data=png)
+        self.writer.submit(f"samples/step-{self.run_state.step:08d}.png", data=png, droppable=True)
 
     def _fid(self) -> None:
         st = self.run_state
@@ -437,7 +436,7 @@ class Trainer:
         png = write_report(
             self.progress.records, self.fid.records, sorted(self.grids.items()), title=self.run_id
         )
-        self.writer.submit("report.png", data=png)
+        self.writer.submit("report.png", data=png, replace=True)
 
     def _export_generator(self) -> None:
         export = {
@@ -476,10 +475,11 @@ def train(settings: Settings) -> int:
                 trainer.metrics.push(
                     settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id}
                 )
-        if not uploaded and code == EXIT_OK:
+        if not uploaded and code in (EXIT_OK, EXIT_PREEMPTED):
             raise StorageError(
-                f"{trainer.store.uri}: artifacts still not stored after "
-                f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}"
+                f"{trainer.store.uri}: not stored after "
+                f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}: "
+                f"{trainer.writer.describe_not_stored()}"
             )
         return code
     finally:

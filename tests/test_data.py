@@ -87,8 +87,9 @@ def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
     data = load(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp")
     assert data.num_classes == 3 and len(data) == 6
-    image, label, skipped = data.folder[5]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2 and skipped == 0
+    image, label, unreadable = data.folder[5]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2
+    assert unreadable == []
 
 
 def test_empty_image_folder_is_a_clear_error(tmp_path):
