@@ -20,7 +20,7 @@ from job.errors import CheckpointError, DiskFullError, SettingsError
 from job.models import Arch, build_generator
 from job.storage import open_store
 
-BATCH = 256  # images generated and written at a time
+BATCH = 512  # images generated and written at a time
 MAX_GRID = 1024  # images in a .png grid (32 x 32)
 
 
@@ -91,7 +91,7 @@ def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) 
     file renamed at the end); DiskFullError when the disk fills."""
     free = shutil.disk_usage(out.parent).free
     if (size := math.prod(shape)) > free:
-        raise DiskFullError(f"--out {out}: {size / 1e9:.1f} GB of images, {free / 1e9:.1f} GB free")
+        raise DiskFullError(f"--out {out}: {_mb(size)} of images, {_mb(free)} free")
     tmp = out.with_name(f".{out.name}.partial")
     try:
         with open(tmp, "wb") as f:
@@ -106,6 +106,10 @@ def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) 
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def main(argv: list[str]) -> int:

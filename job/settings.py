@@ -507,7 +507,10 @@ def s3_uri_problem(uri: str) -> str | None:
     """Why an s3:// URI names no valid bucket; None for valid ones and other URIs."""
     if not uri.startswith("s3://"):
         return None
-    return bucket_problem(uri[len("s3://") :].split("/", 1)[0])
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if "@" in bucket:
+        return "s3://bucket/prefix without user:password@ (S3 credentials are AWS_* variables)"
+    return bucket_problem(bucket)
 
 
 # ---------------------------------------------------------------- secrets

@@ -37,7 +37,7 @@ from botocore.exceptions import (
 )
 
 from job.errors import DiskFullError, StorageError
-from job.settings import bucket_problem
+from job.settings import s3_uri_problem
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"artifact URI {uri!r} names no bucket: expected s3://bucket/prefix")
-        if why := bucket_problem(parsed.netloc):
+        if why := s3_uri_problem(uri):
             raise StorageError(f"{uri}: expected {why}")
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
     if parsed.scheme == "file":
@@ -653,13 +653,9 @@ class BackgroundWriter:
         self._thread.join(None if ok else 1.0)  # a call stuck past its deadline dies with us
         return ok
 
-    def describe_not_stored(self, limit: int = 6) -> str:
-        """What close() gave up, for a one-line message: 'a, b, c and 4 more (last error: e)'."""
-        keys = self.not_stored
-        text = ", ".join(keys[:limit]) + (
-            f" and {len(keys) - limit} more" if len(keys) > limit else ""
-        )
-        return f"{text or 'nothing'} (last error: {self.last_error})"
+    def describe_not_stored(self) -> str:
+        """What close() gave up (a few dozen keys at most), for a one-line message."""
+        return f"{', '.join(self.not_stored) or 'nothing'} (last error: {self.last_error})"
 
     def __enter__(self) -> BackgroundWriter:
         return self

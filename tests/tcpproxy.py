@@ -20,6 +20,7 @@ class TcpProxy:
         self.mode, self.delay = mode, delay
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
+        self.accepted = 0  # connections accepted so far
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -46,6 +47,7 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            self.accepted += 1
             if self.mode == "refuse":
                 _close(client)
                 continue
