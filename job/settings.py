@@ -196,7 +196,9 @@ class Settings(BaseSettings):
         9090, ge=0, le=65535, description="Prometheus metrics port on rank 0 (0: off)"
     )
     pushgateway_url: str | None = Field(
-        None, description="Pushgateway to push final metrics to at exit (unset: no push)"
+        None,
+        description="Pushgateway to push final metrics to at exit (unset: no push); a "
+        "user:password@ in it is sent as basic auth",
     )
     s3_endpoint_url: str | None = Field(
         None,

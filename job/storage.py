@@ -469,7 +469,7 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
     return LocalStore(uri)
 
 
-@dataclass
+@dataclass(eq=False)  # queued items are told apart by identity
 class _Item:
     """One queued write (key: what it stores) or call (key None)."""
 
@@ -527,8 +527,8 @@ class BackgroundWriter:
             return len(self._items) + (self._current is not None)
 
     def has_room(self, items: int) -> bool:
-        """Whether items more can wait without exceeding max_pending (droppable and replaceable
-        items do not count: they make room themselves)."""
+        """Whether items more can wait without exceeding max_pending. Droppable items do not
+        count (they make room themselves), nor replaceable ones (at most one per key waits)."""
         with self._cond:
             queued = [*self._items, *([self._current] if self._current else [])]
             kept = sum(1 for i in queued if not (i.droppable or i.replace))

@@ -129,6 +129,8 @@ def test_s3_client_settings(monkeypatch):
     assert client.meta.region_name == "us-east-1"
     assert client.meta.config.s3["addressing_style"] == "path"
     assert client.meta.config.retries["mode"] == "standard"
+    assert client.meta.config.retries["total_max_attempts"] == 5  # AWS_MAX_ATTEMPTS' default
+    assert (client.meta.config.connect_timeout, client.meta.config.read_timeout) == (10, 60)
 
     monkeypatch.setenv("AWS_REGION", "eu-central-1")
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
