@@ -24,6 +24,9 @@ def _setup_logging() -> None:
         stream=sys.stdout,
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
+    from job.settings import redact_logs
+
+    redact_logs()
 
 
 def _stop_at_once(signum, frame) -> None:

@@ -34,6 +34,7 @@ PREFIX = "checkpoints/"
 MARKER = "COMPLETE.json"
 STATE = "state.pt"
 FORMAT = 2
+QUEUED_ITEMS = 4  # what save() queues: state.pt, the marker, on_stored, retention
 _STEP_DIR = re.compile(r"^checkpoints/step-(\d{8,})/" + re.escape(MARKER) + "$")
 
 
@@ -226,13 +227,25 @@ class Checkpointer:
 
     def maybe_save(self, step: int, last: bool = False) -> None:
         if last or self.due(step):
-            self.save(step)
+            self.save(step, last)
 
-    def save(self, step: int) -> None:
-        """Queue a checkpoint of every component at step; returns without waiting for storage."""
+    def save(self, step: int, last: bool = False) -> None:
+        """Queue a checkpoint of every component at step; returns without waiting for storage.
+
+        While storage is behind (earlier checkpoints still waiting), a periodic checkpoint is
+        skipped, with a warning and gan_checkpoints_skipped_total, so that neither training nor
+        memory waits on it; the last one is always queued."""
         state = {"format": FORMAT, "meta": self.meta}
         state |= {name: c.state_dict() for name, c in self.components.items()}
         if not self.world.is_main:
+            return
+        if not last and not self.writer.has_room(QUEUED_ITEMS):
+            self.metrics.inc_checkpoints_skipped()
+            log.warning(
+                "checkpoint at step %d skipped: earlier ones are still waiting to be stored "
+                "(%d uploads pending, last error: %s)",
+                step, self.writer.pending, self.writer.last_error,
+            )  # fmt: skip
             return
         for c in self.components.values():
             if isinstance(c, JsonlLog):

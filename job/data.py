@@ -13,6 +13,8 @@ import logging
 import pickle
 import struct
 import tarfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 IDX_PREFIXES = {"train": "train", "test": "t10k"}  # file name prefixes of the IDX splits
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+NUM_CLASSES = {"mnist": 10, "kmnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
 @dataclass
@@ -138,11 +141,41 @@ def load_idx_dataset(
         name=kind,
         channels=1,
         image_size=images.shape[1],
-        num_classes=int(labels_t.max()) + 1 if conditional else 0,
+        num_classes=check_labels(labels_t, files[1], NUM_CLASSES.get(kind), conditional),
         labels=labels_t,
         images=torch.from_numpy(images.copy()).unsqueeze(1),
         source=str(files[0].parent),
     )
+
+
+def check_labels(
+    labels: torch.Tensor, path: Path, num_classes: int | None, conditional: bool
+) -> int:
+    """The number of classes a conditional model gets (0 otherwise). A known dataset's labels
+    must lie in its classes 0..num_classes-1; other data (num_classes None) numbers its classes
+    0..K-1, every one with images, when it is trained on conditionally."""
+    found = torch.unique(labels)
+    if num_classes is not None:
+        outside = found[(found < 0) | (found >= num_classes)]
+        if len(outside):
+            raise DataError(
+                f"{path}: labels {_some(outside)} outside the dataset's classes: "
+                f"expected 0..{num_classes - 1}"
+            )
+    elif conditional:
+        num_classes = int(found.max()) + 1 if len(found) else 0
+        missing = sorted(set(range(num_classes)) - set(found.tolist()))
+        if missing:
+            raise DataError(
+                f"{path}: labels must number the classes 0..K-1 (GAN_CONDITIONAL=true), but "
+                f"{len(missing)} of 0..{num_classes - 1} have no image: {_some(torch.tensor(missing))}"
+            )
+    return (num_classes or 0) if conditional else 0
+
+
+def _some(values: torch.Tensor, limit: int = 5) -> str:
+    shown = ", ".join(str(v) for v in values[:limit].tolist())
+    return shown + (f" (and {len(values) - limit} more)" if len(values) > limit else "")
 
 
 # ---------------------------------------------------------------- CIFAR-10
@@ -188,11 +221,12 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
             labels.extend(batch["labels"])
         except Exception as exc:  # noqa: BLE001 - truncated or foreign file
             raise DataError(f"{path}: not a CIFAR-10 batch file ({exc})") from exc
+        check_labels(torch.tensor(batch["labels"]), path, NUM_CLASSES["cifar10"], conditional)
     return ImageData(
         "cifar10",
         3,
         32,
-        10 if conditional else 0,
+        NUM_CLASSES["cifar10"] if conditional else 0,
         torch.tensor(labels, dtype=torch.int64),
         images=torch.from_numpy(np.concatenate(images)),
         source=str(files[0].parent),
@@ -203,7 +237,13 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
 
 
 class FolderDataset(Dataset):
-    """Every image under a folder, recursively; the first-level subfolder is the class."""
+    """Every image under a folder, recursively; the first-level subfolder is the class.
+
+    Files that are empty or not images at all are found by their header when the folder is
+    indexed, so they never count as images; files that fail only when decoded (truncated) are
+    found at their first draw. Either kind is skipped, warned about and counted once per file
+    (skip_bad), or named in a one-line DataError raised in the main process.
+    """
 
     def __init__(self, root: Path, image_size: int, skip_bad: bool = True):
         if not root.is_dir():
@@ -212,20 +252,27 @@ class FolderDataset(Dataset):
         files = sorted(
             p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
-        empty = [p for p in files if p.stat().st_size == 0]
-        if empty and not skip_bad:
-            raise DataError(
-                f"{empty[0]}: empty image file ({len(empty)} in {root}); "
-                f"set GAN_BAD_IMAGES=skip to train on the rest"
-            )
-        if empty:
-            log.warning("skipping %d empty image files in %s, e.g. %s", len(empty), root, empty[0])
-        self.skipped_empty = len(empty)
-        self.files = [p for p in files if p.stat().st_size > 0]
+        with ThreadPoolExecutor(8) as pool:  # one small read per file; I/O-bound
+            problems = dict(zip(files, pool.map(_header_problem, files), strict=True))
+        bad = {p: why for p, why in problems.items() if why}
+        if bad:
+            path, why = next(iter(bad.items()))
+            if not skip_bad:
+                raise DataError(
+                    f"{path}: {why} ({len(bad)} such files in {root}); "
+                    f"set GAN_BAD_IMAGES=skip to train on the rest"
+                )
+            log.warning(
+                "skipping %d unreadable image files in %s (empty or not images), e.g. %s: %s",
+                len(bad), root, path, why,
+            )  # fmt: skip
+        self.skipped_at_start = len(bad)
+        self.files = [p for p in files if p not in bad]
         if not self.files:
             raise DataError(
                 f"GAN_DATASET=folder:{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
+        self.unreadable: dict[int, str] = {}  # main process: files that failed on a draw
         classes = sorted({p.relative_to(root).parts[0] for p in self.files if p.parent != root})
         index = {name: i for i, name in enumerate(classes)}
         self.classes = classes
@@ -236,25 +283,90 @@ class FolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        """(image, label, unreadable files skipped to find it): an unreadable file is replaced
-        by the next readable one when skipping, so batches keep their size."""
-        for skipped in range(len(self.files)):
-            j = (i + skipped) % len(self.files)
-            path = self.files[j]
+    @property
+    def skipped(self) -> int:
+        """Files skipped so far: at indexing, and unreadable on a draw."""
+        return self.skipped_at_start + len(self.unreadable)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, list[tuple[int, str]]]:
+        """(image, label, the unreadable files met as (index, why)). When skipping, an
+        unreadable file is replaced by the next readable one, so batches keep their size;
+        otherwise image is None and note() raises in the main process (raised in a DataLoader
+        worker, the error would arrive as a worker traceback)."""
+        met = []
+        for offset in range(len(self.files)):
+            j = (i + offset) % len(self.files)
             try:
-                with Image.open(path) as img:
+                with Image.open(self.files[j]) as img:
                     img = _resize_center_crop(img.convert("RGB"), self.image_size)
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+                met.append((j, f"unreadable image ({exc})"))
                 if not self.skip_bad:
-                    raise DataError(
-                        f"{path}: unreadable image ({exc}); set GAN_BAD_IMAGES=skip to skip such files"
-                    ) from exc
-                log.warning("skipping unreadable image %s: %s", path, exc)
+                    break
                 continue
             array = np.asarray(img, dtype=np.uint8).copy()
-            return torch.from_numpy(array).permute(2, 0, 1), int(self.labels[j]), skipped
-        raise DataError(f"{self.root}: no readable image")
+            return torch.from_numpy(array).permute(2, 0, 1), int(self.labels[j]), met
+        return None, 0, met
+
+    def note(self, met: list[tuple[int, str]]) -> None:
+        """In the main process, what __getitem__ met: a warning the first time a file fails,
+        or, not skipping, a DataError naming it."""
+        for j, why in met:
+            if j in self.unreadable:
+                continue
+            self.unreadable[j] = why
+            if not self.skip_bad:
+                raise DataError(
+                    f"{self.files[j]}: {why}; set GAN_BAD_IMAGES=skip to skip such files"
+                )
+            log.warning("skipping %s: %s (warned once)", self.files[j], why)
+
+    def load(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image i (or the next readable one) and its label, in the main process."""
+        image, label, met = self[i]
+        self.note(met)
+        if image is None:
+            raise DataError(f"{self.root}: no readable image")
+        return image, label
+
+
+def folder_batches(
+    folder: FolderDataset, batches: list[list[int]], num_workers: int, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(uint8 images, labels) of each batch of indices, decoded by DataLoader workers; the
+    unreadable files they meet are reported here, in the main process (FolderDataset.note)."""
+    loader = DataLoader(
+        folder,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
+    for images, labels, met in loader:
+        folder.note(met)
+        if images is None:
+            raise DataError(f"{folder.root}: no readable image")
+        yield images, labels
+
+
+def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
+    images, labels, met = zip(*items, strict=True)
+    met = [m for found in met for m in found]
+    if any(image is None for image in images):
+        return None, None, met
+    return torch.stack(images), torch.tensor(labels), met
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why a file is no image, from its size and header alone (no decoding); None if it is."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty image file"
+        with Image.open(path):
+            return None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        return f"unreadable image ({exc})"
 
 
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -367,7 +479,6 @@ class BatchSource:
                 f"(GAN_BATCH_SIZE={batch_size} x {world_size} processes)"
             )
         self.epoch, self.batch_index = 0, 0
-        self.skipped_images = data.folder.skipped_empty if data.folder is not None else 0
         self.in_memory = data.images is not None
         if self.in_memory:
             home = device if on_device else torch.device("cpu")
@@ -375,6 +486,11 @@ class BatchSource:
             if home.type == "cpu" and device.type == "cuda":
                 self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
         self._iter = None
+
+    @property
+    def skipped_images(self) -> int:
+        """Image files skipped as unreadable so far (each counted once)."""
+        return self.data.folder.skipped if self.data.folder is not None else 0
 
     @property
     def images_per_epoch(self) -> int:
@@ -396,16 +512,10 @@ class BatchSource:
         usable = self.batches_per_epoch * self.batch_size
         return list(mine[:usable].view(self.batches_per_epoch, self.batch_size))
 
-    def _loader(self):
+    def _loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = [b.tolist() for b in self._rank_batches()[self.batch_index :]]
-        return iter(
-            DataLoader(
-                self.data.folder,
-                batch_sampler=batches,
-                num_workers=self.num_workers,
-                pin_memory=self.device.type == "cuda",
-                persistent_workers=False,
-            )
+        return folder_batches(
+            self.data.folder, batches, self.num_workers, pin_memory=self.device.type == "cuda"
         )
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -420,8 +530,7 @@ class BatchSource:
         else:
             if self._iter is None:
                 self._iter = self._loader()
-            x, y, skipped = next(self._iter)
-            self.skipped_images += int(skipped.sum())
+            x, y = next(self._iter)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
         self.batch_index += 1
@@ -434,5 +543,5 @@ def real_images(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, tor
     idx = torch.randperm(len(data), generator=g)[: min(num, len(data))]
     if data.images is not None:
         return data.images[idx], data.labels[idx]
-    items = [data.folder[int(i)] for i in idx]
+    items = [data.folder.load(int(i)) for i in idx]
     return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])

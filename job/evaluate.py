@@ -286,6 +286,7 @@ class FidEvaluator:
         self.every, self.num, self.seed = every, num, seed
         self.latent_dim, self.num_classes = latent_dim, num_classes
         self.real_state: dict[str, torch.Tensor] | None = None
+        self.num_real = 0  # real images behind real_state
 
     def prepare(self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]) -> None:
         """Real statistics from the cache, or from real_images(num) (then cached)."""
@@ -305,6 +306,13 @@ class FidEvaluator:
                 torch.save(state, buf)
                 cache.put_bytes(f"{key}.pt", buf.getvalue())
         self.real_state = distributed.broadcast_object(state, self.world)
+        self.num_real = int(self.real_state["num_real_images"])  # the dataset may have fewer
+        if self.num_real < self.num and self.world.is_main:
+            log.warning(
+                "FID: real statistics from all %d images of the dataset, fewer than the %d "
+                "generated (GAN_FID_NUM_SAMPLES); eval.jsonl records both",
+                self.num_real, self.num,
+            )  # fmt: skip
 
     def due(self, step: int, last: bool = False) -> bool:
         """At every `every` steps, and at the end unless this step was just evaluated."""
@@ -331,6 +339,7 @@ class FidEvaluator:
             self.history.append({
                 "step": step, "images_seen": images_seen, "fid": round(fid, 4),
                 "extractor": self.extractor.name, "num_samples": self.num,
+                "num_real": self.num_real,
                 "seconds": round(time.monotonic() - t0, 2),
             })  # fmt: skip
             log.info(

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
 from job import data as datamod
 from job.errors import DataError, SettingsError
@@ -121,13 +120,8 @@ class Split:
             for idx in chunks:
                 yield self.data.images[idx], self.data.labels[idx]
         else:
-            loader = DataLoader(
-                self.data.folder,
-                batch_sampler=[c.tolist() for c in chunks],
-                num_workers=self.workers,
-            )
-            for batch in loader:  # (images, labels, ...): FolderDataset may add more fields
-                yield batch[0], batch[1]
+            batches = [c.tolist() for c in chunks]
+            yield from datamod.folder_batches(self.data.folder, batches, self.workers)
 
 
 def _check_labels(data: datamod.ImageData, what: str) -> int:

@@ -23,6 +23,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import torch
 from prometheus_client import (
@@ -36,10 +37,13 @@ from prometheus_client import (
     push_to_gateway,
     start_http_server,
 )
+from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from job import distributed
+from job.errors import SettingsError
+from job.settings import redact
 from job.storage import JsonlLog
 
 log = logging.getLogger(__name__)
@@ -145,6 +149,11 @@ class Metrics:
         self.upload_failures = Counter(
             "gan_upload_failures", "Artifact uploads that failed after their retries", registry=r
         )
+        self.checkpoints_skipped = Counter(
+            "gan_checkpoints_skipped",
+            "Checkpoints not taken because earlier ones were still waiting to be stored",
+            registry=r,
+        )
         self.resumes = Counter(
             "gan_resumes", "1 when this process resumed from a checkpoint", registry=r
         )
@@ -153,7 +162,14 @@ class Metrics:
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         if port == 0 or self._server is not None:
             return
-        self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            self._server, _ = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:
+            problem = (
+                f"GAN_METRICS_PORT={port}: cannot serve metrics on {addr}:{port} ({e.strerror}): "
+                "expected a free port, or 0 for no metrics endpoint"
+            )
+            raise SettingsError([problem]) from e
         log.info("serving metrics on %s:%d/metrics", addr, port)
 
     def close(self) -> None:
@@ -171,7 +187,7 @@ class Metrics:
         self.run_info.info(
             {
                 "run_id": run_id,
-                "dataset": dataset,
+                "dataset": redact(dataset),
                 "model": model,
                 "world_size": str(world_size),
                 "version": version,
@@ -212,6 +228,10 @@ class Metrics:
         self.upload_failures.inc(n)
 
     @_if_enabled
+    def inc_checkpoints_skipped(self) -> None:
+        self.checkpoints_skipped.inc()
+
+    @_if_enabled
     def inc_resumes(self) -> None:
         self.resumes.inc()
 
@@ -221,24 +241,42 @@ class Metrics:
 
         The run id joins the grouping key unless the caller sets one, so each run's final
         values stay in the Pushgateway side by side instead of the next run replacing them.
+        A user:password in the URL is sent as HTTP basic auth, and never shown.
         """
         if self._label.run_id:
             grouping = {"run_id": self._label.run_id, **grouping}
+        gateway, handler = _push_target(url)
         try:
             push_to_gateway(
-                url,
+                gateway,
                 job=job,
                 registry=self.registry,
                 grouping_key=grouping,
                 timeout=PUSH_TIMEOUT_SECONDS,
+                handler=handler,
             )
         except Exception as e:  # a failed push must never fail the job at exit
-            log.warning("pushing metrics to %s failed: %s", url, e)
+            log.warning("pushing metrics to %s failed: %s", redact(url), redact(str(e)))
         else:
-            log.info("pushed metrics to %s (job=%s, %s)", url, job, grouping)
+            log.info("pushed metrics to %s (job=%s, %s)", redact(url), job, grouping)
 
     def render(self) -> bytes:
         return generate_latest(self.registry) if self.enabled else b""
+
+
+def _push_target(url: str) -> tuple[str, Callable[..., Callable[[], None]]]:
+    """The Pushgateway URL without its user:password, and the handler that sends them as HTTP
+    basic auth (prometheus_client would take them for a host name)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, default_handler
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    user, password = unquote(parts.username), unquote(parts.password or "")
+
+    def handler(url, method, timeout, headers, data):
+        return basic_auth_handler(url, method, timeout, headers, data, user, password)
+
+    return bare, handler
 
 
 def _gauge(name: str, doc: str, registry: CollectorRegistry, start: float = 0.0) -> Gauge:

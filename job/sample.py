@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import io
+import itertools
 import math
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from job import checkpoint, evaluate
-from job.errors import CheckpointError, SettingsError
+from job.errors import CheckpointError, DiskFullError, SettingsError
 from job.models import Arch, build_generator
 from job.storage import open_store
+
+BATCH = 512  # images generated and written at a time
+MAX_GRID = 1024  # images in a .png grid (32 x 32)
 
 
 def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn.Module, Arch]:
@@ -45,15 +52,64 @@ def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn
     return g.eval(), arch
 
 
-def sample(g: torch.nn.Module, arch: Arch, num: int, seed: int, label: int | None) -> np.ndarray:
-    """num images as uint8, N x H x W (one channel) or N x H x W x 3."""
-    z, labels = evaluate.fixed_inputs(
-        arch.latent_dim, num, arch.num_classes, seed, torch.device("cpu")
-    )
-    if label is not None:
-        labels = torch.full((num,), label, dtype=torch.int64)
-    images = evaluate.to_uint8(evaluate.generate(g, z, labels)).permute(0, 2, 3, 1).numpy()
-    return images[..., 0] if arch.channels == 1 else images
+def sample(
+    g: torch.nn.Module, arch: Arch, num: int, seed: int, label: int | None
+) -> Iterator[np.ndarray]:
+    """num images as uint8, in batches of at most BATCH (memory stays bounded for any num):
+    n x H x W (one channel) or n x H x W x 3. The same seed gives the same images."""
+    noise = torch.Generator().manual_seed(seed)
+    for start in range(0, num, BATCH):
+        n = min(BATCH, num - start)
+        z = torch.randn(n, arch.latent_dim, generator=noise)
+        labels = None
+        if label is not None:
+            labels = torch.full((n,), label, dtype=torch.int64)
+        elif arch.num_classes:
+            labels = torch.arange(start, start + n) % arch.num_classes
+        images = evaluate.to_uint8(evaluate.generate(g, z, labels)).permute(0, 2, 3, 1).numpy()
+        yield images[..., 0] if arch.channels == 1 else images
+
+
+def check_out(out: Path, num: int) -> list[str]:
+    """What is wrong with --out and --num, before any work. A missing folder is created."""
+    if out.suffix not in (".npy", ".png"):
+        return [f"--out {out}: expected a .npy or .png file name"]
+    if out.is_dir():
+        return [f"--out {out}: is a folder: expected a file name ending in .npy or .png"]
+    if out.suffix == ".png" and num > MAX_GRID:
+        return [f"--num {num}: a .png grid holds at most {MAX_GRID} images: write a .npy"]
+    folder = next(p for p in out.absolute().parents if p.exists())  # nearest existing folder
+    if not folder.is_dir():
+        return [f"--out {out}: {folder} is a file, not a folder"]
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [f"--out {out}: cannot write in {folder} (permission denied)"]
+    return []
+
+
+def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
+    """A .npy of uint8 images written batch by batch, complete or not at all (a temporary
+    file renamed at the end); DiskFullError when the disk fills."""
+    free = shutil.disk_usage(out.parent).free
+    if (size := math.prod(shape)) > free:
+        raise DiskFullError(f"--out {out}: {_mb(size)} of images, {_mb(free)} free")
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+            np.lib.format.write_array_header_1_0(f, header)
+            for images in batches:
+                f.write(np.ascontiguousarray(images).tobytes())
+        os.replace(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(f"--out {out}: {e.strerror}") from e
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
 
 
 def main(argv: list[str]) -> int:
@@ -62,15 +118,17 @@ def main(argv: list[str]) -> int:
         "--checkpoint", required=True, help="checkpoint, final/generator.pt, or run folder/URI"
     )
     parser.add_argument("--num", type=int, required=True, help="number of images")
-    parser.add_argument("--out", required=True, help="output .npy (uint8 images) or .png (a grid)")
+    parser.add_argument(
+        "--out", required=True,
+        help=f"output .npy (uint8 images) or .png (a grid of at most {MAX_GRID}); "
+        "a missing folder is created",
+    )  # fmt: skip
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--label", type=int, default=None, help="class for conditional models")
     args = parser.parse_args(argv)
-    problems = []
-    if args.num < 1:
-        problems.append(f"--num {args.num}: expected an integer >= 1")
-    if Path(args.out).suffix not in (".npy", ".png"):
-        problems.append(f"--out {args.out}: expected a .npy or .png file name")
+    out = Path(args.out)
+    problems = [f"--num {args.num}: expected an integer >= 1"] if args.num < 1 else []
+    problems += check_out(out, args.num)
     if problems:
         raise SettingsError(problems)
     # the same endpoint setting as training; unset: boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
@@ -80,14 +138,17 @@ def main(argv: list[str]) -> int:
             f"0..{arch.num_classes - 1}" if arch.num_classes else "no label (unconditional model)"
         )
         raise SettingsError([f"--label {args.label}: expected {expected}"])
-    images = sample(g, arch, args.num, args.seed, args.label)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SettingsError([f"--out {out}: cannot create {out.parent} ({e.strerror})"]) from e
+    batches = sample(g, arch, args.num, args.seed, args.label)
     if out.suffix == ".npy":
-        np.save(out, images)
+        first = next(batches)
+        write_npy(out, (args.num, *first.shape[1:]), itertools.chain([first], batches))
     else:
-        tensor = torch.from_numpy(images).float() / 255
-        tensor = tensor.unsqueeze(1) if arch.channels == 1 else tensor.permute(0, 3, 1, 2)
-        out.write_bytes(evaluate.grid_png(tensor, nrow=math.ceil(math.sqrt(args.num))))
+        images = torch.from_numpy(np.concatenate(list(batches))).float() / 255
+        images = images.unsqueeze(1) if arch.channels == 1 else images.permute(0, 3, 1, 2)
+        out.write_bytes(evaluate.grid_png(images, nrow=math.ceil(math.sqrt(args.num))))
     print(f"wrote {args.num} images to {out}")
     return 0

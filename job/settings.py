@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Literal
@@ -239,7 +240,9 @@ class Settings(BaseSettings):
         9090, ge=0, le=65535, description="Prometheus metrics port on rank 0 (0: off)"
     )
     pushgateway_url: str | None = Field(
-        None, description="Pushgateway to push final metrics to at exit (unset: no push)"
+        None,
+        description="Pushgateway to push final metrics to at exit (unset: no push); a "
+        "user:password@ in it is sent as basic auth",
     )
     s3_endpoint_url: str | None = Field(
         None,
@@ -255,6 +258,13 @@ class Settings(BaseSettings):
                 "diffaugment", "a comma list of color, translation, cutout, or empty for none"
             )
         return ",".join(parts)
+
+    @field_validator("artifact_uri", "dataset", "resume")
+    @classmethod
+    def _check_bucket(cls, value: str) -> str:
+        if (why := s3_uri_problem(value)) is not None:
+            raise PydanticCustomError("s3_bucket", why)
+        return value
 
     @model_validator(mode="wrap")
     @classmethod
@@ -273,30 +283,34 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
+        """Settings valid alone but not together. Each message names every setting it involves
+        (as GAN_X=), so that load_settings can drop those that involve an invalid one."""
+        problems = []
         if self.model == "dcgan" and self.resolved_image_size not in DCGAN_SIZES:
-            raise ValueError(
-                f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by dcgan: "
+            problems.append(
+                f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by GAN_MODEL=dcgan: "
                 f"expected one of {', '.join(map(str, DCGAN_SIZES))}"
             )
         if self.resume not in ("auto", "never") and not self.resume:
-            raise ValueError("GAN_RESUME must be auto, never, or a checkpoint path")
+            problems.append("GAN_RESUME= must be auto, never, or a checkpoint path")
         if self.conditioning == "projection" and not self.conditional:
-            raise ValueError(
+            problems.append(
                 "GAN_CONDITIONING=projection needs GAN_CONDITIONAL=true (a projection "
                 "discriminator is class-conditional)"
             )
         if self.nnodes > 1 and not self.rdzv_endpoint:
-            raise ValueError(
+            problems.append(
                 f"GAN_NNODES={self.nnodes} needs GAN_RDZV_ENDPOINT (host:port of node 0)"
             )
         if self.node_rank >= self.nnodes:
-            raise ValueError(
-                f"GAN_NODE_RANK={self.node_rank} is not below GAN_NNODES={self.nnodes}"
-            )
+            problems.append(f"GAN_NODE_RANK={self.node_rank} is not below GAN_NNODES={self.nnodes}")
         if self.r1_gamma > 0 and self.compile:
-            raise ValueError(
-                "GAN_R1_GAMMA > 0 needs GAN_COMPILE=false (torch.compile has no double backward)"
+            problems.append(
+                f"GAN_R1_GAMMA={self.r1_gamma} needs GAN_COMPILE=false "
+                "(torch.compile has no double backward)"
             )
+        if problems:
+            raise ValueError("\n".join(problems))
         return self
 
     @property
@@ -377,7 +391,7 @@ def _grayscale_28px(data: dict) -> bool:
 def _check_dataset(value: str) -> str | None:
     known = {*NATIVE_SIZE}
     if value in known or value.startswith(("s3://", "folder:")) and len(value) > 7:
-        return None
+        return None  # an s3:// bucket name is checked by Settings
     return f"expected one of {', '.join(sorted(known))}, folder:/path or s3://bucket/prefix"
 
 
@@ -425,21 +439,42 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     if dataset is not None and (why := _check_dataset(dataset)):
         problems.append(f"{PREFIX}DATASET={dataset!r}: {why}")
     gan_env = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
+    values = _from_env(gan_env)
     try:
-        settings = Settings(_env_file=None, **_from_env(gan_env))
+        settings = Settings(_env_file=None, **values)
     except ValidationError as exc:
+        invalid = set()
         for err in exc.errors():
             if err["loc"]:
+                invalid.add(str(err["loc"][0]))
                 name = PREFIX + str(err["loc"][0]).upper()
                 given = gan_env.get(name, "<default>")
                 hint = _service_link_hint(given)
                 problems.append(f"{name}={given!r}: expected {_expected(err)}{hint}")
             else:
-                problems.append(err["msg"].removeprefix("Value error, "))
+                problems += _combination_lines(err)
+        if invalid:
+            problems += _combination_problems(values, invalid)
         settings = None
     if problems:
         raise SettingsError(problems)
     return settings
+
+
+def _combination_lines(error: dict) -> list[str]:
+    return error["msg"].removeprefix("Value error, ").splitlines()
+
+
+def _combination_problems(values: dict[str, str], invalid: set[str]) -> list[str]:
+    """Combination problems among the settings valid alone, so that they are reported with the
+    invalid ones at once; those that involve an invalid setting are left out."""
+    try:
+        Settings(_env_file=None, **{k: v for k, v in values.items() if k not in invalid})
+    except ValidationError as exc:
+        names = {PREFIX + name.upper() for name in invalid}
+        lines = [line for err in exc.errors() if not err["loc"] for line in _combination_lines(err)]
+        return [line for line in lines if not names & set(re.findall(r"\b(GAN_\w+)=", line))]
+    return []
 
 
 def _from_env(gan_env: dict[str, str]) -> dict[str, str]:
@@ -503,8 +538,90 @@ def settings_markdown() -> str:
 
 
 def public_dict(settings: Settings) -> dict:
-    """The settings as written to config.json and checkpoints (no secrets live in Settings)."""
-    return settings.model_dump(mode="json")
+    """The settings as written to config.json and checkpoints: secrets in them redacted."""
+    return {
+        name: redact(value) if isinstance(value, str) else value
+        for name, value in settings.model_dump(mode="json").items()
+    }
+
+
+# ---------------------------------------------------------------- S3 bucket names
+
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+BUCKET_RULE = (
+    "an S3 bucket name of 3-63 characters: lowercase letters, digits, dots and hyphens, "
+    "beginning and ending with a letter or digit"
+)
+
+
+def bucket_problem(name: str) -> str | None:
+    """Why name is not a valid S3 bucket name (AWS's rules, which MinIO and others follow)."""
+    if (
+        not _BUCKET.match(name)
+        or ".." in name
+        or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name)  # an IP address
+    ):
+        return f"{BUCKET_RULE}; {name!r} is not"
+    return None
+
+
+def s3_uri_problem(uri: str) -> str | None:
+    """Why an s3:// URI names no valid bucket; None for valid ones and other URIs."""
+    if not uri.startswith("s3://"):
+        return None
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if "@" in bucket:
+        return "s3://bucket/prefix without user:password@ (S3 credentials are AWS_* variables)"
+    return bucket_problem(bucket)
+
+
+# ---------------------------------------------------------------- secrets
+
+REDACTED = "***"
+# query parameters that carry credentials: presigned URLs, tokens, API keys
+_SECRET_PARAMS = (
+    r"x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
+    r"id_token|refresh_token|auth|authorization|password|passwd|pwd|secret|client_secret|"
+    r"api_key|apikey|key|session_token|sas|code"
+)
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")
+_QUERY_SECRET = re.compile(rf"(?i)([?&;](?:{_SECRET_PARAMS})=)[^&;#\s'\"]+")
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+# environment variables whose values are secrets wherever they show up
+_SECRET_ENV = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|CREDENTIAL)")
+_MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
+
+
+def redact(text: str) -> str:
+    """text with every secret it may hold replaced by ***: the user:password of URLs, credential
+    query parameters (token=, X-Amz-Signature=, sig=...), AWS access key ids, and the values of
+    secret environment variables (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN...).
+
+    Everything the job writes that could hold a setting's value goes through it: log lines,
+    config.json and checkpoints (public_dict), metric labels."""
+    text = _USERINFO.sub(rf"\1{REDACTED}@", text)
+    text = _QUERY_SECRET.sub(rf"\1{REDACTED}", text)
+    text = _AWS_KEY_ID.sub(REDACTED, text)
+    for name, value in os.environ.items():
+        if len(value) >= _MIN_SECRET_LEN and _SECRET_ENV.search(name) and value in text:
+            text = text.replace(value, REDACTED)
+    return text
+
+
+class RedactingFormatter(logging.Formatter):
+    """A log formatter whose lines, tracebacks included, pass through redact()."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
+def redact_logs() -> None:
+    """Make every handler of the root logger redact secrets from what it writes."""
+    for handler in logging.getLogger().handlers:
+        fmt = handler.formatter
+        handler.setFormatter(
+            RedactingFormatter(fmt._fmt, fmt.datefmt) if fmt is not None else RedactingFormatter()
+        )
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 Keys are '/'-separated paths relative to the store's root ("checkpoints/step-00000100/model.pt").
 Every put is atomic: a reader sees the old object, the whole new one, or nothing.
-S3 requests retry through botocore's own retry modes; BackgroundWriter adds an outer retry for
-outages that last minutes. Training waits on storage only when max_pending writes are queued
-(back-pressure: an outage holds at most that many artifacts in memory).
+S3 requests retry through botocore's own retry modes, each attempt bounded by connect and read
+timeouts; BackgroundWriter adds an outer retry for outages that last minutes. Training never
+waits on storage: during an outage, what waits in memory is bounded (see BackgroundWriter).
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ import fcntl
 import json
 import logging
 import os
-import queue
 import shutil
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 import boto3
@@ -35,10 +37,13 @@ from botocore.exceptions import (
 )
 
 from job.errors import DiskFullError, StorageError
+from job.settings import s3_uri_problem
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
+CHECK_SECONDS = 60.0  # the whole start-up check of an S3 store
+T = TypeVar("T")
 _TMP_SUFFIX = ".partial"  # local temp files: ".<name>.<hex>.partial", never listed
 
 
@@ -230,8 +235,9 @@ def make_s3_client(
     endpoint_url wins over AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL (which boto3 reads itself when
     endpoint_url is None). A custom endpoint means a non-AWS store: path-style addressing and
     checksums only where required, unless AWS_S3_ADDRESSING_STYLE /
-    AWS_REQUEST_CHECKSUM_CALCULATION say otherwise. Retries: botocore's AWS_RETRY_MODE (default
-    standard) and AWS_MAX_ATTEMPTS (default 5) unless max_attempts is given.
+    AWS_REQUEST_CHECKSUM_CALCULATION say otherwise. Attempts per request, the first included:
+    max_attempts, else AWS_MAX_ATTEMPTS (default 5), in botocore's AWS_RETRY_MODE (default
+    standard); each waits at most connect_timeout + read_timeout between bytes.
     """
     session = boto3.session.Session()
     region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
@@ -248,7 +254,8 @@ def make_s3_client(
         read_timeout=read_timeout,
         retries={
             "mode": os.environ.get("AWS_RETRY_MODE", "standard"),
-            "max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+            # botocore's own "max_attempts" key counts retries, not attempts as AWS_MAX_ATTEMPTS
+            "total_max_attempts": max_attempts or int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
         },
         s3={"addressing_style": style} if style else None,
         **extra,
@@ -385,26 +392,60 @@ class S3Store(Store):
         child.transfer = self.transfer
         return child
 
-    def check(self) -> None:
+    def check(self, timeout: float = CHECK_SECONDS) -> None:
         """List (finds a missing bucket or bad keys), then write, read and delete a probe object.
 
-        Uses a client with short timeouts and few attempts: an unreachable endpoint fails in
-        seconds, not minutes.
+        Short timeouts, two attempts per request and a deadline for the whole check: an
+        unreachable or unresponsive endpoint fails in seconds, a crawling one in timeout seconds.
         """
         client = make_s3_client(
-            self.endpoint_url, connect_timeout=5, read_timeout=10, max_attempts=2
+            self.endpoint_url, connect_timeout=5, read_timeout=5, max_attempts=2
         )
+        endpoint = client.meta.endpoint_url
         probe = self._key(f".gan-job-probe-{uuid.uuid4().hex[:8]}")
-        try:
+
+        def probe_store() -> bytes:
             client.list_objects_v2(Bucket=self.bucket, Prefix=self.prefix, MaxKeys=1)
             client.put_object(Bucket=self.bucket, Key=probe, Body=b"probe")
             data = client.get_object(Bucket=self.bucket, Key=probe)["Body"].read()
             client.delete_object(Bucket=self.bucket, Key=probe)
+            return data
+
+        try:
+            data = _within(timeout, probe_store)
+        except TimeoutError:
+            raise StorageError(
+                f"artifact store {self.uri}: endpoint {endpoint} is too slow: "
+                f"its check (list, put, get, delete) took over {timeout:.0f} s"
+            ) from None
         except _S3_ERRORS as e:
-            cause = _describe(e, self.bucket, client.meta.endpoint_url)
-            raise StorageError(f"artifact store {self.uri}: {cause}") from e
+            raise StorageError(
+                f"artifact store {self.uri}: {_describe(e, self.bucket, endpoint)}"
+            ) from e
         if data != b"probe":
             raise StorageError(f"artifact store {self.uri}: a probe object read back differently")
+
+
+def _within(seconds: float, fn: Callable[[], T]) -> T:
+    """fn() in a daemon thread; TimeoutError when it has not returned in seconds (it is left
+    to finish or fail on its own)."""
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            outcome.append((False, e))
+
+    thread = threading.Thread(target=run, name="s3-check", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        raise TimeoutError
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,6 +457,8 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StorageError(f"artifact URI {uri!r} names no bucket: expected s3://bucket/prefix")
+        if why := s3_uri_problem(uri):
+            raise StorageError(f"{uri}: expected {why}")
         return S3Store(parsed.netloc, parsed.path, endpoint_url=endpoint_url)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
@@ -426,13 +469,29 @@ def open_store(uri: str, endpoint_url: str | None = None) -> Store:
     return LocalStore(uri)
 
 
+@dataclass(eq=False)  # queued items are told apart by identity
+class _Item:
+    """One queued write (key: what it stores) or call (key None)."""
+
+    run: Callable[[], None]
+    key: str | None = None
+    replace: bool = False
+    droppable: bool = False
+
+
 class BackgroundWriter:
-    """Uploads in a background thread so training never waits on storage.
+    """Uploads in a background thread: training never waits on storage.
 
     FIFO with one worker: an item submitted later is stored after every earlier one, so a
     checkpoint's completion marker, submitted last, lands only after its parts. A failed item is
     retried with backoff until it succeeds or close()'s deadline passes; failures counts attempts
     that failed.
+
+    During an outage items wait in memory, within bounds. A snapshot submitted with replace=True
+    (metrics.jsonl, report.png) replaces the waiting one of the same key. At most max_pending
+    droppable items (sample grids) wait: a newer one drops the oldest, with a warning. Nothing
+    else is ever dropped before close()'s deadline: producers of large items (checkpoints) ask
+    has_room() first and skip their work when it says no.
     """
 
     def __init__(
@@ -444,23 +503,36 @@ class BackgroundWriter:
         retry_max: float = 30.0,
     ):
         self.store = store
+        self.max_pending = max_pending
         self.on_failure = on_failure
         self.retry_initial = retry_initial
         self.retry_max = retry_max
         self.failures = 0
         self.last_error: Exception | None = None
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=max_pending)
-        self._pending = 0
-        self._done = threading.Condition()
+        self.dropped: list[str] = []  # droppable keys given up to make room
+        self.not_stored: list[str] = []  # keys still waiting when close() gave up
+        self._items: deque[_Item] = deque()
+        self._current: _Item | None = None  # the item being stored (or retried)
+        self._cond = threading.Condition()
         self._abandon = threading.Event()  # set by close() after its deadline: stop retrying
         self._closed = False
+        self._stopping = False
         self._thread = threading.Thread(target=self._run, name="storage-writer", daemon=True)
         self._thread.start()
 
     @property
     def pending(self) -> int:
         """Items submitted and not yet stored."""
-        return self._pending
+        with self._cond:
+            return len(self._items) + (self._current is not None)
+
+    def has_room(self, items: int) -> bool:
+        """Whether items more can wait without exceeding max_pending. Droppable items do not
+        count (they make room themselves), nor replaceable ones (at most one per key waits)."""
+        with self._cond:
+            queued = [*self._items, *([self._current] if self._current else [])]
+            kept = sum(1 for i in queued if not (i.droppable or i.replace))
+            return kept + items <= self.max_pending
 
     def submit(
         self,
@@ -468,15 +540,19 @@ class BackgroundWriter:
         data: bytes | None = None,
         path: str | Path | None = None,
         delete_after: bool = False,
+        replace: bool = False,
+        droppable: bool = False,
     ) -> None:
-        """Store data or the file at path under key; blocks while max_pending items wait.
+        """Store data or the file at path under key; returns at once.
 
         delete_after removes the local file once it is stored (not if it is the stored file).
+        replace: a later submit of the same key replaces this one while it waits (snapshots).
+        droppable: may be dropped, oldest first, while max_pending droppable items wait.
         """
         if (data is None) == (path is None):
             raise ValueError("submit needs exactly one of data or path")
         if data is not None:
-            self.submit_call(lambda: self.store.put_bytes(key, data))
+            self._add(_Item(lambda: self.store.put_bytes(key, data), key, replace, droppable))
             return
         path = Path(path)
         if not path.is_file():
@@ -488,26 +564,48 @@ class BackgroundWriter:
             if delete_after and not (stored and stored.exists() and stored.samefile(path)):
                 path.unlink(missing_ok=True)
 
-        self.submit_call(put)
+        self._add(_Item(put, key, replace, droppable))
 
     def submit_call(self, fn: Callable[[], None]) -> None:
         """Run fn in order with the uploads (e.g. retention deletes); retried like a put."""
-        if self._closed:
-            raise RuntimeError("BackgroundWriter is closed")
-        with self._done:
-            self._pending += 1
-        self._queue.put(fn)
+        self._add(_Item(fn))
+
+    def _add(self, item: _Item) -> None:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("BackgroundWriter is closed")
+            if item.replace:
+                superseded = [i for i in self._items if i.replace and i.key == item.key]
+                for old in superseded:
+                    self._items.remove(old)
+            if item.droppable:
+                waiting = [i for i in self._items if i.droppable]
+                for old in waiting[: max(0, len(waiting) - self.max_pending + 1)]:
+                    self._items.remove(old)
+                    self.dropped.append(old.key)
+                    log.warning(
+                        "storage: %s dropped, not stored: uploads are behind (last error: %s)",
+                        old.key, self.last_error,
+                    )  # fmt: skip
+            self._items.append(item)
+            self._cond.notify_all()
 
     def _run(self) -> None:
-        while (fn := self._queue.get()) is not None:
-            self._run_with_retry(fn)
-            with self._done:
-                self._pending -= 1
-                self._done.notify_all()
+        while True:
+            with self._cond:
+                while not self._items and not self._stopping:
+                    self._cond.wait()
+                if not self._items:
+                    return
+                item = self._current = self._items.popleft()
+            self._run_with_retry(item.run)
+            with self._cond:
+                self._current = None
+                self._cond.notify_all()
 
     def _run_with_retry(self, fn: Callable[[], None]) -> None:
         delay = self.retry_initial
-        while True:
+        while not self._abandon.is_set():
             try:
                 fn()
                 return
@@ -526,42 +624,38 @@ class BackgroundWriter:
                     except Exception:
                         log.exception("on_failure callback raised")
             if self._abandon.wait(delay):
-                log.error("storage write abandoned at close: %s", self.last_error)
                 return
             delay = min(delay * 2, self.retry_max)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is stored; False on timeout."""
-        with self._done:
-            return self._done.wait_for(lambda: self._pending == 0, timeout)
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._items and not self._current, timeout)
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flush, then stop the thread. Past the deadline, pending items are dropped: False."""
-        if self._closed:
-            return self._pending == 0
-        self._closed = True
+        """Flush, then stop the thread. Past the deadline, what still waits is given up (listed
+        in not_stored, logged): False."""
+        with self._cond:
+            if self._closed:
+                return not self.not_stored and self.pending == 0
+            self._closed = True
         ok = self.flush(timeout)
+        with self._cond:
+            if not ok:
+                waiting = [*([self._current] if self._current else []), *self._items]
+                self.not_stored = [i.key for i in waiting if i.key is not None]
+                self._items.clear()
+                self._abandon.set()
+            self._stopping = True
+            self._cond.notify_all()
         if not ok:
-            self._abandon.set()
-            self._drain()
-        try:
-            self._queue.put(None, timeout=1.0)
-        except queue.Full:  # a submit raced with close; the daemon thread dies with the process
-            pass
-        self._thread.join(None if ok else 1.0)
+            log.error("storage: giving up after %s s: %s", timeout, self.describe_not_stored())
+        self._thread.join(None if ok else 1.0)  # a call stuck past its deadline dies with us
         return ok
 
-    def _drain(self) -> None:
-        """Drop queued items (after close's deadline) so the worker reaches the stop sentinel."""
-        while True:
-            try:
-                fn = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if fn is not None:
-                with self._done:
-                    self._pending -= 1
-                    self._done.notify_all()
+    def describe_not_stored(self) -> str:
+        """What close() gave up (a few dozen keys at most), for a one-line message."""
+        return f"{', '.join(self.not_stored) or 'nothing'} (last error: {self.last_error})"
 
     def __enter__(self) -> BackgroundWriter:
         return self
@@ -574,8 +668,17 @@ class NullWriter:
     """The writer of ranks other than 0: they write no artifacts."""
 
     pending = 0
+    last_error = None
+    dropped: list[str] = []
+    not_stored: list[str] = []
 
-    def submit(self, key: str, data: bytes | None = None, path=None, delete_after=False) -> None:
+    def has_room(self, items: int) -> bool:
+        return True
+
+    def describe_not_stored(self) -> str:
+        return "nothing"
+
+    def submit(self, key: str, data: bytes | None = None, path=None, **options) -> None:
         pass
 
     def submit_call(self, fn: Callable[[], None]) -> None:
@@ -618,7 +721,7 @@ class JsonlLog:
 
     def sync(self) -> None:
         if self.path is None and self.rows:
-            self.writer.submit(self.key, data=self._text())
+            self.writer.submit(self.key, data=self._text(), replace=True)
 
     def state_dict(self) -> dict:
         return {"rows": list(self.rows)}

@@ -112,6 +112,9 @@ class Trainer:
         s = self.settings = settings  # read during set-up alone; the loop uses plain values
         self.world, self.device = world, world.device
         self.run_id = s.resolved_run_id
+        reporting = s.metrics_port > 0 or s.pushgateway_url is not None
+        self.metrics = Metrics(enabled=world.is_main and reporting)
+        self.metrics.serve(s.metrics_port)  # before any work: a port in use is a settings error
         self.root = open_store(s.artifact_uri, s.s3_endpoint_url)
         self.store = self.root.child(self.run_id)
         self.lock = RunLock(self.store, s.run_lease_seconds)
@@ -154,9 +157,6 @@ class Trainer:
         )  # fmt: skip
         self.run_state = RunState()
         self.rng = RngStreams(s.seed, world, lambda: self.run_state.step)
-
-        reporting = s.metrics_port > 0 or s.pushgateway_url is not None
-        self.metrics = Metrics(enabled=world.is_main and reporting)
         self.writer = (
             BackgroundWriter(self.store, on_failure=self._upload_failed)
             if world.is_main
@@ -188,6 +188,7 @@ class Trainer:
         )  # fmt: skip
 
         self.max_steps, self.max_minutes = s.max_steps, s.max_minutes
+        self.upload_timeout = s.upload_timeout_minutes * 60
         self.sample_every, self.seed = s.sample_every, s.seed
         self.nonfinite_policy, self.max_rollbacks = s.nonfinite, s.nonfinite_max_rollbacks
         self.stop = StopFlag(s.grace_seconds)
@@ -376,7 +377,6 @@ class Trainer:
         s = self.settings
         self.stop.install()
         if self.world.is_main:
-            self.metrics.serve(s.metrics_port)
             self.metrics.set_info(self.run_id, s.dataset, s.model, self.world.world_size, VERSION)
             self._write_config()
         key = evaluate.stats_key(
@@ -459,13 +459,17 @@ class Trainer:
         """75 once the checkpoint of the stop step is complete in the store, within the grace
         period; 10 when it is not (a retry resumes from an older checkpoint). Agreed by all ranks.
         """
-        stored = distributed.broadcast_object(self.writer.close(self.stop.time_left()), self.world)
+        wait = min(self.stop.time_left(), self.upload_timeout)
+        stored = distributed.broadcast_object(self.writer.close(wait), self.world)
         if stored:
             log.info("checkpoint of step %d stored: exit 75, a retry resumes here", step)
             return EXIT_PREEMPTED
         log.warning(
-            "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%d: exit 10, a retry "
-            "resumes from the last complete checkpoint", step, self.stop.grace_seconds,
+            "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%d or "
+            "GAN_UPLOAD_TIMEOUT_MINUTES=%g: exit 10, a retry resumes from the last complete "
+            "checkpoint; not stored: %s",
+            step, self.stop.grace_seconds, self.upload_timeout / 60,
+            self.writer.describe_not_stored(),
         )  # fmt: skip
         return EXIT_STOPPED_UNSAVED
 
@@ -514,7 +518,7 @@ class Trainer:
         nrow = self.arch.num_classes if self.arch.num_classes else 8
         png = evaluate.grid_png(images, nrow=nrow)
         self.grids[self.run_state.step] = png
-        self.writer.submit(f"samples/step-{self.run_state.step:08d}.png", data=png)
+        self.writer.submit(f"samples/step-{self.run_state.step:08d}.png", data=png, droppable=True)
 
     def _fid(self) -> None:
         st = self.run_state
@@ -531,7 +535,7 @@ class Trainer:
         png = write_report(
             self.progress.records, self.fid.records, sorted(self.grids.items()), title=self.run_id
         )
-        self.writer.submit("report.png", data=png)
+        self.writer.submit("report.png", data=png, replace=True)
 
     def _export_generator(self) -> None:
         export = {
@@ -585,7 +589,8 @@ def _run_trainer(settings: Settings, world: distributed.World) -> int:
             trainer.metrics.push(settings.pushgateway_url, "gan-job", {"run_id": trainer.run_id})
     if not uploaded and code == EXIT_OK:
         raise StorageError(
-            f"{trainer.store.uri}: artifacts still not stored after "
-            f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}"
+            f"{trainer.store.uri}: not stored after "
+            f"GAN_UPLOAD_TIMEOUT_MINUTES={settings.upload_timeout_minutes}: "
+            f"{trainer.writer.describe_not_stored()}"
         )
     return code

@@ -1,14 +1,16 @@
+import json
 import pickle
 import struct
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from job.data import BatchSource, load_dataset, read_idx
+from job.data import BatchSource, load_dataset, load_idx_dataset, read_idx
 from job.errors import DataError
 from job.settings import load_settings
-from tests.helpers import write_idx, write_image_folder
+from tests.helpers import job_env, run_job, write_extractor, write_idx, write_image_folder
 
 
 def settings(tmp_path, **env):
@@ -87,8 +89,9 @@ def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
     root = write_image_folder(tmp_path / "imgs", classes=("a", "b", "c"), per_class=2)
     data = load(tmp_path, dataset=f"folder:{root}", conditional="true", image_size=16, model="mlp")
     assert data.num_classes == 3 and len(data) == 6
-    image, label, skipped = data.folder[5]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2 and skipped == 0
+    image, label, unreadable = data.folder[5]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == 2
+    assert unreadable == []
 
 
 def test_empty_image_folder_is_a_clear_error(tmp_path):
@@ -156,3 +159,79 @@ def test_idx_header_with_wrong_dimensions(tmp_path):
     )
     with pytest.raises(DataError, match="expected N x H x W"):
         load(tmp_path, dataset="mnist")
+
+
+def test_idx_labels_outside_the_classes_are_refused_naming_file_and_range(tmp_path):
+    write_idx(tmp_path, n=20, gz=False)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:8] + bytes([200] * 20))
+    for conditional in ("true", "false"):
+        with pytest.raises(DataError) as info:
+            load(tmp_path, dataset="mnist", conditional=conditional)
+        assert str(info.value) == (
+            f"{labels}: labels 200 outside the dataset's classes: expected 0..9"
+        )
+        assert info.value.exit_code == 3
+
+
+def test_labels_of_other_data_must_number_its_classes(tmp_path):
+    write_idx(tmp_path, n=20, gz=False, classes=1)
+    labels = tmp_path / "train-labels-idx1-ubyte"
+    labels.write_bytes(labels.read_bytes()[:8] + bytes([0, 3] * 10))
+    with pytest.raises(DataError, match=r"but 2 of 0\.\.3 have no image: 1, 2"):
+        load_idx_dataset("s3", tmp_path, conditional=True)
+    assert load_idx_dataset("s3", tmp_path, conditional=False).num_classes == 0
+
+
+def truncated_png(path):
+    """A PNG whose header is fine and whose pixels are cut off: found only when decoded."""
+    pixels = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def test_files_that_are_no_images_do_not_count_as_images(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=6)
+    (root / "a" / "garbage.png").write_bytes(b"not a PNG at all" * 20)
+    (root / "a" / "empty.png").write_bytes(b"")
+    data = load(tmp_path, dataset=f"folder:{root}", image_size=16, model="mlp")
+    assert len(data) == 6 and data.folder.skipped == 2
+
+
+def test_a_corrupt_image_is_warned_about_and_counted_once(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=16)
+    for i in range(4):
+        truncated_png(root / "a" / f"bad{i}.png")
+    env = job_env(tmp_path, GAN_DATASET=f"folder:{root}", GAN_MODEL="mlp", GAN_IMAGE_SIZE=16,
+                  GAN_BATCH_SIZE=8, GAN_MAX_STEPS=15, GAN_LOG_EVERY=15, GAN_NUM_WORKERS=2)  # fmt: skip
+    result = run_job(env)  # 15 steps of 8 over 20 files: every file drawn 6 times
+    assert result.returncode == 0, result.stdout + result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "skipping" in line]
+    assert len(warnings) == 4 and all("bad" in w and "truncated" in w for w in warnings)
+    (record,) = [json.loads(r) for r in (tmp_path / "runs/imgs-mlp/metrics.jsonl").open()]
+    assert record["skipped_images"] == 4
+
+
+def test_bad_images_fail_mode_names_the_file_in_one_line(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=16)
+    truncated_png(root / "a" / "bad.png")
+    env = job_env(tmp_path, GAN_DATASET=f"folder:{root}", GAN_MODEL="mlp", GAN_IMAGE_SIZE=16,
+                  GAN_BATCH_SIZE=8, GAN_MAX_STEPS=10, GAN_NUM_WORKERS=2, GAN_BAD_IMAGES="fail")  # fmt: skip
+    result = run_job(env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    error = [line for line in result.stdout.splitlines() if " ERROR " in line]
+    assert len(error) == 1 and f"{root / 'a' / 'bad.png'}: unreadable image (" in error[0]
+    assert "set GAN_BAD_IMAGES=skip" in error[0]
+
+
+def test_fid_records_the_real_images_it_used(tmp_path):
+    write_idx(tmp_path / "data", n=64)
+    extractor = write_extractor(tmp_path / "features.pt", channels=1)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=2, GAN_FID_FEATURES=extractor,
+                  GAN_FID_NUM_SAMPLES=100, GAN_FID_EVERY=1)  # fmt: skip
+    result = run_job(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = [json.loads(r) for r in (tmp_path / "runs/mnist-dcgan/eval.jsonl").open()]
+    assert [(r["num_samples"], r["num_real"]) for r in rows] == [(100, 64), (100, 64)]
+    assert result.stdout.count("real statistics from all 64 images of the dataset") == 1

@@ -1,7 +1,16 @@
+import re
+import resource
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+import torch
 
-from tests.helpers import job_env, run_job, write_idx
+from job.errors import SettingsError
+from job.models import Arch, build_generator
+from job.sample import main as sample_main
+from tests.helpers import REPO, job_env, run_job, write_idx
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +64,56 @@ def test_sample_rejects_a_label_outside_the_classes(trained, tmp_path):
 def test_sample_from_nowhere_is_a_checkpoint_error(tmp_path):
     result = sample(tmp_path / "nothing", tmp_path / "x.npy", "--num", "2")
     assert result.returncode == 5 and "no complete checkpoint" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A generator export (untrained: what it draws does not matter here)."""
+    arch = Arch(model="mlp", channels=1, image_size=28, latent_dim=16, width=8, num_classes=0)
+    path = tmp_path_factory.mktemp("export") / "generator.pt"
+    torch.save({"arch": arch.to_dict(), "g_ema": build_generator(arch).state_dict()}, path)
+    return path
+
+
+def test_sample_of_any_size_is_generated_and_written_in_bounded_memory(export, tmp_path):
+    out = tmp_path / "many.npy"
+    # 100,000 images: 78 MB as uint8, but over 1 GB of float tensors if made at once
+    limit = 1_200_000_000  # data segment: the imports need about 0.9 GB of it
+    result = subprocess.run(
+        [sys.executable, "-m", "job", "sample", "--checkpoint", str(export), "--num", "100000",
+         "--out", str(out)],
+        env=job_env(tmp_path), cwd=REPO, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (limit, limit)),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    images = np.load(out, mmap_mode="r")
+    assert images.shape == (100000, 28, 28) and images.dtype == np.uint8
+    assert not np.array_equal(images[0], images[-1])
+    assert [p.name for p in tmp_path.iterdir()] == ["many.npy"]  # no temporary file left
+
+
+def test_sample_out_mistakes_are_settings_errors_before_any_work(export, tmp_path):
+    (tmp_path / "folder.npy").mkdir()
+    (tmp_path / "afile").write_text("")
+    result = run_job(job_env(tmp_path), "sample", "--checkpoint", "/nonexistent", "--num", "4",
+                     "--out", str(tmp_path / "folder.npy"))  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr
+    assert f"--out {tmp_path / 'folder.npy'}: is a folder: expected a file name" in result.stdout
+    cases = {
+        tmp_path / "afile" / "x.npy": f"{tmp_path / 'afile'} is a file, not a folder",
+        tmp_path / "x.txt": "expected a .npy or .png file name",
+    }
+    for out, expected in cases.items():
+        with pytest.raises(SettingsError, match=re.escape(f"--out {out}: {expected}")):
+            sample_main(["--checkpoint", "/nonexistent", "--num", "4", "--out", str(out)])
+    grid = ["--checkpoint", str(export), "--num", "5000", "--out", str(tmp_path / "grid.png")]
+    with pytest.raises(SettingsError, match="--num 5000: a .png grid holds at most 1024 images"):
+        sample_main(grid)
+
+
+def test_sample_creates_a_missing_folder(export, tmp_path):
+    out = tmp_path / "new" / "folder" / "x.npy"
+    result = run_job(job_env(tmp_path), "sample", "--checkpoint", str(export), "--num", "3",
+                     "--out", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert np.load(out).shape == (3, 28, 28)

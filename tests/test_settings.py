@@ -1,10 +1,25 @@
+import base64
+import io
+import json
 import re
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
+import torch
+from prom import PUSHGATEWAY, free_port
 
-from job.errors import SettingsError
-from job.settings import Settings, help_text, load_settings, settings_markdown
-from tests.helpers import REPO, job_env, run_job
+from job.errors import SettingsError, StorageError
+from job.settings import Settings, help_text, load_settings, redact, settings_markdown
+from job.storage import open_store
+from tests.helpers import REPO, job_env, run_job, write_idx
+from tests.test_s3_job import bucket_objects, s3_job_env
 
 
 def problems(env: dict[str, str]) -> list[str]:
@@ -88,3 +103,130 @@ def test_readme_settings_table_matches_the_code():
     assert table.group(1).strip() == settings_markdown().strip(), (
         "README settings table is stale: regenerate with `python -m job.settings`"
     )
+
+
+def test_combined_errors_are_reported_at_once_with_the_dependent_ones():
+    lines = problems({"GAN_IMAGE_SIZE": "37", "GAN_BATCH_SIZE": "lots"})
+    assert lines == [
+        "GAN_BATCH_SIZE='lots': expected an integer",
+        "GAN_IMAGE_SIZE=37 is not supported by GAN_MODEL=dcgan: expected one of 28, 32, 64",
+    ]
+    # a combination that involves an invalid setting is not judged on its default
+    assert problems({"GAN_IMAGE_SIZE": "37", "GAN_MODEL": "mpl"}) == [
+        "GAN_MODEL='mpl': expected one of 'mlp' or 'dcgan'"
+    ]
+    lines = problems({"GAN_CONDITIONING": "projection", "GAN_R1_GAMMA": "1", "GAN_COMPILE": "true"})
+    assert len(lines) == 2 and "GAN_CONDITIONAL=true" in lines[0] and "GAN_COMPILE" in lines[1]
+
+
+@pytest.mark.parametrize("bucket", ["bad bucket name", "Upper", "ab", "a..b", "-dash", "1.2.3.4"])
+def test_s3_uris_with_invalid_bucket_names_say_what_a_bucket_name_is(bucket):
+    uri = f"s3://{bucket}/prefix"
+    for name in ("GAN_ARTIFACT_URI", "GAN_DATASET", "GAN_RESUME"):
+        (line,) = problems({name: uri})
+        assert line == (
+            f"{name}={uri!r}: expected an S3 bucket name of 3-63 characters: lowercase letters, "
+            f"digits, dots and hyphens, beginning and ending with a letter or digit; "
+            f"{bucket!r} is not"
+        )
+    with pytest.raises(StorageError, match="expected an S3 bucket name of 3-63 characters"):
+        open_store(uri)
+    assert load_settings({"GAN_ARTIFACT_URI": "s3://my-bucket.v2/runs"}).artifact_uri
+
+
+def test_metrics_port_in_use_is_a_settings_error_before_any_work(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # kmnist is not in data/: reading it first would fail with exit 3
+        result = run_job(job_env(tmp_path, GAN_DATASET="kmnist", GAN_METRICS_PORT=port))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"GAN_METRICS_PORT={port}: cannot serve metrics on 0.0.0.0:{port}" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- secrets
+
+PUSH_USER, PUSH_PASSWORD = "pushuser", "push-Secret-9f3k"
+PUSH_HASH = "$2b$04$82AngtQnA/LM3lIIFGnnse5x.J8d/.9o0Vkn7LXytvScSIMld.bR2"  # bcrypt of it
+
+
+def test_redact_removes_every_kind_of_secret(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI/K7MDENG")
+    text = (
+        "push to http://user:p@ss%2Fw0rd@gw:9091/x?job=a&token=t0k&X-Amz-Signature=abc123 failed; "
+        "key AKIAIOSFODNN7EXAMPLE secret wJalrXUtnFEMI/K7MDENG url https://h/o?sig=s1g;"
+    )
+    assert redact(text) == (
+        "push to http://***@gw:9091/x?job=a&token=***&X-Amz-Signature=*** failed; "
+        "key *** secret *** url https://h/o?sig=***;"
+    )
+    assert (
+        redact("s3://bucket/runs/r1 tcp://10.0.0.1:80") == "s3://bucket/runs/r1 tcp://10.0.0.1:80"
+    )
+
+
+@contextmanager
+def pushgateway_with_basic_auth(tmp: Path) -> Iterator[str]:
+    (tmp / "web.yml").write_text(f"basic_auth_users:\n  {PUSH_USER}: {PUSH_HASH}\n")
+    port = free_port()
+    argv = [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}",
+            f"--web.config.file={tmp / 'web.yml'}", f"--persistence.file={tmp / 'data'}"]  # fmt: skip
+    auth = "Basic " + base64.b64encode(f"{PUSH_USER}:{PUSH_PASSWORD}".encode()).decode()
+    with open(tmp / "pushgateway.log", "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 20
+        while True:
+            try:
+                request = urllib.request.Request(f"{url}/-/ready", headers={"Authorization": auth})
+                urllib.request.urlopen(request, timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no Pushgateway"
+                time.sleep(0.1)
+        yield url, auth
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_no_secret_reaches_logs_artifacts_checkpoints_or_metrics(s3, tmp_path):
+    write_idx(tmp_path / "data", n=64)
+    bucket = s3.create_bucket(f"secrets-{uuid.uuid4().hex[:8]}")
+    with pushgateway_with_basic_auth(tmp_path) as (gateway, auth):
+        host = gateway.removeprefix("http://")
+        env = s3_job_env(tmp_path, s3, GAN_ARTIFACT_URI=f"s3://{bucket}/runs", GAN_RUN_ID="sec",
+                         GAN_MAX_STEPS=4, GAN_CHECKPOINT_EVERY=2, GAN_SAMPLE_EVERY=2,
+                         GAN_PUSHGATEWAY_URL=f"http://{PUSH_USER}:{PUSH_PASSWORD}@{host}")  # fmt: skip
+        result = run_job(env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"pushed metrics to http://***@{host}" in result.stdout  # as basic auth
+        request = urllib.request.Request(f"{gateway}/metrics", headers={"Authorization": auth})
+        pushed = urllib.request.urlopen(request, timeout=5).read().decode()
+    assert 'gan_step{instance="",job="gan-job",run_id="sec"} 4' in pushed
+    objects = bucket_objects(s3, bucket, "runs/sec/")
+    assert {"config.json", "checkpoints/step-00000004/state.pt", "final/generator.pt"} <= set(
+        objects
+    )
+    config = json.loads(objects["config.json"])
+    assert config["settings"]["pushgateway_url"] == f"http://***@{host}"
+    state = torch.load(
+        io.BytesIO(objects["checkpoints/step-00000004/state.pt"]), weights_only=False
+    )
+    assert state["meta"]["settings"]["pushgateway_url"] == f"http://***@{host}"
+
+    # a settings error echoes the values it refuses: redacted too
+    env["GAN_ARTIFACT_URI"] = "s3://AKIAIOSFODNN7EXAMPLE:Sh0uldNotLeak@bucket/runs"
+    refused = run_job(env)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "GAN_ARTIFACT_URI='s3://***@bucket/runs': expected s3://bucket/prefix without" in (
+        refused.stdout
+    )
+
+    everything = result.stdout + result.stderr + refused.stdout + refused.stderr + pushed
+    everything += b"".join(objects.values()).decode("latin1")
+    for secret in (s3.secret_key, PUSH_PASSWORD, PUSH_USER, "AKIAIOSFODNN7EXAMPLE",
+                   "Sh0uldNotLeak"):  # fmt: skip
+        assert secret not in everything

@@ -129,6 +129,8 @@ def test_s3_client_settings(monkeypatch):
     assert client.meta.region_name == "us-east-1"
     assert client.meta.config.s3["addressing_style"] == "path"
     assert client.meta.config.retries["mode"] == "standard"
+    assert client.meta.config.retries["total_max_attempts"] == 5  # AWS_MAX_ATTEMPTS' default
+    assert (client.meta.config.connect_timeout, client.meta.config.read_timeout) == (10, 60)
 
     monkeypatch.setenv("AWS_REGION", "eu-central-1")
     monkeypatch.setenv("AWS_RETRY_MODE", "adaptive")
@@ -200,18 +202,26 @@ def test_writer_delete_after_spares_the_stored_file(tmp_path):
     assert store.get_bytes("a.pt") == b"a"
 
 
-def test_writer_submit_blocks_when_full(tmp_path):
-    release = threading.Event()
-    writer = BackgroundWriter(LocalStore(tmp_path), max_pending=1)
-    writer.submit_call(release.wait)  # the worker holds this one
-    writer.submit("a", data=b"1")  # fills the queue
-    blocked = threading.Thread(target=writer.submit, args=("b",), kwargs={"data": b"2"})
-    blocked.start()
-    blocked.join(0.3)
-    assert blocked.is_alive() and writer.pending == 3
+def test_writer_never_blocks_and_bounds_what_waits(tmp_path):
+    store, release = LocalStore(tmp_path), threading.Event()
+    writer = BackgroundWriter(store, max_pending=2)
+    writer.submit_call(release.wait)  # the worker is stuck on this one, as in an outage
+    start = time.monotonic()
+    for i in range(3):
+        writer.submit("metrics.jsonl", data=f"rows {i}".encode(), replace=True)
+        writer.submit(f"samples/{i}.png", data=b"png", droppable=True)
+    assert writer.has_room(1)  # snapshots and droppable items make room themselves
+    writer.submit("checkpoints/1/state.pt", data=b"state")
+    assert not writer.has_room(1)  # the stuck call and the checkpoint part fill it
+    assert time.monotonic() - start < 1.0
+    assert writer.dropped == ["samples/0.png"]
+    assert writer.pending == 5  # the call, one metrics.jsonl, two grids, the part
+
     release.set()
-    blocked.join(5)
-    assert writer.close(timeout=10) and writer.pending == 0
+    assert writer.close(timeout=10) and writer.not_stored == []
+    assert store.list() == ["checkpoints/1/state.pt", "metrics.jsonl", "samples/1.png",
+                            "samples/2.png"]  # fmt: skip
+    assert store.get_bytes("metrics.jsonl") == b"rows 2"
 
 
 def test_writer_survives_an_outage(s3_env, tmp_path, monkeypatch):
@@ -241,7 +251,7 @@ def test_writer_survives_an_outage(s3_env, tmp_path, monkeypatch):
         assert "cannot reach endpoint" in str(failures[0])
 
 
-def test_writer_close_gives_up_at_its_deadline(s3_env, monkeypatch):
+def test_writer_close_gives_up_at_its_deadline_naming_what_was_not_stored(s3_env, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     store = open_store("s3://bucket/run", endpoint_url=f"http://127.0.0.1:{closed_port()}")
     writer = BackgroundWriter(store)
@@ -250,6 +260,9 @@ def test_writer_close_gives_up_at_its_deadline(s3_env, monkeypatch):
     start = time.monotonic()
     assert not writer.close(timeout=1.0)
     assert time.monotonic() - start < 5 and writer.failures >= 1
+    assert writer.not_stored == ["k0", "k1", "k2"]
+    assert writer.describe_not_stored().startswith("k0, k1, k2 (last error: ")
+    assert "cannot reach endpoint" in writer.describe_not_stored()
 
 
 def test_download_prefix_once(s3_env, s3_bucket, tmp_path):

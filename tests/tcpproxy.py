@@ -1,0 +1,102 @@
+"""A TCP proxy on 127.0.0.1 for fault injection: pass, slow, hold or refuse connections.
+
+with TcpProxy(target_port) as proxy:   # proxy.port forwards to 127.0.0.1:target_port
+    proxy.mode = "slow"                 # every chunk, both ways, waits proxy.delay seconds
+    proxy.mode = "hold"                 # new connections are accepted and never answered
+    proxy.mode = "refuse"               # new connections are closed at once
+    proxy.cut()                         # and the connections already open are cut
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+
+class TcpProxy:
+    def __init__(self, target_port: int, mode: str = "pass", delay: float = 0.5):
+        self.target = ("127.0.0.1", target_port)
+        self.mode, self.delay = mode, delay
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.accepted = 0  # connections accepted so far
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def start(self) -> TcpProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def cut(self) -> None:
+        """Close every connection open now (an upstream that died mid-transfer)."""
+        with self._lock:
+            conns, self._open = self._open, set()
+        for conn in conns:
+            _close(conn)
+
+    def stop(self) -> None:
+        self._closed = True
+        _close(self._listener)
+        self.cut()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            if self.mode == "refuse":
+                _close(client)
+                continue
+            self._track(client)
+            if self.mode == "hold":
+                threading.Thread(target=self._swallow, args=(client,), daemon=True).start()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                _close(client)
+                continue
+            self._track(upstream)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    def _track(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._open.add(conn)
+
+    def _swallow(self, conn: socket.socket) -> None:
+        try:
+            while conn.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                if self.mode == "slow":
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _close(src)
+            _close(dst)
+
+    def __enter__(self) -> TcpProxy:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _close(conn: socket.socket) -> None:
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    conn.close()
