@@ -275,7 +275,7 @@ def test_sigterm_exits_75_only_if_the_checkpoint_is_stored_within_the_grace_peri
     if expected == 75:
         assert f"checkpoint of step {step} stored: exit 75" in output and seconds > store_back_after
     else:
-        assert f"checkpoint of step {step} not stored within GAN_GRACE_SECONDS=3: exit 10" in output
+        assert f"checkpoint of step {step} not stored within GAN_GRACE_SECONDS=3 or" in output
         assert seconds < 3 + 15  # it does not wait for the store (frozen for good)
 
 
