@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import types
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,16 +24,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if not isinstance(item, pytest.Function) or item.get_closest_marker("e2e"):
             continue
-        if item.module.__name__.rpartition(".")[2] in E2E_MODULES or _starts_the_job(item):
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        module = item.module.__name__.rpartition(".")[2]
+        if module in E2E_MODULES or starts_the_job([item.function, *fixtures]):
             item.add_marker(pytest.mark.e2e)
 
 
-def _starts_the_job(item: pytest.Function) -> bool:
-    """Whether the test, a fixture it uses, or a function of tests/ they call (helpers.run_job,
-    say) runs sys.executable with the job or torch: read off their code, not run."""
-    todo = [item.function]
-    for defs in item._fixtureinfo.name2fixturedefs.values():
-        todo += [d.func for d in defs]
+def starts_the_job(functions: list[Callable]) -> bool:
+    """Whether these functions (a test and its fixtures), or a function of tests/ they call
+    (helpers.run_job, say), run sys.executable with the job or torch: read off their code."""
+    todo = list(functions)
     seen: set[types.CodeType] = set()
     while todo:
         func = todo.pop()
