@@ -48,8 +48,9 @@ def starts_the_job(functions: list[Callable]) -> bool:
     return False
 
 
-# `-m job`, `-m job.bench`, `-m torch.distributed.run`, as an argv item or inside a shell line
-_JOB_ARGUMENT = re.compile(r"^(job|torch)(\.|$)|-m (job|torch)\b")
+# `-m job`, `-m torch.distributed.run`, `-m benchmarks.bench` or a script.py, as an argv item
+# or inside a shell line
+_JOB_ARGUMENT = re.compile(r"^(job|torch|benchmarks)(\.|$)|-m (job|torch|benchmarks)\b|\.py$")
 
 
 def _names_and_strings(code: types.CodeType) -> tuple[set[str], list[str]]:

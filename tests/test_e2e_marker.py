@@ -31,6 +31,7 @@ def test_starting_the_job_torchrun_or_the_bench_directly_is_e2e():
         "def t():\n    subprocess.Popen([sys.executable, '-m', 'job'])",
         "def t():\n    subprocess.run([sys.executable, '-m', 'torch.distributed.run', 'w.py'])",
         "def t():\n    subprocess.run(['sh', '-c', f'{sys.executable} -m job.bench'])",
+        "def t():\n    subprocess.run([sys.executable, 'benchmarks/bench.py', '--steps', '2'])",
     ):
         assert starts_the_job([defined(source)]), source
 
