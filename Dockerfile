@@ -43,6 +43,11 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="gan-job" \
       org.opencontainers.image.description="Trains GANs on one GPU, many GPUs or many nodes; settings from GAN_* variables"
+# tini as PID 1: it passes SIGTERM on to gan-job (PID 1 ignores signals it has no handler for,
+# and Kubernetes has no `docker run --init`) and reaps the zombies of exited DataLoader workers.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+ && rm -rf /var/lib/apt/lists/*
 # --no-log-init: a high UID would otherwise grow /var/log/lastlog to gigabytes
 RUN groupadd --gid 10001 gan \
  && useradd --no-log-init --uid 10001 --gid 10001 --create-home --home-dir /home/gan gan \
@@ -64,4 +69,5 @@ ENV PATH=/opt/venv/bin:$PATH \
 WORKDIR /work
 USER 10001:10001
 EXPOSE 9090
-ENTRYPOINT ["gan-job"]
+# -s: reaps as a subreaper too when it is not PID 1 (docker run --init, compose init: true)
+ENTRYPOINT ["tini", "-s", "--", "gan-job"]

@@ -61,14 +61,14 @@ test-fast: system-deps install  ## all but the e2e tests (those that start the j
 	$(PYTHON) -m pytest -q -m "not e2e"
 
 lint: install
-	$(PYTHON) -m ruff check job tests $(wildcard benchmarks)
-	$(PYTHON) -m ruff format --check job tests $(wildcard benchmarks)
+	$(PYTHON) -m ruff check job tests benchmarks
+	$(PYTHON) -m ruff format --check job tests benchmarks
 
 # make bench BENCH_ARGS="--steps 20 --warmup 3 --repeats 3 --skip-fid --json bench.json"
 BENCH_ARGS ?=
 
 bench:  ## gan-job's loop against a plain tutorial loop, side by side (docs/performance.md)
-	$(PYTHON) -m job.bench $(BENCH_ARGS)
+	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
 # --- container --------------------------------------------------------------------------------
 # make image push IMAGE=registry.example.com/team/gan-job:0.1.0   (docs/container.md)
@@ -93,7 +93,7 @@ run-local:  ## train in the image: settings from local.env, artifacts in ./runs,
 	  --user $$(id -u):$$(id -g) -e HOME=/tmp \
 	  --env-file local.env \
 	  -v "$(CURDIR)/runs:/work/runs" -v "$(CURDIR)/data:/work/data" \
-	  -p 9090:9090 \
+	  -p 127.0.0.1:9090:9090 \
 	  $(IMAGE)
 
 compose-up:  ## the job with MinIO, Prometheus and Grafana (docker-compose.yml)

@@ -7,8 +7,13 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+from typing import TYPE_CHECKING
 
 from job.errors import EXIT_UNEXPECTED, JobError, SettingsError
+
+if TYPE_CHECKING:
+    from job.settings import Settings
 
 
 def _setup_logging() -> None:
@@ -30,32 +35,48 @@ def _train() -> int:
     from job.settings import load_settings
 
     settings = load_settings()
-    if settings.nproc_per_node > 1 and not distributed.under_torchrun():
-        return _run_torchrun(settings.nproc_per_node)
+    if (settings.nproc_per_node > 1 or settings.nnodes > 1) and not distributed.under_torchrun():
+        return _run_torchrun(settings)
     from job.train import train
 
     return train(settings)
 
 
-def _run_torchrun(nproc: int) -> int:
-    """torchrun with nproc workers; SIGTERM/SIGINT are passed on (torchrun passes them to the
-    workers, which checkpoint) and a run stopped that way exits 75 (retry), like one process."""
+def _run_torchrun(settings: Settings) -> int:
+    """torchrun; SIGTERM/SIGINT are passed on (torchrun passes them to the workers, which
+    checkpoint) and a run stopped that way exits 75 (retry), like one process. A node group
+    that broke at the rendezvous (a node lost, or one that never came) exits 10 (retry)."""
     from job import distributed
-    from job.errors import EXIT_PREEMPTED
+    from job.errors import EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED
 
-    argv = distributed.torchrun_argv(nproc)
-    logging.info("starting %d processes: %s", nproc, " ".join(argv))
-    child = subprocess.Popen(argv)
-    received: list[int] = []
+    options = distributed.torchrun_options(
+        settings.nproc_per_node,
+        settings.nnodes,
+        settings.node_rank,
+        settings.rdzv_endpoint,
+        settings.resolved_run_id,
+        settings.rdzv_timeout_seconds,
+    )
+    argv = distributed.torchrun_argv(options)
+    logging.info("starting %d processes: %s", settings.nproc_per_node, " ".join(argv))
+    with tempfile.TemporaryDirectory(prefix="gan-job-torchrun-") as scratch:
+        error_file = os.path.join(scratch, "error.json")  # torchrun's own failure, if any
+        child = subprocess.Popen(argv, env={**os.environ, "TORCHELASTIC_ERROR_FILE": error_file})
+        received: list[int] = []
 
-    def forward(signum, frame):
-        received.append(signum)
-        child.send_signal(signum)
+        def forward(signum, frame):
+            received.append(signum)
+            child.send_signal(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    code = child.wait()
-    return EXIT_PREEMPTED if received and code != 0 else code
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        code = child.wait()
+        if received and code != 0:
+            return EXIT_PREEMPTED
+        if code != 0 and distributed.rendezvous_failed(error_file):
+            logging.error("the node group broke at the rendezvous: exit for a retry of the group")
+            return EXIT_STOPPED_UNSAVED
+        return code
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
             from job.features import main as features_main
 
             return features_main(argv[1:])
+        if argv and argv[0] == "sweep":
+            from job.sweep import main as sweep_main
+
+            return sweep_main(argv[1:])
+        if argv and argv[0] == "compare":
+            from job.compare import main as compare_main
+
+            return compare_main(argv[1:])
         if argv:
             raise SettingsError(
                 [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]

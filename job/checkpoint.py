@@ -23,8 +23,9 @@ from typing import Any, Protocol
 import torch
 
 from job import distributed
-from job.errors import CheckpointError
+from job.errors import CheckpointError, SettingsError
 from job.metrics import Metrics
+from job.runlock import LOCK_KEY
 from job.storage import BackgroundWriter, JsonlLog, NullWriter, Store, open_store
 
 log = logging.getLogger(__name__)
@@ -249,6 +250,7 @@ class Checkpointer:
         """Loads the checkpoint GAN_RESUME names (auto: this run's newest; never: none; or a
         URI) into the components; returns its step, or None for a fresh start."""
         if resume == "never":
+            self._refuse_old_run(run_id)
             return None
         if resume == "auto":
             found = load_latest(self.store)
@@ -260,6 +262,19 @@ class Checkpointer:
             return None
         self._load(*found)
         return found[0]
+
+    def _refuse_old_run(self, run_id: str) -> None:
+        """A fresh start must not mix with an older run in the same place: retention would
+        delete one run's checkpoints for the other's, and `auto` would later resume the old one."""
+        old = [k for k in self.store.list() if k != LOCK_KEY]
+        if old:
+            raise SettingsError(
+                [
+                    f"GAN_RESUME=never, but run {run_id} already has {len(old)} artifacts in "
+                    f"{self.store.uri} (e.g. {old[0]}): set another GAN_RUN_ID, remove that "
+                    f"folder, or use GAN_RESUME=auto to continue it"
+                ]
+            )
 
     def rollback(self) -> int | None:
         """Restores this run's newest complete checkpoint, once every queued upload is stored."""

@@ -45,6 +45,7 @@ class ImageData:
     labels: torch.Tensor  # int64, N
     images: torch.Tensor | None = None
     folder: FolderDataset | None = None
+    source: str = ""  # where the files were found
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -140,6 +141,7 @@ def load_idx_dataset(
         num_classes=int(labels_t.max()) + 1 if conditional else 0,
         labels=labels_t,
         images=torch.from_numpy(images.copy()).unsqueeze(1),
+        source=str(files[0].parent),
     )
 
 
@@ -193,6 +195,7 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
         10 if conditional else 0,
         torch.tensor(labels, dtype=torch.int64),
         images=torch.from_numpy(np.concatenate(images)),
+        source=str(files[0].parent),
     )
 
 
@@ -276,6 +279,7 @@ def load_folder(root: Path, image_size: int, conditional: bool, skip_bad: bool =
         num_classes=len(ds.classes) if conditional else 0,
         labels=ds.labels,
         folder=ds,
+        source=str(root),
     )
 
 

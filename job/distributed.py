@@ -6,6 +6,7 @@ MASTER_ADDR/PORT in the environment) it joins the process group: NCCL on GPUs, g
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -35,6 +36,14 @@ def pick_device(setting: str, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def describe_device(device: torch.device) -> str:
+    """The device, with the GPU's name and memory."""
+    if device.type != "cuda":
+        return str(device)
+    props = torch.cuda.get_device_properties(device)
+    return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
 
 
 def setup(device_setting: str) -> World:
@@ -97,14 +106,48 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
-def torchrun_argv(nproc_per_node: int) -> list[str]:
-    """The command that re-runs this job under torchrun with nproc_per_node workers."""
+def torchrun_options(
+    nproc_per_node: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
+    rdzv_id: str = "gan-job",
+    rdzv_timeout_seconds: int = 900,
+) -> list[str]:
+    """torchrun's options for nproc_per_node workers here; with nnodes > 1, one agent per node
+    meets the others at node 0's c10d store.
+
+    read_timeout is what bounds a node's wait for node 0's store to come up: left at its 60 s
+    default, a pod that starts minutes before pod 0 gives up whatever join_timeout says. There
+    are no in-place restarts: a lost node breaks the store or the collectives, and the workload
+    (JobSet, TrainJob) restarts the whole group, which resumes from the newest checkpoint.
+    """
+    if nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={nproc_per_node}"]
+    is_host = "true" if node_rank == 0 else "false"
+    timeout = rdzv_timeout_seconds
     return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
+        f"--nnodes={nnodes}",
         f"--nproc-per-node={nproc_per_node}",
-        "-m",
-        "job",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint={rdzv_endpoint}",
+        f"--rdzv-id={rdzv_id}",
+        f"--rdzv-conf=is_host={is_host},join_timeout={timeout},read_timeout={timeout}",
+        "--max-restarts=0",
     ]
+
+
+def torchrun_argv(options: list[str]) -> list[str]:
+    """The command that re-runs this job under torchrun with these options."""
+    return [sys.executable, "-m", "torch.distributed.run", *options, "-m", "job"]
+
+
+def rendezvous_failed(error_file: str) -> bool:
+    """Whether torchrun's agent stopped on a rendezvous error (a node that never came, or node
+    0's store gone with its pod), going by the error file torchrun writes on its own failure."""
+    try:
+        with open(error_file) as f:
+            message = json.load(f)["message"]["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return message.startswith("Rendezvous")

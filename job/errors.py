@@ -11,6 +11,8 @@ EXIT_CHECKPOINT = 5
 EXIT_FID = 6
 EXIT_NONFINITE = 7
 EXIT_DISK_FULL = 8
+EXIT_STOPPED_UNSAVED = 10  # stopped before a complete checkpoint of the stop step; retry
+EXIT_RUN_LOCKED = 11
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by a signal after a complete checkpoint; retry
 
 
@@ -52,3 +54,9 @@ class DiskFullError(StorageError):
     """No space left where artifacts are written (ENOSPC): retrying will not help."""
 
     exit_code = EXIT_DISK_FULL
+
+
+class RunLockedError(JobError):
+    """Another live job holds this run id: a second writer would mix the two runs."""
+
+    exit_code = EXIT_RUN_LOCKED

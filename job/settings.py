@@ -6,7 +6,14 @@ import os
 import re
 from typing import Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -28,6 +35,7 @@ class Settings(BaseSettings):
     """The job's knobs. Field descriptions are the one-line docs shown by --help and README."""
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", validate_default=True)
+    _recipe_filled: dict[str, object] = PrivateAttr(default_factory=dict)
 
     # data
     dataset: str = Field(
@@ -153,7 +161,15 @@ class Settings(BaseSettings):
         description="folder name of this run; unset: <dataset>-<model>[-cond], so a restart resumes",
     )
     resume: str = Field(
-        "auto", description="auto (newest complete checkpoint, if any), never, or a path"
+        "auto",
+        description="auto (newest complete checkpoint, if any), never (a fresh run: refused "
+        "where this run id already has artifacts), or a checkpoint path",
+    )
+    run_lease_seconds: float = Field(
+        60.0,
+        ge=2,
+        description="lease of the run lock that keeps a second job off this run id; a killed "
+        "job's lock is taken over after this long",
     )
     upload_timeout_minutes: float = Field(
         30.0, gt=0, description="at exit, how long to keep retrying uploads before failing (exit 4)"
@@ -185,8 +201,33 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="processes on this node, or auto: one per visible GPU (1 on CPU); >1 and not "
-        "under torchrun: gan-job starts torchrun",
+        description="processes (GPUs) on this node, or auto: one per visible GPU (1 on CPU); >1 "
+        "or GAN_NNODES > 1, and not under torchrun: gan-job starts torchrun",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="nodes (pods) in the run; >1: gan-job starts torchrun with a c10d rendezvous "
+        "hosted by node 0 at GAN_RDZV_ENDPOINT",
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="this node's index, 0 to GAN_NNODES-1; node 0 hosts the rendezvous "
+        "(on Kubernetes: the pod's completion index)",
+    )
+    rdzv_endpoint: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9.-]+:[0-9]{1,5}$",
+        description="host:port of node 0's rendezvous store (needed when GAN_NNODES > 1)",
+    )
+    rdzv_timeout_seconds: int = Field(
+        900,
+        ge=1,
+        le=86400,
+        description="how long nodes wait for each other, at the start and for node 0's store "
+        "(pods can start minutes apart: image pulls, scheduling)",
     )
     sync_batchnorm: bool = Field(
         False,
@@ -229,17 +270,20 @@ class Settings(BaseSettings):
 
         return max(torch.cuda.device_count(), 1)
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _apply_recipe(cls, data: object) -> object:
+    def _apply_recipe(cls, data: object, handler) -> Settings:
         """Fill in the recipe's values for the settings that were not given explicitly."""
         if not isinstance(data, dict):
-            return data
+            return handler(data)
         recipe = data.get("recipe") or "auto"
         if recipe == "auto":
             recipe = "fast28" if _grayscale_28px(data) else "custom"
             data = {**data, "recipe": recipe}
-        return {**RECIPES.get(recipe, {}), **data}  # an unknown name fails validation
+        preset = RECIPES.get(recipe, {})  # an unknown name fails validation
+        settings = handler({**preset, **data})
+        settings._recipe_filled = {k: v for k, v in preset.items() if k not in data}
+        return settings
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:
@@ -255,11 +299,24 @@ class Settings(BaseSettings):
                 "GAN_CONDITIONING=projection needs GAN_CONDITIONAL=true (a projection "
                 "discriminator is class-conditional)"
             )
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(
+                f"GAN_NNODES={self.nnodes} needs GAN_RDZV_ENDPOINT (host:port of node 0)"
+            )
+        if self.node_rank >= self.nnodes:
+            raise ValueError(
+                f"GAN_NODE_RANK={self.node_rank} is not below GAN_NNODES={self.nnodes}"
+            )
         if self.r1_gamma > 0 and self.compile:
             raise ValueError(
                 "GAN_R1_GAMMA > 0 needs GAN_COMPILE=false (torch.compile has no double backward)"
             )
         return self
+
+    @property
+    def recipe_filled(self) -> dict[str, object]:
+        """The settings GAN_RECIPE gave a value because they were not set."""
+        return dict(self._recipe_filled)
 
     @property
     def dataset_kind(self) -> str:
@@ -452,6 +509,8 @@ def help_text() -> str:
         "Subcommands:",
         "  gan-job sample --checkpoint PATH --num N --out FILE [--seed S] [--label K]",
         "  gan-job features --dataset NAME --out FILE [--data-dir D] [--epochs E] [--image-size S] [--seed S]",
+        "  gan-job sweep FILE [--parallel N] [--index I]   (rows of GAN_* settings, each its own run)",
+        "  gan-job compare URI... [--out DIR]   (runs or sweep prefixes: a CSV table and a PNG)",
         "",
         "S3 credentials come from the standard AWS_* variables and are never logged.",
     ]

@@ -27,7 +27,9 @@ from job.errors import (
     EXIT_OK,
     EXIT_PREEMPTED,
     DiskFullError,
+    JobError,
     NonFiniteLossError,
+    RunLockedError,
     StorageError,
 )
 from job.metrics import Metrics, MetricsProcessor
@@ -35,6 +37,7 @@ from job.models import Arch
 from job.networks import Networks, no_sync
 from job.report import write_report
 from job.rng import RngStreams
+from job.runlock import RunLock
 from job.settings import Settings, public_dict
 from job.storage import BackgroundWriter, JsonlLog, NullWriter, download_prefix, open_store
 
@@ -95,13 +98,21 @@ class StopFlag:
 
 class Trainer:
     def __init__(self, settings: Settings, world: distributed.World):
-        s = self.settings = settings  # read here, and in run()'s start-up alone
+        s = self.settings = settings  # read during set-up alone; the loop uses plain values
         self.world, self.device = world, world.device
         self.run_id = s.resolved_run_id
         self.root = open_store(s.artifact_uri, s.s3_endpoint_url)
         self.store = self.root.child(self.run_id)
-        if world.is_main:
-            self.store.check()
+        self.lock = RunLock(self.store, s.run_lease_seconds)
+        self._take_lock()
+        try:
+            self._build(s)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, s: Settings) -> None:
+        world = self.world
         self.data = self._load_data(s)
         self.arch = Arch(
             model=s.model,
@@ -166,7 +177,7 @@ class Trainer:
         )  # fmt: skip
 
         self.max_steps, self.max_minutes = s.max_steps, s.max_minutes
-        self.sample_every = s.sample_every
+        self.sample_every, self.seed = s.sample_every, s.seed
         self.nonfinite_policy, self.max_rollbacks = s.nonfinite, s.nonfinite_max_rollbacks
         self.stop = StopFlag()
         self.started = time.monotonic()
@@ -176,6 +187,21 @@ class Trainer:
         self.store_failure: Exception | None = None  # a failure retrying cannot fix (disk full)
 
     # ------------------------------------------------------------ set-up
+
+    def _take_lock(self) -> None:
+        """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
+        refused: Exception | None = None
+        if self.world.is_main:
+            try:
+                self.store.check()
+                self.lock.acquire()
+            except JobError as exc:
+                refused = exc
+        (failed,) = distributed.any_rank_each([refused is not None], self.world)
+        if refused is not None:
+            raise refused
+        if failed:
+            raise RunLockedError("rank 0 could not check the store or take the run lock")
 
     def _load_data(self, s: Settings) -> data.ImageData:
         local = None
@@ -200,12 +226,43 @@ class Trainer:
             self.rng.reseed(0)
             for history in (self.progress.history, self.fid.history):
                 history.load_state_dict({"rows": []})
-            return
-        self._after_restore()
-        self.metrics.inc_resumes()
+        else:
+            self._after_restore()
+            self.metrics.inc_resumes()
+            if self.world.is_main:
+                self._reload_grids(step)
         if self.world.is_main:
-            self._reload_grids(step)
-        log.info("resumed from step %d (%d images seen)", step, self.run_state.images_seen)
+            self._announce(step)
+
+    def _announce(self, resumed: int | None) -> None:
+        """One block that says what this run is about to do, and with what."""
+        s, d, st = self.settings, self.data, self.run_state
+        start = (
+            f"resumed from step {resumed} ({st.images_seen} images seen)"
+            if resumed is not None
+            else "fresh start"
+        )
+        filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
+        if self.fid.extractor is not None:
+            fid = f"{self.fid.extractor.name}, {self.fid.num} samples, every {s.fid_every} steps"
+        elif s.fid_features == "none":
+            fid = "off (GAN_FID_FEATURES=none)"
+        else:
+            fid = "off: no InceptionV3 weights (see the warning above)"
+        lines = [
+            f"run {self.run_id}: {start}, until step {s.max_steps}"
+            + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
+            f"artifacts: {self.store.uri}",
+            f"data: {s.dataset} from {d.source}: {len(d)} images, "
+            f"{len(torch.unique(d.labels))} classes, {d.channels}x{d.image_size}x{d.image_size}",
+            f"device: {distributed.describe_device(self.device)} x {self.world.world_size} "
+            f"process(es), batch {s.batch_size} per process",
+            f"model: {self.arch.model}, width {self.arch.width}, latent {self.arch.latent_dim}"
+            + (", class-conditional" if self.arch.num_classes else ""),
+            f"recipe: {s.recipe} (filled in: {filled})",
+            f"FID: {fid}",
+        ]
+        log.info("starting\n  %s", "\n  ".join(lines))
 
     def _after_restore(self) -> None:
         """The configured learning rates (a restart may change them), halved once per rollback."""
@@ -359,7 +416,14 @@ class Trainer:
             return None  # agreeing costs a collective and a host sync: not every step
         signalled = self.stop.signal is not None
         over_time = self._time_left() < 0
-        signalled, over_time = distributed.any_rank_each([signalled, over_time], self.world)
+        signalled, over_time, lost = distributed.any_rank_each(
+            [signalled, over_time, self.lock.lost], self.world
+        )
+        if lost:
+            raise RunLockedError(
+                f"{self.store.uri}: another job took over this run's lock (this job could not "
+                f"renew it for GAN_RUN_LEASE_SECONDS={self.lock.lease:g}): stopping"
+            )
         if signalled:
             return "signal"
         return "max_minutes" if over_time else None
@@ -379,8 +443,11 @@ class Trainer:
         return EXIT_PREEMPTED if reason == "signal" else EXIT_OK
 
     def close(self, timeout: float | None = None) -> bool:
-        """Wait for every queued upload; False when they did not all finish in time."""
-        return self.writer.close(timeout)
+        """Wait for every queued upload, then free the run id; False when the uploads did not
+        all finish in time."""
+        uploaded = self.writer.close(timeout)
+        self.lock.release()
+        return uploaded
 
     # ------------------------------------------------------------ artifacts
 
@@ -413,7 +480,7 @@ class Trainer:
         if not self.world.is_main:
             return
         z, labels = evaluate.fixed_inputs(
-            self.arch.latent_dim, GRID_SIZE, self.arch.num_classes, self.settings.seed,
+            self.arch.latent_dim, GRID_SIZE, self.arch.num_classes, self.seed,
             self.device,
         )  # fmt: skip
         images = evaluate.generate(self.nets.g_ema, z, labels)
@@ -462,6 +529,7 @@ def _grad_norm(module: nn.Module) -> float:
 def train(settings: Settings) -> int:
     """The whole job for one process: returns its exit status."""
     world = distributed.setup(settings.device)
+    trainer = None
     try:
         trainer = Trainer(settings, world)
         trainer.resume()
@@ -483,4 +551,6 @@ def train(settings: Settings) -> int:
             )
         return code
     finally:
+        if trainer is not None:
+            trainer.lock.release()  # also when it failed before closing
         distributed.teardown()

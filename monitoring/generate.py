@@ -3,7 +3,9 @@
 Run `python monitoring/generate.py` after editing the alerts or the panels below;
 tests/test_metrics.py fails while the committed files differ from what this writes.
 
-Every gan_* sample carries a run_id label (job/metrics.py), so each query filters on it. Time
+Every gan_* sample carries a run_id label (job/metrics.py), so each query filters on it. The
+run_id variable is multi-select (the runs of a sweep side by side): queries match it with =~ and
+every aggregation keeps run_id (`by (run_id)`), so two runs stay two series. Time
 series use LIVE, which also drops a Pushgateway's copy of a finished run (no instance label):
 otherwise its frozen final values would draw a flat line forever after the run. Single-value
 panels use RUN, so a finished run still shows its final numbers.
@@ -32,8 +34,8 @@ metadata:
 spec:
 """
 
-RUN = 'run_id="$run_id"'
-LIVE = 'run_id="$run_id", instance!=""'
+RUN = 'run_id=~"$run_id"'
+LIVE = 'run_id=~"$run_id", instance!=""'
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 RUN_ID_QUERY = "label_values(gan_run_info, run_id)"
 CHECKPOINT_TIME = "gan_checkpoint_last_success_timestamp_seconds"
@@ -54,7 +56,7 @@ def target(expr: str, legend: str = "", instant: bool = False, table: bool = Fal
         "datasource": DATASOURCE,
         "editorMode": "code",
         "expr": expr,
-        "legendFormat": legend or "__auto",
+        "legendFormat": f"{{{{run_id}}}} {legend}" if legend else "__auto",
         "instant": instant,
         "range": not instant,
         "format": "table" if table else "time_series",
@@ -110,12 +112,12 @@ def timeseries(title: str, targets: list[Json], unit: str = "short", **defaults:
 
 def max_over_range(counter: str) -> str:
     """A per-process counter summed over the processes (pods, restarts) of the run."""
-    return f"sum(max_over_time({counter}{{{LIVE}}}[$__range]))"
+    return f"sum by (run_id) (max_over_time({counter}{{{LIVE}}}[$__range]))"
 
 
 def quantile(q: float) -> str:
     return (
-        f"histogram_quantile({q}, sum by (le) "
+        f"histogram_quantile({q}, sum by (le, run_id) "
         f"(rate(gan_step_duration_seconds_bucket{{{LIVE}}}[$__rate_interval])))"
     )
 
@@ -127,8 +129,8 @@ def fid_by_images_seen(kind: str, title: str, **extra: Any) -> Json:
     grouping by images seen gives one row per evaluation, for a table or an XY chart.
     """
     targets = [
-        target(f"max by (extractor) (gan_fid{{{LIVE}}})", table=True),
-        target(f"max by (extractor) (gan_fid_images_seen{{{LIVE}}})", table=True),
+        target(f"max by (run_id, extractor) (gan_fid{{{LIVE}}})", table=True),
+        target(f"max by (run_id, extractor) (gan_fid_images_seen{{{LIVE}}})", table=True),
     ]
     transformations = [
         {"id": "merge", "options": {}},
@@ -136,6 +138,7 @@ def fid_by_images_seen(kind: str, title: str, **extra: Any) -> Json:
             "id": "groupBy",
             "options": {
                 "fields": {
+                    "run_id": {"operation": "groupby"},
                     "Value #B": {"operation": "groupby"},
                     "extractor": {"operation": "groupby"},
                     "Value #A": {"operation": "aggregate", "aggregations": ["lastNotNull"]},
@@ -174,22 +177,25 @@ def panels() -> list[Json]:
         3,
     )
     for title, expr, unit, instant in [
-        ("Step", f"max(gan_step{{{RUN}}})", "short", False),
-        ("Images seen", f"max(gan_images_seen{{{RUN}}})", "short", False),
-        ("Epoch", f"max(gan_epoch{{{RUN}}})", "short", False),
-        ("Checkpoint age", f"time() - max({CHECKPOINT_TIME}{{{RUN}}} > 0)", "s", True),
+        ("Step", f"max by (run_id) (gan_step{{{RUN}}})", "short", False),
+        ("Images seen", f"max by (run_id) (gan_images_seen{{{RUN}}})", "short", False),
+        ("Epoch", f"max by (run_id) (gan_epoch{{{RUN}}})", "short", False),
+        ("Checkpoint age", f"time() - max by (run_id) ({CHECKPOINT_TIME}{{{RUN}}} > 0)", "s", True),
         ("Non-finite losses", max_over_range("gan_nonfinite_losses_total"), "short", True),
         ("Upload failures", max_over_range("gan_upload_failures_total"), "short", True),
         # 1 per resumed process: the pods of a run differ in their instance label
         ("Resumes", max_over_range("gan_resumes_total"), "short", True),
     ]:
         grid.add(stat(title, expr, unit, instant), 3, 4)
-    fid = stat("Latest FID", f"max by (extractor) (gan_fid{{{RUN}}})", legend="{{extractor}}")
+    fid = stat(
+        "Latest FID", f"max by (run_id, extractor) (gan_fid{{{RUN}}})", legend="{{extractor}}"
+    )
     grid.add(fid, 3, 4)
 
     grid.add(
         timeseries(
-            "Images per second", [target(f"max(gan_images_per_second{{{LIVE}}})", "images/s")]
+            "Images per second",
+            [target(f"max by (run_id) (gan_images_per_second{{{LIVE}}})", "images/s")],
         ),
         12,
         8,
@@ -201,7 +207,8 @@ def panels() -> list[Json]:
                 target(quantile(0.5), "p50"),
                 target(quantile(0.95), "p95"),
                 target(
-                    f"max(gan_recent_step_duration_seconds{{{LIVE}}})", "mean (last log interval)"
+                    f"max by (run_id) (gan_recent_step_duration_seconds{{{LIVE}}})",
+                    "mean (last log interval)",
                 ),
             ],
             "s",
@@ -213,8 +220,8 @@ def panels() -> list[Json]:
         timeseries(
             "Losses",
             [
-                target(f"max(gan_discriminator_loss{{{LIVE}}})", "D loss"),
-                target(f"max(gan_generator_loss{{{LIVE}}})", "G loss"),
+                target(f"max by (run_id) (gan_discriminator_loss{{{LIVE}}})", "D loss"),
+                target(f"max by (run_id) (gan_generator_loss{{{LIVE}}})", "G loss"),
             ],
         ),
         12,
@@ -224,8 +231,13 @@ def panels() -> list[Json]:
         timeseries(
             "Discriminator outputs",
             [
-                target(f"max(gan_discriminator_real_probability{{{LIVE}}})", "D(x) real"),
-                target(f"max(gan_discriminator_fake_probability{{{LIVE}}})", "D(G(z)) fake"),
+                target(
+                    f"max by (run_id) (gan_discriminator_real_probability{{{LIVE}}})", "D(x) real"
+                ),
+                target(
+                    f"max by (run_id) (gan_discriminator_fake_probability{{{LIVE}}})",
+                    "D(G(z)) fake",
+                ),
             ],
             "percentunit",
             min=0,
@@ -238,8 +250,8 @@ def panels() -> list[Json]:
         timeseries(
             "Gradient norms",
             [
-                target(f"max(gan_discriminator_grad_norm{{{LIVE}}})", "D"),
-                target(f"max(gan_generator_grad_norm{{{LIVE}}})", "G"),
+                target(f"max by (run_id) (gan_discriminator_grad_norm{{{LIVE}}})", "D"),
+                target(f"max by (run_id) (gan_generator_grad_norm{{{LIVE}}})", "G"),
             ],
         ),
         12,
@@ -248,7 +260,7 @@ def panels() -> list[Json]:
     grid.add(
         timeseries(
             "FID over time",
-            [target(f"max by (extractor) (gan_fid{{{LIVE}}})", "FID ({{extractor}})")],
+            [target(f"max by (run_id, extractor) (gan_fid{{{LIVE}}})", "FID ({{extractor}})")],
         ),
         12,
         8,
@@ -271,9 +283,11 @@ def panels() -> list[Json]:
         timeseries(
             "Checkpoints",
             [
-                target(f"max(gan_checkpoint_last_duration_seconds{{{LIVE}}})", "duration"),
                 target(
-                    f"time() - max({CHECKPOINT_TIME}{{{LIVE}}} > 0)",
+                    f"max by (run_id) (gan_checkpoint_last_duration_seconds{{{LIVE}}})", "duration"
+                ),
+                target(
+                    f"time() - max by (run_id) ({CHECKPOINT_TIME}{{{LIVE}}} > 0)",
                     "age",
                 ),
             ],
@@ -287,11 +301,11 @@ def panels() -> list[Json]:
             "Failures",
             [
                 target(
-                    f"sum(increase(gan_nonfinite_losses_total{{{LIVE}}}[$__rate_interval]))",
+                    f"sum by (run_id) (increase(gan_nonfinite_losses_total{{{LIVE}}}[$__rate_interval]))",
                     "non-finite losses",
                 ),
                 target(
-                    f"sum(increase(gan_upload_failures_total{{{LIVE}}}[$__rate_interval]))",
+                    f"sum by (run_id) (increase(gan_upload_failures_total{{{LIVE}}}[$__rate_interval]))",
                     "upload failures",
                 ),
             ],
@@ -303,8 +317,8 @@ def panels() -> list[Json]:
         timeseries(
             "GPU memory (rank 0)",
             [
-                target(f"max(gan_gpu_memory_allocated_bytes{{{LIVE}}})", "allocated"),
-                target(f"max(gan_gpu_memory_peak_bytes{{{LIVE}}})", "peak"),
+                target(f"max by (run_id) (gan_gpu_memory_allocated_bytes{{{LIVE}}})", "allocated"),
+                target(f"max by (run_id) (gan_gpu_memory_peak_bytes{{{LIVE}}})", "peak"),
             ],
             "bytes",
         ),
@@ -342,7 +356,7 @@ def dashboard() -> Json:
                 },
                 {
                     "name": "run_id",
-                    "label": "Run",
+                    "label": "Runs",
                     "type": "query",
                     "datasource": DATASOURCE,
                     "definition": RUN_ID_QUERY,
@@ -351,8 +365,8 @@ def dashboard() -> Json:
                     "hide": 0,
                     "refresh": 2,
                     "sort": 0,
-                    "multi": False,
-                    "includeAll": False,
+                    "multi": True,
+                    "includeAll": True,
                 },
             ]
         },

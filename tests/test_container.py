@@ -81,11 +81,15 @@ def test_dockerignore_keeps_local_state_and_secrets_out():
         assert dockerignore_excludes(path), path
 
 
-def test_entrypoint_is_a_declared_console_script():
+def test_entrypoint_is_tini_running_a_declared_console_script():
     (entrypoint,) = [args for op, args in instructions() if op == "ENTRYPOINT"]
-    command = json.loads(entrypoint)  # exec form: the job gets SIGTERM itself
+    command = json.loads(entrypoint)  # exec form: no shell between tini and the job
+    # tini as PID 1 passes SIGTERM on (Kubernetes has no docker run --init) and reaps zombies
+    assert command[0] == "tini" and command[-2] == "--", command
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert command[0] in scripts
+    assert command[-1] in scripts
+    installs = " ".join(args for op, args in final_stage() if op == "RUN")
+    assert re.search(r"apt-get install .*\btini=", installs), "tini is not installed"
 
 
 def test_final_stage_runs_as_numeric_non_root_with_writable_home():

@@ -198,7 +198,8 @@ def test_dashboard_run_variable_lists_runs(prom: str) -> None:
 
 
 def test_alerts_evaluate_on_real_data(prom: str) -> None:
-    """The rules load and run in a real Prometheus; the counter alerts fire for the live run only."""
+    """The rules load and run in a real Prometheus; the counter alerts match the live run only
+    (pending: their `for:` outlasts the test)."""
     deadline = time.monotonic() + 20
     while True:
         rules = [
@@ -209,7 +210,7 @@ def test_alerts_evaluate_on_real_data(prom: str) -> None:
         firing = {
             (a["labels"]["alertname"], a["labels"]["run_id"])
             for a in json.loads(http_get(f"{prom}/api/v1/alerts"))["data"]["alerts"]
-            if a["state"] == "firing"
+            if a["state"] in ("pending", "firing")
         }
         expected = {("GanNonFiniteLoss", LIVE_RUN), ("GanUploadFailures", LIVE_RUN)}
         if firing == expected or time.monotonic() > deadline:
@@ -240,19 +241,6 @@ def test_prometheusrule_and_dashboard_are_generated_from_monitoring() -> None:
     rule = yaml.safe_load(generate.PROMETHEUS_RULE.read_text())
     assert rule["kind"] == "PrometheusRule"
     assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
-
-
-def test_podmonitor_scrapes_rank_0_only() -> None:
-    monitor = yaml.safe_load((ROOT / "k8s" / "podmonitor.yaml").read_text())
-    assert monitor["spec"]["selector"]["matchLabels"] == {"app.kubernetes.io/name": "gan-job"}
-    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    assert endpoint["port"] == "metrics"
-    (keep,) = endpoint["relabelings"]
-    # completion index as (pod label; pod annotation): absent in a plain Job
-    kept = {
-        v for v in ["0;0", ";0", "0;", ";", "1;1", ";1", "10;10"] if re.fullmatch(keep["regex"], v)
-    }
-    assert kept == {"0;0", ";0", "0;", ";"}
 
 
 def png_grid(seed: int, rgb: bool) -> bytes:

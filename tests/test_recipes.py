@@ -157,10 +157,10 @@ def test_a_run_with_every_recipe_feature_resumes_exactly_and_samples(tmp_path):
     assert run_job(split).returncode == 0
     a, b = (torch.load(tmp_path / f"runs/{r}/checkpoints/step-00000004/state.pt",
                        weights_only=False) for r in ("straight", "split"))  # fmt: skip
-    assert a["arch"]["spectral_norm"] and a["arch"]["projection"]
+    assert a["meta"]["arch"]["spectral_norm"] and a["meta"]["arch"]["projection"]
     for net in ("g", "d", "g_ema"):
-        for key in a[net]:
-            assert torch.equal(a[net][key], b[net][key]), f"{net}.{key} differs"
+        for key in a["nets"][net]:
+            assert torch.equal(a["nets"][net][key], b["nets"][net][key]), f"{net}.{key} differs"
     out = tmp_path / "grid.png"
     result = run_job(straight, "sample", "--checkpoint", str(tmp_path / "runs/straight"),
                      "--num", "4", "--out", str(out), "--label", "3")  # fmt: skip

@@ -51,6 +51,14 @@ def test_default_dataset_run_writes_every_artifact(tmp_path):
     export = torch.load(run / "final/generator.pt", weights_only=False)
     assert export["step"] == 20 and "g_ema" in export
     assert "step 20/20" in result.stdout and "img/s" in result.stdout and "ETA" in result.stdout
+    start = result.stdout.split("INFO starting\n", 1)[1].split(" INFO ", 1)[0]
+    assert "run fashion-mnist-dcgan: fresh start, until step 20" in start
+    assert f"artifacts: {run}" in start
+    assert "data: fashion-mnist from " in start and "60000 images, 10 classes, 1x28x28" in start
+    assert "device: cpu x 1 process(es), batch 16 per process" in start
+    assert "recipe: fast28 (filled in: model='dcgan', loss='bce'" in start
+    assert "width=" not in start  # set explicitly, not by the recipe
+    assert "FID: torchscript:features, 64 samples, every 10 steps" in start
     everything = result.stdout + result.stderr
     everything += "".join(p.read_bytes().decode("latin1") for p in run.rglob("*") if p.is_file())
     assert SECRET not in everything
