@@ -1,21 +1,66 @@
 PYTHON ?= .venv/bin/python
 VENV ?= .venv
+INSTALLED = $(VENV)/.installed
+# the offline FID feature extractor of `make run`, built once by `gan-job features`
+FEATURES ?= runs/fid-features/fashion-mnist.pt
+# Debian packages: the dataset `make run` trains on; the servers and tools the tests start
+DEBIAN_RUN = dataset-fashion-mnist
+DEBIAN_TEST = $(DEBIAN_RUN) prometheus prometheus-pushgateway kubectl
 
-.PHONY: install run test lint bench image run-local
+.PHONY: install system-deps features run test test-fast lint bench image run-local
+.DELETE_ON_ERROR:
 
-install:  ## venv with the job and its dev tools
+install: $(INSTALLED)  ## venv with the job and its dev tools (again only when pyproject.toml changes)
+
+$(INSTALLED): pyproject.toml
+	@echo "installing gan-job and its dev tools into $(VENV) (about a minute the first time)"
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q -e '.[dev]'
+	touch $@
 
-run: install  ## a short real training run on Fashion-MNIST, offline
-	GAN_MAX_STEPS=$${GAN_MAX_STEPS:-300} GAN_SAMPLE_EVERY=$${GAN_SAMPLE_EVERY:-100} \
-	GAN_CHECKPOINT_EVERY=$${GAN_CHECKPOINT_EVERY:-100} $(PYTHON) -m job
+system-deps:  ## the Debian packages the tests start (apt-get only for missing ones; sudo if not root)
+	@scripts/apt-install $(DEBIAN_TEST)
 
-test:  ## the whole test suite
+features: $(FEATURES)  ## the offline FID extractor for Fashion-MNIST (once, under a minute)
+
+$(FEATURES): export OMP_NUM_THREADS ?= 1
+$(FEATURES): | $(INSTALLED)
+	@scripts/apt-install $(DEBIAN_RUN)
+	$(PYTHON) -m job features --dataset fashion-mnist --epochs 1 --out $@
+
+# `make run` trains by time, not steps; run it again to train longer (it resumes), or set any
+# GAN_* variable: GAN_MAX_MINUTES=10 make run. One thread: a small model on a shared 2-core CPU
+# runs several times faster on one thread than on two fighting for the cores.
+run: export GAN_MAX_MINUTES ?= 2
+run: export GAN_MAX_STEPS ?= 1000000
+run: export GAN_FID_FEATURES ?= $(FEATURES)
+run: export GAN_FID_EVERY ?= 250
+run: export GAN_SAMPLE_EVERY ?= 500
+run: export GAN_METRICS_PORT ?= 0
+run: export OMP_NUM_THREADS ?= 1
+run: install $(FEATURES)  ## a real Fashion-MNIST run, offline: installs what it needs, trains 2 minutes
+	@scripts/apt-install $(DEBIAN_RUN)
+	@echo "training for $(GAN_MAX_MINUTES) minutes (GAN_MAX_MINUTES), FID every $(GAN_FID_EVERY) steps"
+	$(PYTHON) -m job
+	@run=$$($(PYTHON) -c 'from job.settings import load_settings as l; s = l(); \
+	  print(s.artifact_uri.rstrip("/") + "/" + s.resolved_run_id)'); \
+	echo; \
+	echo "Look at:"; \
+	echo "  $$run/report.png          losses, D outputs, the FID curve and the samples over time"; \
+	echo "  $$run/samples/            a sample grid every $(GAN_SAMPLE_EVERY) steps"; \
+	echo "  $$run/final/generator.pt  the final (EMA) generator"; \
+	echo "Sample from it:"; \
+	echo "  $(PYTHON) -m job sample --checkpoint $$run/final/generator.pt --num 64 --out grid.png"; \
+	echo "Train longer: make run again resumes this run for $(GAN_MAX_MINUTES) more minutes;" \
+	  "GAN_MAX_MINUTES=10 make run for 10"
+
+test: system-deps install  ## the whole test suite (what CI runs)
 	$(PYTHON) -m pytest -q
 
-lint:
+test-fast: system-deps install  ## all but the e2e tests (those that start the job): about a minute
+	$(PYTHON) -m pytest -q -m "not e2e"
+
+lint: install
 	$(PYTHON) -m ruff check job tests benchmarks
 	$(PYTHON) -m ruff format --check job tests benchmarks
 
@@ -38,11 +83,13 @@ image:  ## build the container image (FETCH_INCEPTION=0: without InceptionV3 wei
 push:  ## push IMAGE to its registry
 	docker push $(IMAGE)
 
+# With GPUs: all of them, one process each (GAN_NPROC_PER_NODE=auto) unless local.env says otherwise
 run-local:  ## train in the image: settings from local.env, artifacts in ./runs, all GPUs if any
 	test -f local.env || cp local.env.example local.env
 	mkdir -p runs data
 	docker run --rm --init --shm-size=2g \
 	  $$(command -v nvidia-smi >/dev/null 2>&1 && echo --gpus all) \
+	  $$(grep -q '^GAN_NPROC_PER_NODE=' local.env || echo --env GAN_NPROC_PER_NODE=auto) \
 	  --user $$(id -u):$$(id -g) -e HOME=/tmp \
 	  --env-file local.env \
 	  -v "$(CURDIR)/runs:/work/runs" -v "$(CURDIR)/data:/work/data" \

@@ -5,9 +5,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
-from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -204,8 +211,8 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="processes (GPUs) on this node; >1 or GAN_NNODES > 1, and not under torchrun: "
-        "gan-job starts torchrun",
+        description="processes (GPUs) on this node, or auto: one per visible GPU (1 on CPU); >1 "
+        "or GAN_NNODES > 1, and not under torchrun: gan-job starts torchrun",
     )
     nnodes: int = Field(
         1,
@@ -265,6 +272,22 @@ class Settings(BaseSettings):
         if (why := s3_uri_problem(value)) is not None:
             raise PydanticCustomError("s3_bucket", why)
         return value
+
+    @field_validator("nproc_per_node", mode="before")
+    @classmethod
+    def _resolve_nproc_auto(cls, value: object, info: ValidationInfo) -> object:
+        """auto becomes a number here: the launcher and config.json see how many it meant."""
+        if value != "auto":
+            try:
+                int(value)
+            except (TypeError, ValueError):
+                raise PydanticCustomError("nproc_per_node", "an integer or auto") from None
+            return value
+        if info.data.get("device") == "cpu":
+            return 1
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
 
     @model_validator(mode="wrap")
     @classmethod
@@ -502,13 +525,22 @@ def describe() -> list[tuple[str, str, str, str]]:
     """(variable, type, default, description) for every setting, in declaration order."""
     rows = []
     for name, field in Settings.model_fields.items():
-        kind = (
-            str(field.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        )
-        kind = kind.replace("Literal", "one of ")
         default = "" if field.default is None else str(field.default)
-        rows.append((PREFIX + name.upper(), kind, default, field.description or ""))
+        rows.append(
+            (PREFIX + name.upper(), _type_name(field.annotation), default, field.description or "")
+        )
     return rows
+
+
+def _type_name(annotation: object) -> str:
+    """int, str, bool, float; `one of a, b` for a Literal; `int, optional` for `int | None`."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(map(str, args))
+    if type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_type_name(a) for a in inner) + ", optional"
+    return getattr(annotation, "__name__", str(annotation))
 
 
 def help_text() -> str:
@@ -533,7 +565,8 @@ def settings_markdown() -> str:
     """The README's settings table, generated from the model so the two cannot drift apart."""
     rows = ["| variable | type | default | description |", "| --- | --- | --- | --- |"]
     for var, kind, default, desc in describe():
-        rows.append(f"| `{var}` | {kind} | {default and f'`{default}`'} | {desc} |")
+        cells = [f"`{var}`", kind, default and f"`{default}`", desc]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(rows)
 
 

@@ -245,6 +245,8 @@ class Trainer:
                 self._reload_grids(step)
         if self.world.is_main:
             self._announce(step)
+        elif step is not None:
+            log.info("resumed from step %d (%d images seen)", step, self.run_state.images_seen)
 
     def _announce(self, resumed: int | None) -> None:
         """One block that says what this run is about to do, and with what."""

@@ -1,11 +1,67 @@
-"""Shared fixtures. S3 tests run against a real SeaweedFS server (tests/s3server.py)."""
+"""Shared fixtures, and the `e2e` marker. S3 tests run against a real SeaweedFS server
+(tests/s3server.py)."""
 
 from __future__ import annotations
 
+import re
+import types
 import uuid
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from s3server import SeaweedS3, use_server
+
+TESTS = Path(__file__).resolve().parent
+# modules whose tests are all end-to-end, whatever they call
+E2E_MODULES = {"test_launcher", "test_multinode", "test_faults"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark e2e every test that starts the job, torchrun or the bench in a new Python process:
+    each takes seconds, together they are most of the suite's time; `make test-fast` leaves
+    them out."""
+    for item in items:
+        if not isinstance(item, pytest.Function) or item.get_closest_marker("e2e"):
+            continue
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        module = item.module.__name__.rpartition(".")[2]
+        if module in E2E_MODULES or starts_the_job([item.function, *fixtures]):
+            item.add_marker(pytest.mark.e2e)
+
+
+def starts_the_job(functions: list[Callable]) -> bool:
+    """Whether these functions (a test and its fixtures), or a function of tests/ they call
+    (helpers.run_job, say), run sys.executable with the job or torch: read off their code."""
+    todo = list(functions)
+    seen: set[types.CodeType] = set()
+    while todo:
+        func = todo.pop()
+        code = getattr(func, "__code__", None)
+        if code is None or code in seen or not code.co_filename.startswith(str(TESTS)):
+            continue
+        seen.add(code)
+        names, strings = _names_and_strings(code)
+        if {"sys", "executable"} <= names and any(map(_JOB_ARGUMENT.search, strings)):
+            return True
+        todo += [func.__globals__[n] for n in names if n in func.__globals__]
+    return False
+
+
+# `-m job`, `-m torch.distributed.run`, `-m benchmarks.bench` or a script.py, as an argv item
+# or inside a shell line
+_JOB_ARGUMENT = re.compile(r"^(job|torch|benchmarks)(\.|$)|-m (job|torch|benchmarks)\b|\.py$")
+
+
+def _names_and_strings(code: types.CodeType) -> tuple[set[str], list[str]]:
+    """The global and attribute names and the string constants of code, nested code included."""
+    names, strings = set(code.co_names), [c for c in code.co_consts if isinstance(c, str)]
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            inner_names, inner_strings = _names_and_strings(const)
+            names |= inner_names
+            strings += inner_strings
+    return names, strings
 
 
 @pytest.fixture(scope="session")

@@ -230,3 +230,24 @@ def test_no_secret_reaches_logs_artifacts_checkpoints_or_metrics(s3, tmp_path):
     for secret in (s3.secret_key, PUSH_PASSWORD, PUSH_USER, "AKIAIOSFODNN7EXAMPLE",
                    "Sh0uldNotLeak"):  # fmt: skip
         assert secret not in everything
+
+
+def test_settings_table_rows_have_four_cells_and_name_optional_types():
+    rows = settings_markdown().splitlines()
+    for row in rows:
+        cells = re.split(r"(?<!\\)\|", row)[1:-1]
+        assert len(cells) == 4, row
+        assert cells[3].strip(), f"no description: {row}"
+    (image_size,) = [r for r in rows if r.startswith("| `GAN_IMAGE_SIZE`")]
+    assert "| int, optional |" in image_size and "pixels per side" in image_size
+    (model,) = [r for r in rows if r.startswith("| `GAN_MODEL`")]
+    assert "| one of mlp, dcgan |" in model
+
+
+def test_nproc_per_node_auto_is_one_process_per_visible_gpu_and_one_on_cpu():
+    gpus = torch.cuda.device_count()
+    assert load_settings({"GAN_NPROC_PER_NODE": "auto"}).nproc_per_node == max(gpus, 1)
+    assert load_settings({"GAN_NPROC_PER_NODE": "auto", "GAN_DEVICE": "cpu"}).nproc_per_node == 1
+    assert load_settings({"GAN_NPROC_PER_NODE": "3"}).nproc_per_node == 3
+    (line,) = problems({"GAN_NPROC_PER_NODE": "all"})
+    assert line.startswith("GAN_NPROC_PER_NODE='all': expected an integer or auto")
