@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from job import distributed
+from job import launcher
 from job.settings import PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -354,7 +354,7 @@ def test_multinode_pods_meet_at_pod_0_which_alone_hosts_the_store():
         settings = load_settings(configmap_settings() | env)
         assert settings.rdzv_endpoint.rsplit(":", 1)[0] == pod0[kind], where
         assert settings.rdzv_timeout_seconds >= 600, where  # image pulls take minutes
-        options = distributed.torchrun_options(
+        options = launcher.torchrun_options(
             settings.nproc_per_node, settings.nnodes, settings.node_rank,
             settings.rdzv_endpoint, settings.resolved_run_id, settings.rdzv_timeout_seconds,
         )  # fmt: skip

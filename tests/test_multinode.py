@@ -9,6 +9,7 @@ a delay longer than torch's default 60 s store timeout, is `GAN_TEST_RDZV_DELAY=
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from job import distributed
+from job import launcher
 from job.errors import EXIT_STOPPED_UNSAVED, SettingsError
 from job.settings import load_settings
 from tests.helpers import REPO, job_env, write_idx
@@ -90,9 +92,13 @@ class Pod:
             pytest.fail(f"pod still running after {timeout} s:\n{self.output()}")
 
     def kill(self) -> None:
-        """The node is gone: every process of the pod dies at once."""
+        """The node is gone: every process of the pod dies at once, torchrun's workers too
+        (they run in sessions of their own, outside the launcher's process group)."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            pod = psutil.Process(self.proc.pid)
+            for proc in [pod, *pod.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
     def output(self) -> str:
@@ -126,13 +132,13 @@ def test_a_multinode_run_needs_node_0s_endpoint_and_a_rank_below_the_node_count(
 
 
 def test_one_node_stays_standalone_and_many_wait_for_each_other_as_long_as_set():
-    assert "--standalone" in distributed.torchrun_options(8)
-    options = distributed.torchrun_options(8, 4, 0, "pod-0.svc:29500", "run", 900)
+    assert "--standalone" in launcher.torchrun_options(8)
+    options = launcher.torchrun_options(8, 4, 0, "pod-0.svc:29500", "run", 900)
     assert (
         "--standalone" not in options and "--nnodes=4" in options and "--max-restarts=0" in options
     )
     assert "--rdzv-conf=is_host=true,join_timeout=900,read_timeout=900" in options
-    options = distributed.torchrun_options(8, 4, 3, "pod-0.svc:29500", "run", 60)
+    options = launcher.torchrun_options(8, 4, 3, "pod-0.svc:29500", "run", 60)
     assert "--rdzv-conf=is_host=false,join_timeout=60,read_timeout=60" in options
 
 
