@@ -182,11 +182,16 @@ def teardown() -> None:
 
 def any_rank_each(flags: list[bool], world: World) -> list[bool]:
     """Each flag true on every rank when it is true on any: one collective for all of them."""
+    return [v > 0 for v in max_over_ranks(flags, world)]
+
+
+def max_over_ranks(values: list[float], world: World) -> list[float]:
+    """Each value's maximum over the ranks (booleans count as 0 or 1): one collective."""
     if not world.distributed:
-        return flags
-    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=world.device)
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=world.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v > 0) for v in t.tolist()]
+    return t.tolist()
 
 
 def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         lt=1,
         description="decay of the EMA generator, warmed up as min(this, (1+step)/(10+step)); 0: plain copy",
     )
+    lr_decay: Literal["none", "linear", "cosine"] = Field(
+        "none",
+        description="bring both learning rates down to 0 by the end of the budget (GAN_MAX_STEPS, "
+        "or GAN_MAX_MINUTES when that comes first), from GAN_LR_DECAY_START on",
+    )
+    lr_decay_start: float = Field(
+        0.0, ge=0, lt=1, description="fraction of the budget after which the decay begins"
+    )
     max_steps: int = Field(10000, ge=1, description="stop after this many D+G steps")
     max_minutes: float = Field(
         0.0,
@@ -368,6 +376,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "beta2": 0.999,
         "label_smoothing": 0.0,
         "ema_decay": 0.0,
+        "lr_decay": "none",
         "spectral_norm": False,
         "r1_gamma": 0.0,
         "diffaugment": "",
@@ -385,6 +394,7 @@ RECIPES: dict[str, dict[str, object]] = {
         "beta2": 0.999,
         "label_smoothing": 0.0,
         "ema_decay": 0.999,
+        "lr_decay": "none",
         "spectral_norm": False,
         "r1_gamma": 0.0,
         "diffaugment": "",

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from job import augment, data, distributed, evaluate, losses
+from job import augment, data, distributed, evaluate, losses, schedule
 from job.checkpoint import Checkpointer, serialize
 from job.errors import (
     EXIT_OK,
@@ -59,6 +59,7 @@ class RunState:
     step: int = 0
     images_seen: int = 0
     rollbacks: int = 0  # times a non-finite loss rolled the run back (each halves the LRs)
+    time_progress: float = 0.0  # through GAN_MAX_MINUTES, carried over resumes (job/schedule.py)
 
     def advance(self, images: int) -> None:
         self.step += 1
@@ -70,6 +71,7 @@ class RunState:
     def load_state_dict(self, state: dict) -> None:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.rollbacks = int(state["rollbacks"])
+        self.time_progress = float(state.get("time_progress", 0.0))  # absent before 0.3
 
 
 @dataclass(frozen=True)
@@ -188,6 +190,8 @@ class Trainer:
         )  # fmt: skip
 
         self.max_steps, self.max_minutes = s.max_steps, s.max_minutes
+        self.lr_decay, self.lr_decay_start = s.lr_decay, s.lr_decay_start
+        self.time_progress_at_start = 0.0
         self.upload_timeout = s.upload_timeout_minutes * 60
         self.sample_every, self.seed = s.sample_every, s.seed
         self.nonfinite_policy, self.max_rollbacks = s.nonfinite, s.nonfinite_max_rollbacks
@@ -279,9 +283,17 @@ class Trainer:
         log.info("starting\n  %s", "\n  ".join(lines))
 
     def _after_restore(self) -> None:
-        """The configured learning rates (a restart may change them), halved once per rollback."""
-        self.nets.scale_learning_rates(NONFINITE_LR_FACTOR**self.run_state.rollbacks)
+        self.time_progress_at_start = self.run_state.time_progress
+        self._set_learning_rates()
         self.nonfinite.zero_()
+
+    def _set_learning_rates(self) -> None:
+        """The configured rates (a restart may change them), halved once per rollback, times
+        the decay at the run's progress through its budget."""
+        st = self.run_state
+        at = schedule.progress(st.step, self.max_steps, st.time_progress)
+        decay = schedule.lr_factor(self.lr_decay, self.lr_decay_start, at)
+        self.nets.scale_learning_rates(NONFINITE_LR_FACTOR**st.rollbacks * decay)
 
     def _reload_grids(self, step: int) -> None:
         for key in self.store.list("samples/"):
@@ -361,6 +373,7 @@ class Trainer:
             if self.store_failure is not None:
                 raise DiskFullError(f"{self.store.uri}: {self.store_failure}")
             step, reason = self.run_state.step, self._stop_reason()
+            self._set_learning_rates()
             log_now = self.progress.due(step, last=reason is not None)
             if (log_now or self.checkpointer.due(step)) and self._rolled_back():
                 reason = None if reason == "max_steps" else reason
@@ -427,11 +440,15 @@ class Trainer:
             return "max_steps"
         if self.world.distributed and self.run_state.step % STOP_CHECK_EVERY:
             return None  # agreeing costs a collective and a host sync: not every step
-        signalled = self.stop.signal is not None
-        over_time = self._time_left() < 0
-        signalled, over_time, lost = distributed.any_rank_each(
-            [signalled, over_time, self.lock.lost], self.world
+        signalled, lost, elapsed = distributed.max_over_ranks(
+            [self.stop.signal is not None, self.lock.lost, time.monotonic() - self.started],
+            self.world,
         )
+        st = self.run_state  # one time progress on all ranks: their learning rates must agree
+        st.time_progress = schedule.time_progress(
+            self.time_progress_at_start, elapsed, self.max_minutes
+        )
+        over_time = bool(self.max_minutes) and elapsed > self.max_minutes * 60
         if lost:
             raise RunLockedError(
                 f"{self.store.uri}: another job took over this run's lock (this job could not "
