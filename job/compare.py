@@ -235,7 +235,6 @@ def _plot_kid(ax: Axes, runs: Sequence[Run]) -> None:
         ax.errorbar(x, [float(e["kid"]) for e in rows], yerr=[float(e["kid_std"]) for e in rows],
                     marker="o", markersize=4, capsize=3, label=r.name)  # fmt: skip
         xs.append(x)
-    ax.axhline(0, color="gray", linestyle="--", linewidth=0.8)
     _widen_single_x(ax, np.concatenate(xs))
     ax.legend(loc="upper right", fontsize=8)
 

@@ -208,7 +208,6 @@ def _plot_kid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
     label = f"{last.get('extractor', '')} ({last.get('num_samples')} samples)"
     ax.errorbar(x, y, yerr=_column(rows, "kid_std"), marker="o", markersize=4, capsize=3,
                 label=label)  # fmt: skip
-    ax.axhline(0, color="gray", linestyle="--", linewidth=0.8)
     _widen_single_x(ax, x)
     ax.legend(loc="upper right")
 
