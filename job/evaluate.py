@@ -491,8 +491,10 @@ def measure(
     pred = _gather_on_main(torch.cat(predicted), num, rank, world_size) if classify else None
     if rank != 0:
         return result
-    if keep:
+    few = min(len(real.features), num) if keep else 0
+    if few >= 4:  # KID needs two samples per subset; precision/recall k + 1 neighbours
         result |= kid(real.features, fake, seed=seed)
+    if few > PR_NEIGHBOURS:
         result |= precision_recall(real.features, fake)
     if classify is not None:
         result |= label_accuracy(pred, labels, num_classes)

@@ -67,16 +67,13 @@ def real_images(settings: dict, arch: Arch, num: int, data_dir: str, endpoint: s
 
 
 def table(values: dict) -> str:
-    rows = [
-        ("FID", f"{values['fid']:.4f}", f"{values['num_samples']} vs {values['num_real']}"),
-        (
-            "KID",
-            f"{values['kid']:.6f} ± {values['kid_std']:.6f}",
-            f"{values['kid_subsets']} subsets of {values['kid_subset_size']}",
-        ),
-        ("precision", f"{values['precision']:.4f}", f"k = {values['pr_k']}"),
-        ("recall", f"{values['recall']:.4f}", f"k = {values['pr_k']}"),
-    ]
+    rows = [("FID", f"{values['fid']:.4f}", f"{values['num_samples']} vs {values['num_real']}")]
+    if "kid" in values:
+        spread = f"{values['kid_subsets']} subsets of {values['kid_subset_size']}"
+        rows.append(("KID", f"{values['kid']:.6f} ± {values['kid_std']:.6f}", spread))
+    if "precision" in values:
+        rows.append(("precision", f"{values['precision']:.4f}", f"k = {values['pr_k']}"))
+        rows.append(("recall", f"{values['recall']:.4f}", f"k = {values['pr_k']}"))
     if "label_accuracy" in values:
         per_class = values["label_accuracy_per_class"]
         rows.append(("label accuracy", f"{values['label_accuracy']:.4f}", "mean over classes"))
