@@ -282,8 +282,8 @@ def kid(
     d = real.shape[1]
     values = []
     for _ in range(subsets):
-        x = real[torch.randperm(len(real), generator=g)[:m]].float()
-        y = fake[torch.randperm(len(fake), generator=g)[:m]].float()
+        x = real[torch.randperm(len(real), generator=g)[:m].to(real.device)].float()
+        y = fake[torch.randperm(len(fake), generator=g)[:m].to(fake.device)].float()
         kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
         same = (kxx.sum(dtype=torch.float64) - kxx.diagonal().sum(dtype=torch.float64)) + (
             kyy.sum(dtype=torch.float64) - kyy.diagonal().sum(dtype=torch.float64)
@@ -492,10 +492,12 @@ def measure(
     if rank != 0:
         return result
     few = min(len(real.features), num) if keep else 0
+    if few:  # on the evaluation's device: a GPU makes short work of 10,000 x 10,000 distances
+        real_features, fake = real.features.to(device), fake.to(device)
     if few >= 4:  # KID needs two samples per subset; precision/recall k + 1 neighbours
-        result |= kid(real.features, fake, seed=seed)
+        result |= kid(real_features, fake, seed=seed)
     if few > PR_NEIGHBOURS:
-        result |= precision_recall(real.features, fake)
+        result |= precision_recall(real_features, fake)
     if classify is not None:
         result |= label_accuracy(pred, labels, num_classes)
     return result
