@@ -2,7 +2,8 @@
 
 A URI is a run (a local folder or s3:// prefix holding config.json) or a sweep prefix, which
 stands for every subfolder that holds a config.json. From each run: config.json (settings),
-metrics.jsonl (steps, images seen, the time per step), eval.jsonl (FID) and the last sample grid.
+metrics.jsonl (steps, images seen, the time per step), eval.jsonl (FID, and where measured KID,
+precision, recall, label accuracy) and the last sample grid.
 
 Wall time is training time: the sum over log intervals of steps x seconds per step, so the
 hours a preempted run spent waiting for its retry do not count.
@@ -127,15 +128,25 @@ def differing(runs: Sequence[Run]) -> list[str]:
     ]
 
 
+# the last evaluation's other metrics, as table columns, when any run measured them
+QUALITY_COLUMNS = {
+    "kid": "last_kid", "kid_std": "kid_std", "precision": "precision", "recall": "recall",
+    "label_accuracy": "label_accuracy",
+}  # fmt: skip
+
+
 def table(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    measured = {k for r in runs for e in r.fids() for k in QUALITY_COLUMNS if k in e}
     rows = []
     for r in runs:
         fids = [float(e["fid"]) for e in r.fids()]
+        last = r.fids()[-1] if fids else {}
         wall = r.wall_seconds()
         rows.append({
             "run": r.name, "uri": r.uri, "steps": r.steps, "images_seen": r.images_seen,
             "wall_s": round(float(wall[-1]), 1) if len(wall) else "",
             "last_fid": fids[-1] if fids else "", "best_fid": min(fids) if fids else "",
+            **{col: _value(last.get(k)) for k, col in QUALITY_COLUMNS.items() if k in measured},
             **{k: _value(r.settings.get(k)) for k in differing(runs)},
         })  # fmt: skip
     return rows
@@ -168,17 +179,18 @@ def _cell(v: object) -> str:
 
 
 def write_png(runs: Sequence[Run], out: Path) -> None:
-    """FID against images seen and against wall time for every run, the settings that differ,
-    and each run's last sample grid side by side."""
+    """FID against images seen and against wall time, KID against images seen for every run,
+    the settings that differ, and each run's last sample grid side by side."""
     keys = differing(runs)
     grid_h = min(WIDTH_IN / max(len(runs), 1), 3.6) + 0.6
     fig = Figure(figsize=(WIDTH_IN, 4.2 + grid_h), layout="constrained")
     FigureCanvasAgg(fig)
     fig.suptitle(f"{len(runs)} runs compared", fontsize=14)
     top, bottom = fig.subfigures(2, 1, height_ratios=[4.2, grid_h])
-    by_images, by_time, text = top.subplots(1, 3, width_ratios=[1, 1, 0.8])
+    by_images, by_time, kid, text = top.subplots(1, 4, width_ratios=[1, 1, 1, 0.8])
     _plot_fid(by_images, runs, wall=False)
     _plot_fid(by_time, runs, wall=True)
+    _plot_kid(kid, runs)
     _settings_text(text, runs, keys)
     axes = np.atleast_1d(bottom.subplots(1, len(runs)))
     for ax, r in zip(axes, runs, strict=True):
@@ -206,6 +218,22 @@ def _plot_fid(ax: Axes, runs: Sequence[Run], wall: bool) -> None:
         fids = r.fids()
         x = r.fid_seconds() / scale if wall else np.array([float(e["images_seen"]) for e in fids])
         ax.plot(x, [float(e["fid"]) for e in fids], marker="o", markersize=4, label=r.name)
+        xs.append(x)
+    _widen_single_x(ax, np.concatenate(xs))
+    ax.legend(loc="upper right", fontsize=8)
+
+
+def _plot_kid(ax: Axes, runs: Sequence[Run]) -> None:
+    _setup(ax, "KID ± std against images seen", "KID")
+    plotted = [(r, [e for e in r.fids() if "kid" in e]) for r in runs]
+    plotted = [(r, rows) for r, rows in plotted if rows]
+    if not plotted:
+        return _no_data(ax)
+    xs = []
+    for r, rows in plotted:
+        x = np.array([float(e["images_seen"]) for e in rows])
+        ax.errorbar(x, [float(e["kid"]) for e in rows], yerr=[float(e["kid_std"]) for e in rows],
+                    marker="o", markersize=4, capsize=3, label=r.name)  # fmt: skip
         xs.append(x)
     _widen_single_x(ax, np.concatenate(xs))
     ax.legend(loc="upper right", fontsize=8)

@@ -1,4 +1,6 @@
-"""Sample grids and FID (torcheval's FrechetInceptionDistance with a pluggable feature extractor)."""
+"""Sample grids and the evaluation of a generator on one set of features: FID (torcheval's
+FrechetInceptionDistance with a pluggable feature extractor), KID, precision and recall, and, for
+conditional models, label accuracy from the extractor's classifier head."""
 
 from __future__ import annotations
 
@@ -19,7 +21,9 @@ from torch import nn
 
 with warnings.catch_warnings():  # torcheval still calls the deprecated torch.jit.script at import
     warnings.simplefilter("ignore", FutureWarning)
-    from torcheval.metrics import FrechetInceptionDistance
+    from torcheval.metrics import FrechetInceptionDistance, MulticlassAccuracy
+
+import torch.distributed as dist
 
 from job import distributed
 from job.errors import FIDError
@@ -104,12 +108,33 @@ class ChannelAdapter(nn.Module):
         return self.model(x[:, : self.channels])
 
 
+Classifier = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, features) -> logits
+
+
 @dataclass
 class Extractor:
     model: nn.Module  # takes N x 3 x H x W in [0, 1]
     dim: int
     name: str  # recorded with every FID value
     identity: str  # changes when the weights change; keys the real-statistics cache
+    classifier: Classifier | None = (
+        None  # the head of a `gan-job features` file, for label accuracy
+    )
+    num_classes: int = 0  # the classifier's
+    no_classifier: str = "it has no classifier head"  # why classifier is None
+
+    def label_accuracy_problem(self, num_classes: int) -> str | None:
+        """Why label accuracy cannot be measured for a run with num_classes labels, or None."""
+        if not num_classes:
+            return "the model is unconditional"
+        if self.classifier is None:
+            return f"the extractor {self.name}: {self.no_classifier}"
+        if self.num_classes != num_classes:
+            return (
+                f"the extractor {self.name} classifies {self.num_classes} classes, "
+                f"the run has {num_classes}"
+            )
+        return None
 
 
 def _file_digest(path: Path) -> str:
@@ -155,7 +180,11 @@ def load_extractor(
         except Exception as exc:  # noqa: BLE001 - any load failure is a bad weights file
             raise FIDError(f"GAN_FID_INCEPTION_WEIGHTS={weights}: cannot load ({exc})") from exc
         return Extractor(
-            model.to(device), 2048, "inception_v3", f"inception-{_file_digest(weights)}"
+            model.to(device),
+            2048,
+            "inception_v3",
+            f"inception-{_file_digest(weights)}",
+            no_classifier="its ImageNet classes are not the dataset's",
         )
     return _load_torchscript(Path(choice), channels, image_size, device)
 
@@ -168,9 +197,12 @@ def _load_torchscript(
             f"GAN_FID_FEATURES={path}: no such file (expected inception, none, or a TorchScript model)"
         )
     try:
-        model = torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # deprecated, but the way to read TorchScript files
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location=device).eval()
+        probe = torch.rand(2, channels, image_size, image_size, device=device)
         with torch.no_grad():  # probe with images of the size FID will feed it
-            out = model(torch.rand(2, channels, image_size, image_size, device=device))
+            out = model(probe)
     except Exception as exc:  # noqa: BLE001 - not TorchScript, or the wrong input or output
         raise FIDError(
             f"GAN_FID_FEATURES={path}: not a TorchScript model mapping "
@@ -179,12 +211,140 @@ def _load_torchscript(
     if out.ndim != 2:
         raise FIDError(f"GAN_FID_FEATURES={path}: output shape {tuple(out.shape)}, expected N x D")
     name = f"torchscript:{path.stem}"
+    classifier, classes, why = _classifier(model, probe, out, channels)
     return Extractor(
-        ChannelAdapter(model, channels), out.shape[1], name, f"ts-{_file_digest(path)}"
-    )
+        ChannelAdapter(model, channels), out.shape[1], name, f"ts-{_file_digest(path)}",
+        classifier, classes, why,
+    )  # fmt: skip
 
 
-# ---------------------------------------------------------------- FID
+def _classifier(
+    model: torch.jit.ScriptModule, probe: torch.Tensor, features: torch.Tensor, channels: int
+) -> tuple[Classifier | None, int, str]:
+    """The classifier head of a TorchScript extractor (its exported logits(images), as
+    `gan-job features` writes them), its class count, and why there is none.
+
+    When the file's `head` maps the features to the same logits (FeatureNet), the head is applied
+    to the features already extracted, instead of running the network a second time.
+    """
+    if not hasattr(model, "logits"):
+        return None, 0, "the TorchScript file exports no logits() (files of `gan-job features` do)"
+    try:
+        with torch.no_grad():
+            logits = model.logits(probe)
+    except Exception as exc:  # noqa: BLE001 - a logits() that does not take the images
+        return None, 0, f"its logits() failed on {tuple(probe.shape)} images ({exc})"
+    if logits.ndim != 2 or logits.shape[0] != probe.shape[0] or logits.shape[1] < 2:
+        return None, 0, f"its logits() gave shape {tuple(logits.shape)}, expected N x classes"
+    head = getattr(model, "head", None)
+    if head is not None:
+        try:
+            with torch.no_grad():
+                same = torch.allclose(head(features), logits, rtol=1e-4, atol=1e-5)
+        except Exception:  # noqa: BLE001 - a head of another kind: use logits()
+            same = False
+        if same:
+            return (lambda images, feats: head(feats)), logits.shape[1], ""
+    return (lambda images, feats: model.logits(images[:, :channels])), logits.shape[1], ""
+
+
+# ---------------------------------------------------------------- metrics on features
+
+KID_SUBSETS = 100
+KID_SUBSET_SIZE = 1000
+PR_NEIGHBOURS = 3
+
+
+def kid(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    subsets: int = KID_SUBSETS,
+    subset_size: int = KID_SUBSET_SIZE,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Kernel Inception Distance (Bińkowski et al., "Demystifying MMD GANs", ICLR 2018): the
+    unbiased estimate of the squared MMD between real and generated features under the cubic
+    polynomial kernel k(x, y) = (x.y / d + 1)^3, on `subsets` random subsets of m samples of
+    each, averaged; kid_std is the standard deviation of the subset estimates.
+
+    The estimator leaves out the k(x_i, x_i) terms, so its expectation is the true MMD^2 at any
+    m (0 for the same distribution, where it can come out slightly negative); FID's plug-in
+    estimate is biased upward by an amount that shrinks with N. m is at most half the smaller
+    set, so that the subsets differ and their spread means something.
+    """
+    n = min(len(real), len(fake))
+    m = min(subset_size, n // 2)
+    if m < 2:
+        raise ValueError(
+            f"KID needs at least 4 samples of each set, got {len(real)} and {len(fake)}"
+        )
+    g = torch.Generator().manual_seed(seed)
+    d = real.shape[1]
+    values = []
+    for _ in range(subsets):
+        x = real[torch.randperm(len(real), generator=g)[:m].to(real.device)].float()
+        y = fake[torch.randperm(len(fake), generator=g)[:m].to(fake.device)].float()
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        same = (kxx.sum(dtype=torch.float64) - kxx.diagonal().sum(dtype=torch.float64)) + (
+            kyy.sum(dtype=torch.float64) - kyy.diagonal().sum(dtype=torch.float64)
+        )
+        values.append(same / (m * (m - 1)) - 2 * kxy.sum(dtype=torch.float64) / (m * m))
+    v = torch.stack(values)
+    return {
+        "kid": float(v.mean()),
+        "kid_std": float(v.std()) if subsets > 1 else 0.0,
+        "kid_subset_size": m,
+        "kid_subsets": subsets,
+    }
+
+
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, k: int = PR_NEIGHBOURS, batch: int = 1000
+) -> dict[str, float | int]:
+    """Improved precision and recall (Kynkäänniemi et al., "Improved Precision and Recall Metric
+    for Assessing Generative Models", NeurIPS 2019).
+
+    Each set's manifold is the union of balls around its samples, each ball reaching the
+    sample's k-th nearest neighbour in its own set. Precision: the share of generated samples
+    inside the real manifold (are the samples realistic?); recall: the share of real samples
+    inside the generated manifold (is all of the data covered?). Distances are computed batch
+    by batch rows, so memory stays batch x N.
+    """
+    real, fake = real.float(), fake.float()
+    real_radii, fake_radii = _knn_radii(real, k, batch), _knn_radii(fake, k, batch)
+    return {
+        "precision": float(_inside(fake, real, real_radii, batch).float().mean()),
+        "recall": float(_inside(real, fake, fake_radii, batch).float().mean()),
+        "pr_k": k,
+    }
+
+
+def _knn_radii(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    # the (k+1)-th smallest distance: each sample is its own nearest neighbour
+    return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(batch)])
+
+
+def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, batch: int):
+    return torch.cat([(torch.cdist(c, centres) <= radii).any(dim=1) for c in points.split(batch)])
+
+
+def label_accuracy(
+    predicted: torch.Tensor, labels: torch.Tensor, num_classes: int
+) -> dict[str, float | list[float]]:
+    """Of the samples generated for label k, the share the classifier puts in class k, per
+    class, and its mean over the classes (torcheval's MulticlassAccuracy, average=None)."""
+    metric = MulticlassAccuracy(average=None, num_classes=num_classes)
+    with warnings.catch_warnings():  # torcheval 0.0.7 calls a deprecated form of scatter_
+        warnings.simplefilter("ignore", UserWarning)
+        metric.update(predicted, labels)
+        per_class = metric.compute()
+    return {
+        "label_accuracy": round(float(per_class.nanmean()), 4),
+        "label_accuracy_per_class": [round(float(v), 4) for v in per_class],
+    }
+
+
+# ---------------------------------------------------------------- FID and the rest
 
 
 def fid_num_samples(setting: int | None, device: torch.device) -> int:
@@ -194,22 +354,61 @@ def fid_num_samples(setting: int | None, device: torch.device) -> int:
     return 10_000 if device.type == "cuda" else 500
 
 
-def _metric(extractor: Extractor, device: torch.device) -> FrechetInceptionDistance:
-    return FrechetInceptionDistance(model=extractor.model, feature_dim=extractor.dim, device=device)
+class FeatureTap(nn.Module):
+    """The extractor as torcheval's FID sees it, keeping the features it computes: the same
+    features then feed KID, precision/recall and the classifier, extracted once."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.kept: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.kept = self.model(x)
+        return self.kept
+
+
+def _metric(tap: FeatureTap, dim: int, device: torch.device) -> FrechetInceptionDistance:
+    return FrechetInceptionDistance(model=tap, feature_dim=dim, device=device)
 
 
 def _three_channels(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+@dataclass
+class RealReference:
+    """What every evaluation compares with: torcheval's FID state after the real images, and
+    their features (float16, N x D) for KID and precision/recall; None where not kept."""
+
+    state: dict[str, torch.Tensor]
+    features: torch.Tensor | None = None
+
+    @property
+    def num(self) -> int:
+        return int(self.state["num_real_images"])
+
+
+def real_reference(
+    extractor: Extractor, images: torch.Tensor, device: torch.device, batch: int = 100
+) -> RealReference:
+    """FID state and features of real uint8 images, in one pass of the extractor."""
+    tap = FeatureTap(extractor.model)
+    metric = _metric(tap, extractor.dim, device)
+    features = []
+    for chunk in images.split(batch):
+        metric.update(_three_channels(chunk.to(device).float() / 255), is_real=True)
+        features.append(tap.kept.cpu())
+    state = {k: v.detach().cpu() for k, v in metric.state_dict().items()}
+    feats = torch.cat(features) if features else torch.empty(0, extractor.dim)
+    return RealReference(state, feats.to(torch.float16))
+
+
 def real_statistics(
     extractor: Extractor, images: torch.Tensor, device: torch.device, batch: int = 100
 ) -> dict[str, torch.Tensor]:
-    """The metric's state after only real uint8 images: cached, and loaded at every FID."""
-    metric = _metric(extractor, device)
-    for chunk in images.split(batch):
-        metric.update(_three_channels(chunk.to(device).float() / 255), is_real=True)
-    return {k: v.detach().cpu() for k, v in metric.state_dict().items()}
+    """The FID state after only real uint8 images."""
+    return real_reference(extractor, images, device, batch).state
 
 
 def stats_key(dataset: str, image_size: int, extractor: Extractor, num: int, seed: int) -> str:
@@ -217,7 +416,93 @@ def stats_key(dataset: str, image_size: int, extractor: Extractor, num: int, see
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def _gather_on_main(part: torch.Tensor, num: int, rank: int, world_size: int):
+    """The ranks' strides (rank r holds items r, r + W, ...) in their single-process order, on
+    rank 0 (None on the others)."""
+    if world_size == 1:
+        return part
+    parts = [None] * world_size if rank == 0 else None
+    dist.gather_object(part.cpu(), parts, dst=0)
+    if rank != 0:
+        return None
+    whole = part.new_empty((num, *part.shape[1:]), device="cpu")
+    for r, p in enumerate(parts):
+        whole[r::world_size] = p
+    return whole
+
+
 @torch.no_grad()
+def measure(
+    extractor: Extractor,
+    real: RealReference,
+    g: nn.Module,
+    latent_dim: int,
+    num_classes: int,
+    num: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    batch: int = 100,
+    stop: Callable[[], bool] | None = None,
+    labels_checked: bool = False,
+    keep_features: bool | None = None,
+) -> dict | None:
+    """FID of num generated images against the real reference, and, on rank 0, KID and
+    precision/recall (keep_features, by default: real.features is kept; the same on every
+    rank) and label accuracy (labels_checked: the
+    extractor's classifier fits the run's classes) from the same features. None when stop()
+    (asked before every batch, the same number of times on every rank) turned true.
+
+    The noise for all num images is drawn from one seeded generator and each rank takes its
+    stride of it; FID merges the ranks' torcheval states (rank 0 alone holds the real part, so
+    it is summed once), the rest gathers the features on rank 0: every number equals that of
+    one process for the same samples.
+    """
+    tap = FeatureTap(extractor.model)
+    metric = _metric(tap, extractor.dim, device)
+    if rank == 0:
+        metric.load_state_dict({k: v.to(device) for k, v in real.state.items()})
+    z, labels = fixed_inputs(latent_dim, num, num_classes, seed, torch.device("cpu"))
+    z = z[rank::world_size]
+    mine = labels[rank::world_size] if labels is not None else None
+    keep = real.features is not None if keep_features is None else keep_features
+    classify = extractor.classifier if labels_checked and labels is not None else None
+    features, predicted = [torch.empty(0, extractor.dim)], [torch.empty(0, dtype=torch.int64)]
+    for start in range(0, math.ceil(num / world_size), batch):
+        if stop is not None and stop():
+            return None
+        zb = z[start : start + batch].to(device)
+        if len(zb):
+            lb = mine[start : start + batch].to(device) if mine is not None else None
+            images = _three_channels(generate(g, zb, lb))
+            metric.update(images, is_real=False)
+            if keep:
+                features.append(tap.kept.float().cpu())
+            if classify is not None:
+                predicted.append(classify(images, tap.kept).argmax(dim=1).cpu())
+    if world_size > 1:
+        from torcheval.metrics.toolkit import sync_and_compute
+
+        result: dict = {"fid": float(sync_and_compute(metric))}
+    else:
+        result = {"fid": float(metric.compute())}
+    fake = _gather_on_main(torch.cat(features), num, rank, world_size) if keep else None
+    pred = _gather_on_main(torch.cat(predicted), num, rank, world_size) if classify else None
+    if rank != 0:
+        return result
+    few = min(len(real.features), num) if keep else 0
+    if few:  # on the evaluation's device: a GPU makes short work of 10,000 x 10,000 distances
+        real_features, fake = real.features.to(device), fake.to(device)
+    if few >= 4:  # KID needs two samples per subset; precision/recall k + 1 neighbours
+        result |= kid(real_features, fake, seed=seed)
+    if few > PR_NEIGHBOURS:
+        result |= precision_recall(real_features, fake)
+    if classify is not None:
+        result |= label_accuracy(pred, labels, num_classes)
+    return result
+
+
 def compute_fid(
     extractor: Extractor,
     real_state: dict[str, torch.Tensor],
@@ -232,40 +517,33 @@ def compute_fid(
     batch: int = 100,
     stop: Callable[[], bool] | None = None,
 ) -> float | None:
-    """FID of num generated images against the cached real statistics; None when stop()
-    (asked before every batch, the same number of times on every rank) turned true.
+    """FID alone (see measure)."""
+    found = measure(
+        extractor, RealReference(real_state), g, latent_dim, num_classes, num, seed, device,
+        rank, world_size, batch, stop,
+    )  # fmt: skip
+    return None if found is None else found["fid"]
 
-    The noise for all num images is drawn from one seeded generator and each rank takes its
-    stride of it, so FID over W ranks equals FID over one process for the same samples. Rank 0
-    alone holds the real statistics: merging the ranks' states sums them once.
-    """
-    metric = _metric(extractor, device)
-    if rank == 0:
-        metric.load_state_dict({k: v.to(device) for k, v in real_state.items()})
-    z, labels = fixed_inputs(latent_dim, num, num_classes, seed, torch.device("cpu"))
-    z = z[rank::world_size]
-    labels = labels[rank::world_size] if labels is not None else None
-    for start in range(0, math.ceil(num / world_size), batch):
-        if stop is not None and stop():
-            return None
-        zb = z[start : start + batch].to(device)
-        if len(zb):
-            lb = labels[start : start + batch].to(device) if labels is not None else None
-            metric.update(_three_channels(generate(g, zb, lb)), is_real=False)
-    if world_size > 1:
-        from torcheval.metrics.toolkit import sync_and_compute
 
-        return float(sync_and_compute(metric))
-    return float(metric.compute())
+def round_metrics(values: dict) -> dict:
+    """A measure() result as it is recorded: floats to 4 significant places past the point
+    (KID to 6, it is small)."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, float):
+            v = round(v, 6 if k.startswith("kid") else 4)
+        out[k] = v
+    return out
 
 
 # ---------------------------------------------------------------- the run's FID schedule
 
 
 class FidEvaluator:
-    """FID of the EMA generator every `every` steps and once more at the end of a run, against
-    real statistics computed once per dataset and extractor and cached in the store; each
-    result is a row of eval.jsonl and the gan_fid gauge.
+    """FID, KID, precision/recall and (conditional runs) label accuracy of the EMA generator
+    every `every` steps and once more at the end of a run, against real statistics and features
+    computed once per dataset and extractor and cached in the store; each result is a row of
+    eval.jsonl and the gan_fid, gan_kid, ... gauges.
 
     Every rank calls it: generation and feature extraction are split over ranks.
     """
@@ -285,34 +563,54 @@ class FidEvaluator:
         self.extractor, self.history, self.metrics, self.world = extractor, history, metrics, world
         self.every, self.num, self.seed = every, num, seed
         self.latent_dim, self.num_classes = latent_dim, num_classes
-        self.real_state: dict[str, torch.Tensor] | None = None
-        self.num_real = 0  # real images behind real_state
+        self.real: RealReference | None = None
+        self.num_real = 0  # real images behind the reference
+        self.labels_checked = False
+
+    @property
+    def real_state(self) -> dict[str, torch.Tensor] | None:
+        return self.real.state if self.real is not None else None
 
     def prepare(self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]) -> None:
-        """Real statistics from the cache, or from real_images(num) (then cached)."""
+        """Real statistics and features from the cache, or from real_images(num) (then cached).
+        Rank 0 alone keeps the features: KID and precision/recall are computed there."""
         if self.extractor is None:
             return
-        state = None
+        real = None
         if self.world.is_main:
-            if cache.exists(f"{key}.pt"):
-                state = torch.load(io.BytesIO(cache.get_bytes(f"{key}.pt")), weights_only=True)
-            else:
-                log.info(
-                    "computing real-image FID statistics (%d images, %s)",
-                    self.num, self.extractor.name,
-                )  # fmt: skip
-                state = real_statistics(self.extractor, real_images(self.num), self.world.device)
-                buf = io.BytesIO()
-                torch.save(state, buf)
-                cache.put_bytes(f"{key}.pt", buf.getvalue())
-        self.real_state = distributed.broadcast_object(state, self.world)
-        self.num_real = int(self.real_state["num_real_images"])  # the dataset may have fewer
+            real = self._load_reference(cache, key, real_images)
+            problem = self.extractor.label_accuracy_problem(self.num_classes)
+            self.labels_checked = problem is None
+            if problem and self.num_classes:
+                log.warning("no label accuracy: %s", problem)
+        state = distributed.broadcast_object(real.state if real else None, self.world)
+        self.real = real if real is not None else RealReference(state)
+        self.labels_checked = distributed.broadcast_object(self.labels_checked, self.world)
+        self.num_real = self.real.num  # the dataset may have fewer
         if self.num_real < self.num and self.world.is_main:
             log.warning(
                 "FID: real statistics from all %d images of the dataset, fewer than the %d "
                 "generated (GAN_FID_NUM_SAMPLES); eval.jsonl records both",
                 self.num_real, self.num,
             )  # fmt: skip
+
+    def _load_reference(
+        self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]
+    ) -> RealReference:
+        stats, feats = f"{key}.pt", f"{key}-features.pt"
+        if cache.exists(stats) and cache.exists(feats):
+            load = lambda name: torch.load(io.BytesIO(cache.get_bytes(name)), weights_only=True)  # noqa: E731
+            return RealReference(load(stats), load(feats))
+        log.info(
+            "computing real-image statistics and features (%d images, %s)",
+            self.num, self.extractor.name,
+        )  # fmt: skip
+        real = real_reference(self.extractor, real_images(self.num), self.world.device)
+        for name, obj in ((stats, real.state), (feats, real.features)):
+            buf = io.BytesIO()
+            torch.save(obj, buf)
+            cache.put_bytes(name, buf.getvalue())
+        return real
 
     def due(self, step: int, last: bool = False) -> bool:
         """At every `every` steps, and at the end unless this step was just evaluated."""
@@ -325,30 +623,42 @@ class FidEvaluator:
     def evaluate(
         self, g_ema: nn.Module, step: int, images_seen: int, stop: Callable[[], bool]
     ) -> bool:
-        """One FID; False when a stop request cut it short (then nothing is recorded)."""
+        """One evaluation; False when a stop request cut it short (then nothing is recorded)."""
         t0 = time.monotonic()
-        fid = compute_fid(
-            self.extractor, self.real_state, g_ema, self.latent_dim, self.num_classes, self.num,
+        found = measure(
+            self.extractor, self.real, g_ema, self.latent_dim, self.num_classes, self.num,
             self.seed, self.world.device, self.world.rank, self.world.world_size,
             stop=lambda: distributed.any_rank_each([stop()], self.world)[0],
+            labels_checked=self.labels_checked, keep_features=True,
         )  # fmt: skip
-        if fid is None:
+        if found is None:
             log.info("FID at step %d cut short by a stop request", step)
             return False
         if self.world.is_main:
+            values = round_metrics(found)
             self.history.append({
-                "step": step, "images_seen": images_seen, "fid": round(fid, 4),
+                "step": step, "images_seen": images_seen, **values,
                 "extractor": self.extractor.name, "num_samples": self.num,
                 "num_real": self.num_real,
                 "seconds": round(time.monotonic() - t0, 2),
             })  # fmt: skip
-            log.info(
-                "FID %.3f at step %d (%s, %d samples)", fid, step, self.extractor.name, self.num
-            )
-            self.metrics.observe_fid(fid, self.extractor.name, images_seen)
+            log.info("%s at step %d (%s)", summary(values), step, self.extractor.name)
+            self.metrics.observe_fid(found["fid"], self.extractor.name, images_seen)
+            self.metrics.observe_quality(values, self.extractor.name)
             self.history.sync()
         return True
 
     @property
     def records(self) -> list[dict]:
         return self.history.rows
+
+
+def summary(values: dict) -> str:
+    """One line: FID, KID +- std, precision, recall, label accuracy (those present)."""
+    parts = [f"FID {values['fid']:.3f}"]
+    if "kid" in values:
+        parts.append(f"KID {values['kid']:.5f} ± {values['kid_std']:.5f}")
+        parts.append(f"precision {values['precision']:.3f} recall {values['recall']:.3f}")
+    if "label_accuracy" in values:
+        parts.append(f"label accuracy {values['label_accuracy']:.3f}")
+    return ", ".join(parts)

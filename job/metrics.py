@@ -69,6 +69,15 @@ RECORD_GAUGES: dict[str, tuple[str, str, bool]] = {
     "gpu_memory_peak_bytes": ("gan_gpu_memory_peak_bytes", "Peak GPU memory allocated by tensors", False),
 }  # fmt: skip
 
+# An evaluation's fields (eval.jsonl) and their gauges, labelled by extractor like gan_fid.
+QUALITY_GAUGES: dict[str, tuple[str, str]] = {
+    "kid": ("gan_kid", "Latest KID, unbiased MMD^2 (lower is better)"),
+    "kid_std": ("gan_kid_std", "Standard deviation of the latest KID over its subsets"),
+    "precision": ("gan_precision", "Latest precision: share of samples on the real manifold"),
+    "recall": ("gan_recall", "Latest recall: share of real images on the samples' manifold"),
+    "label_accuracy": ("gan_label_accuracy", "Latest share of conditional samples classified as their label"),
+}  # fmt: skip
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -132,6 +141,10 @@ class Metrics:
             "gan_fid_images_seen", "Images seen when the latest FID was measured", ["extractor"],
             registry=r,
         )  # fmt: skip
+        self.quality = {
+            field: Gauge(name, doc, ["extractor"], registry=r)
+            for field, (name, doc) in QUALITY_GAUGES.items()
+        }
         self.checkpoint_seconds = Histogram(
             "gan_checkpoint_duration_seconds", "Time to write and commit a checkpoint",
             buckets=CHECKPOINT_BUCKETS, registry=r,
@@ -214,6 +227,13 @@ class Metrics:
     def observe_fid(self, value: float, extractor: str, images_seen: int) -> None:
         self.fid.labels(extractor).set(value)
         self.fid_images_seen.labels(extractor).set(images_seen)
+
+    @_if_enabled
+    def observe_quality(self, values: dict[str, Any], extractor: str) -> None:
+        """Sets the gauge of every evaluation field that has one (KID, precision, ...)."""
+        for field, value in values.items():
+            if field in self.quality:
+                self.quality[field].labels(extractor).set(value)
 
     @_if_enabled
     def observe_checkpoint(self, seconds: float, step: int) -> None:

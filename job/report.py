@@ -1,5 +1,6 @@
-"""A one-page PNG summary of a run: losses, D outputs and FID against images seen, and the
-fixed-noise sample grids over time side by side."""
+"""A one-page PNG summary of a run: losses, D outputs, FID, KID (with its spread), precision,
+recall and label accuracy against images seen, and the fixed-noise sample grids over time side
+by side."""
 
 from __future__ import annotations
 
@@ -32,23 +33,12 @@ def write_report(
     file) when given.
 
     records: training log lines {"step", "images_seen", "d_loss", "g_loss", "d_real", "d_fake"}.
-    evals: FID results {"step", "images_seen", "fid", "extractor", "num_samples"}.
+    evals: eval.jsonl rows {"step", "images_seen", "fid", "extractor", "num_samples"}, and
+    where measured "kid", "kid_std", "precision", "recall", "label_accuracy".
     grids: (step, PNG bytes) of the fixed-noise sample grids; at most max_grids of them, evenly
     spread and always the first and the last, are shown.
     """
-    shown = _spread(sorted(grids, key=lambda g: g[0]), max_grids)
-    grid_height = min(WIDTH_IN / max(len(shown), 1), 3.6) + 0.6 if shown else 0.0
-    fig = Figure(figsize=(WIDTH_IN, PLOTS_HEIGHT_IN + grid_height), layout="constrained")
-    FigureCanvasAgg(fig)
-    if title:
-        fig.suptitle(title, fontsize=14)
-    top, bottom = fig.subfigures(2, 1, height_ratios=[PLOTS_HEIGHT_IN, grid_height or 0.01])
-    losses, outputs, fid = top.subplots(1, 3)
-    _plot_losses(losses, records)
-    _plot_outputs(outputs, records)
-    _plot_fid(fid, evals)
-    _show_grids(bottom, shown, _images_seen_by_step(records))
-
+    fig = report_figure(records, evals, grids, title, max_grids)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     png = buffer.getvalue()
@@ -58,6 +48,36 @@ def write_report(
     elif out is not None:
         out.write(png)
     return png
+
+
+def report_figure(
+    records: Sequence[Mapping[str, Any]],
+    evals: Sequence[Mapping[str, Any]],
+    grids: Sequence[tuple[int, bytes]],
+    title: str = "",
+    max_grids: int = 6,
+) -> Figure:
+    """The report's figure (see write_report); KID and the 0..1 scores get their plots once an
+    evaluation measured them."""
+    shown = _spread(sorted(grids, key=lambda g: g[0]), max_grids)
+    grid_height = min(WIDTH_IN / max(len(shown), 1), 3.6) + 0.6 if shown else 0.0
+    fig = Figure(figsize=(WIDTH_IN, PLOTS_HEIGHT_IN + grid_height), layout="constrained")
+    FigureCanvasAgg(fig)
+    if title:
+        fig.suptitle(title, fontsize=14)
+    top, bottom = fig.subfigures(2, 1, height_ratios=[PLOTS_HEIGHT_IN, grid_height or 0.01])
+    quality = any("kid" in e or "label_accuracy" in e for e in evals)
+    axes = top.subplots(1, 5 if quality else 3)
+    _plot_losses(axes[0], records)
+    _plot_outputs(axes[1], records)
+    _plot_fid(axes[2], evals)
+    if quality:
+        _plot_kid(axes[3], evals)
+        _plot_scores(axes[4], evals)
+        for ax in axes:  # five plots in a row: fewer ticks, or their labels overlap
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+    _show_grids(bottom, shown, _images_seen_by_step(records))
+    return fig
 
 
 def _spread(items: list[Any], n: int) -> list[Any]:
@@ -165,6 +185,51 @@ def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
         ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
     ax.legend(loc="upper right")
+
+
+def _last_extractor_rows(evals: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
+    """The rows measuring key with the extractor of the last such row, by images seen."""
+    rows = [e for e in evals if key in e]
+    if not rows:
+        return []
+    extractor = rows[-1].get("extractor")
+    return sorted(
+        (e for e in rows if e.get("extractor") == extractor), key=lambda e: e["images_seen"]
+    )
+
+
+def _plot_kid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
+    _setup(ax, "KID ± std (lower is better)", "KID")
+    rows = _last_extractor_rows(evals, "kid")
+    if not rows:
+        return _no_data(ax)
+    x, y = _column(rows, "images_seen"), _column(rows, "kid")
+    last = rows[-1]
+    label = f"{last.get('extractor', '')} ({last.get('num_samples')} samples)"
+    ax.errorbar(x, y, yerr=_column(rows, "kid_std"), marker="o", markersize=4, capsize=3,
+                label=label)  # fmt: skip
+    _widen_single_x(ax, x)
+    ax.legend(loc="upper right")
+
+
+def _plot_scores(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
+    _setup(ax, "Precision, recall, label accuracy", "share (higher is better)")
+    drawn = False
+    for key, label, color in (
+        ("precision", "precision (realistic)", "tab:purple"),
+        ("recall", "recall (coverage)", "tab:brown"),
+        ("label_accuracy", "label accuracy", "tab:cyan"),
+    ):
+        rows = _last_extractor_rows(evals, key)
+        if rows:
+            x = _column(rows, "images_seen")
+            ax.plot(x, _column(rows, key), marker="o", markersize=4, label=label, color=color)
+            _widen_single_x(ax, x)
+            drawn = True
+    if not drawn:
+        return _no_data(ax)
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="lower right")
 
 
 def _images_seen_by_step(records: Sequence[Mapping[str, Any]]) -> dict[int, int]:

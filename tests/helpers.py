@@ -93,3 +93,64 @@ def run_job(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess
         text=True,
         timeout=timeout,
     )
+
+
+class SquareClassifier(torch.nn.Module):
+    """A TorchScript-able extractor with a classifier head for write_idx images: feature k is
+    the mean brightness of class k's square, so logits() is right for every such image."""
+
+    def __init__(self, size: int = 28, classes: int = 10):
+        super().__init__()
+        masks = torch.zeros(classes, size, size)
+        for k in range(classes):
+            r = (k * 2) % (size - 8)
+            masks[k, r : r + 8, r : r + 8] = 1 / 64
+        self.register_buffer("masks", masks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nhw,khw->nk", x[:, 0], self.masks)
+
+    @torch.jit.export
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x) * 50
+
+
+def write_classifier(path: Path, classes: int = 10) -> Path:
+    torch.jit.script(SquareClassifier(classes=classes)).save(str(path))
+    return path
+
+
+class Painter(torch.nn.Module):
+    """A stand-in generator (G's call signature, [-1, 1] output) that returns real images: of the
+    asked class, of one class (collapsed), or of a class drawn from the noise (ignoring labels)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mode: str = "obey"):
+        super().__init__()
+        self.classes = int(labels.max()) + 1
+        per_class = min(int((labels == k).sum()) for k in range(self.classes))
+        bank = [images[labels == k][:per_class] for k in range(self.classes)]
+        self.register_buffer("bank", torch.stack(bank).float() / 127.5 - 1)
+        self.per_class, self.mode = per_class, mode
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        pick = (z[:, 0].abs() * 1e4).long()
+        if self.mode == "obey":
+            k = labels
+        elif self.mode == "collapse":
+            k = torch.zeros_like(pick)
+        else:
+            k = (z[:, 1].abs() * 1e4).long() % self.classes
+        return self.bank[k, pick % self.per_class]
+
+
+def idx_images(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """write_idx's images (uint8, N x 1 x 28 x 28) and labels, in memory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_idx(Path(tmp), n=n, gz=False, seed=seed)
+        from job.data import read_idx
+
+        images = torch.from_numpy(read_idx(folder / "train-images-idx3-ubyte").copy()).unsqueeze(1)
+        labels = torch.from_numpy(read_idx(folder / "train-labels-idx1-ubyte").copy()).long()
+    return images, labels

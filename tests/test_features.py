@@ -145,3 +145,19 @@ def test_unparseable_arguments_exit_2(tmp_path):
 
 def test_help_names_the_subcommand():
     assert "gan-job features --dataset" in help_text()
+
+
+def test_a_features_file_carries_its_classifier_head_applied_to_the_features(tmp_path):
+    from job.features import FeatureNet, save_extractor
+
+    torch.manual_seed(0)
+    net = FeatureNet(1, 28, 7, width=4, feature_dim=16)
+    save_extractor(net, tmp_path / "f.pt", {"num_classes": 7})
+    extractor = load_extractor(str(tmp_path / "f.pt"), 1, 28, CPU)
+    assert extractor.num_classes == 7 and extractor.label_accuracy_problem(7) is None
+    x = torch.rand(5, 3, 28, 28)
+    with torch.no_grad():
+        features = extractor.model(x)
+        # the head runs on the features already extracted: the images are not looked at again
+        logits = extractor.classifier(torch.zeros_like(x), features)
+        assert torch.allclose(logits, net.eval().logits(x[:, :1]), atol=1e-5)

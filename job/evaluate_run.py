@@ -1,0 +1,157 @@
+"""`gan-job evaluate RUN`: FID, KID, precision/recall and (conditional models) label accuracy
+of a run's newest complete checkpoint (its EMA generator), read-only: nothing is written to the
+run, its eval.jsonl stays as it is.
+
+N generated samples (noise from --seed, labels cycling through the classes) are compared with
+N real images of the run's dataset (the fixed subset its training-time FID used), on the
+features of --features or of the run's own GAN_FID_FEATURES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from job import checkpoint, data, evaluate
+from job.errors import CheckpointError, SettingsError
+from job.models import Arch, build_generator
+from job.sample import load_generator
+from job.storage import download_prefix, open_store
+
+log = logging.getLogger(__name__)
+
+MIN_NUM = 10
+
+
+def load_run(uri: str, endpoint_url: str | None) -> tuple[torch.nn.Module, Arch, dict, int | None]:
+    """(EMA generator, arch, the run's settings, step) of a run's newest complete checkpoint,
+    or of its final/generator.pt when it has none left."""
+    found = checkpoint.load_from(uri, endpoint_url)
+    if found is not None:
+        step, state = found
+        arch_dict, weights = checkpoint.generator_state(state)
+        arch = Arch(**arch_dict)
+        g = build_generator(arch)
+        g.load_state_dict(weights)
+        return g.eval(), arch, state["meta"]["settings"], step
+    g, arch = load_generator(uri, endpoint_url)  # final/generator.pt, or a clear error
+    store = open_store(uri, endpoint_url)
+    if not store.exists("config.json"):
+        raise CheckpointError(f"{uri}: no config.json beside final/generator.pt: not a run")
+    settings = json.loads(store.get_bytes("config.json"))["settings"]
+    export = torch.load(
+        io.BytesIO(store.get_bytes("final/generator.pt")), map_location="cpu", weights_only=False
+    )
+    return g, arch, settings, export.get("step")
+
+
+def real_images(settings: dict, arch: Arch, num: int, data_dir: str, endpoint: str | None):
+    """The run's fixed subset of real images (uint8), as its training-time FID drew it."""
+    local = None
+    dataset = settings["dataset"]
+    if dataset.startswith("s3://"):
+        cache = Path(data_dir) / "s3" / dataset.removeprefix("s3://")
+        local = download_prefix(dataset, cache, endpoint)
+    images = data.load_dataset(
+        dataset, data_dir, arch.image_size, bool(arch.num_classes),
+        settings.get("bad_images", "skip") == "skip", local,
+    )  # fmt: skip
+    return data.real_images(images, num, int(settings.get("seed", 0)))[0]
+
+
+def table(values: dict) -> str:
+    rows = [("FID", f"{values['fid']:.4f}", f"{values['num_samples']} vs {values['num_real']}")]
+    if "kid" in values:
+        spread = f"{values['kid_subsets']} subsets of {values['kid_subset_size']}"
+        rows.append(("KID", f"{values['kid']:.6f} ± {values['kid_std']:.6f}", spread))
+    if "precision" in values:
+        rows.append(("precision", f"{values['precision']:.4f}", f"k = {values['pr_k']}"))
+        rows.append(("recall", f"{values['recall']:.4f}", f"k = {values['pr_k']}"))
+    if "label_accuracy" in values:
+        per_class = values["label_accuracy_per_class"]
+        rows.append(("label accuracy", f"{values['label_accuracy']:.4f}", "mean over classes"))
+        rows += [(f"  class {k}", f"{v:.4f}", "") for k, v in enumerate(per_class)]
+    width = max(len(r[1]) for r in rows)
+    return "\n".join(f"{name:<16}{value:<{width + 2}}{note}".rstrip() for name, value, note in rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gan-job evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN", help="run folder or s3:// run prefix (or a checkpoint)")
+    p.add_argument("--num", type=int, default=10_000, help="samples and real images (10000)")
+    p.add_argument(
+        "--features",
+        default=None,
+        help="TorchScript extractor (`gan-job features`), or inception; default: the run's "
+        "GAN_FID_FEATURES",
+    )
+    p.add_argument("--out", default=None, help="write the JSON line here instead of stdout")
+    p.add_argument(
+        "--seed", type=int, default=None, help="noise seed (default: the run's FID seed)"
+    )
+    p.add_argument(
+        "--data-dir", default=None, help="where the dataset is (default: the run's GAN_DATA_DIR)"
+    )
+    p.add_argument("--batch-size", type=int, default=500, help="images generated at a time")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    problems = [f"--num {args.num}: expected an integer >= {MIN_NUM}"] if args.num < MIN_NUM else []
+    if args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        problems.append("--device cuda: no CUDA device available")
+    if args.out and Path(args.out).is_dir():
+        problems.append(f"--out {args.out}: is a folder, expected a file name")
+    if problems:
+        raise SettingsError(problems)
+    t0 = time.monotonic()
+    endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
+    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    g, arch, settings, step = load_run(args.run, endpoint)
+    choice = args.features or settings.get("fid_features") or "none"
+    if choice == "none":
+        raise SettingsError(
+            [f"--features: the run {args.run} had no FID extractor: give --features FILE"]
+        )
+    extractor = evaluate.load_extractor(
+        choice, arch.channels, arch.image_size, device,
+        inception_weights=settings.get("fid_inception_weights"),
+    )  # fmt: skip
+    problem = extractor.label_accuracy_problem(arch.num_classes)
+    if problem and arch.num_classes:
+        log.warning("no label accuracy: %s", problem)
+    seed = args.seed if args.seed is not None else int(settings.get("seed", 0)) + 1
+    images = real_images(settings, arch, args.num, args.data_dir or settings["data_dir"], endpoint)
+    real = evaluate.real_reference(extractor, images, device, batch=args.batch_size)
+    found = evaluate.measure(
+        extractor, real, g.to(device), arch.latent_dim, arch.num_classes, args.num, seed, device,
+        batch=args.batch_size, labels_checked=problem is None,
+    )  # fmt: skip
+    values = {
+        "run": args.run, "step": step, **evaluate.round_metrics(found),
+        "extractor": extractor.name, "num_samples": args.num, "num_real": real.num,
+        "seed": seed, "seconds": round(time.monotonic() - t0, 2),
+    }  # fmt: skip
+    print(f"{args.run} at step {step} ({extractor.name}):")
+    print(table(values))
+    line = json.dumps(values)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
+        log.info("wrote %s", out)
+    else:
+        print(line)
+    return 0
