@@ -1,5 +1,5 @@
 """Entry point: `python -m job` / `gan-job` trains (over torchrun when GAN_NPROC_PER_NODE > 1 or
-GAN_NNODES > 1); `gan-job sample|features|sweep|compare ...` are the subcommands."""
+GAN_NNODES > 1); `gan-job sample|features|sweep|compare|shard ...` are the subcommands."""
 
 from __future__ import annotations
 
@@ -95,6 +95,10 @@ def _run(argv: list[str]) -> int:
             from job.sweep import main as sweep_main
 
             return sweep_main(argv[1:])
+        if argv and argv[0] == "shard":
+            from job.shards import main as shard_main
+
+            return shard_main(argv[1:])
         if argv and argv[0] == "compare":
             from job.compare import main as compare_main
 
