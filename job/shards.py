@@ -318,8 +318,9 @@ class ShardCache:
                     log.info("prefetch of %s failed: %s", name, exc)
                     return None
                 if attempt == DOWNLOAD_ATTEMPTS:
+                    cause = str(exc).rpartition(f"{name!r} failed: ")[2]
                     raise StorageError(
-                        f"shard {self.store.uri}/{name}: download failed {attempt} times: {exc}"
+                        f"shard {self.store.uri}/{name}: download failed {attempt} times: {cause}"
                     ) from exc
                 log.warning("shard %s: download failed, retrying in %.0f s: %s", name, delay, exc)
                 time.sleep(delay)

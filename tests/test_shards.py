@@ -18,7 +18,7 @@ from s3server import SeaweedS3, use_server
 
 from job import errors
 from job.__main__ import main as job_main
-from job.data import load_dataset
+from job.data import load_dataset, real_images
 from job.errors import DataError, SettingsError
 from job.settings import load_settings
 from job.shards import INDEX, ShardSource, open_shards, read_index, shard_order
@@ -109,6 +109,17 @@ def test_shards_hold_every_image_and_label_once_and_the_index_is_written_last(
     order = shard_order(len(index.shards), 3, 0)
     ranks = [source(sharded, tmp_path / "cache2", r, 2).rank_shards(0) for r in (0, 1)]
     assert sorted(ranks[0] + ranks[1]) == list(range(31)) and ranks[0] == order[0::2]
+
+
+def test_fid_real_images_and_another_image_size_come_from_the_shards(s3_env, sharded, tmp_path):
+    data = open_shards(sharded["dataset"], 32, False, "dcgan", tmp_path, 64)
+    assert (len(data), data.image_size, data.channels, data.num_classes) == (N, 32, 1, 0)
+    images, labels = real_images(data, 25, seed=1)
+    assert images.shape == (25, 1, 32, 32) and images.dtype == torch.uint8 and len(labels) == 25
+    assert torch.equal(real_images(data, 25, seed=1)[0], images)
+    assert len(real_images(data, 1000, seed=1)[0]) == N  # all there are
+    batch, _ = ShardSource(data, 8, seed=0, device=CPU).next()
+    assert batch.shape == (8, 1, 32, 32)
 
 
 # ---------------------------------------------------------------- resume
