@@ -70,7 +70,7 @@ RECORD_GAUGES: dict[str, tuple[str, str, bool]] = {
     # shards datasets (job/shards.py), rank 0's
     "data_images_per_s": ("gan_data_images_per_second", "Images the shard stream delivered per second of waiting on it", True),
     "data_downloaded_bytes": ("gan_data_downloaded_bytes", "Shard bytes downloaded by this process so far", True),
-    "data_download_mb_per_s": ("gan_data_download_mb_per_second", "Shard download throughput, MiB/s", True),
+    "data_download_bytes_per_s": ("gan_data_download_bytes_per_second", "Shard download throughput while downloading", True),
     "data_cache_bytes": ("gan_data_cache_bytes", "Bytes in this process's shard cache", True),
 }  # fmt: skip
 

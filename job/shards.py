@@ -584,8 +584,8 @@ class ShardSource:
         stats = {
             "data_images_per_s": round(self.delivered / max(self.busy_seconds, 1e-9), 1),
             "data_downloaded_bytes": cache.downloaded_bytes,
-            "data_download_mb_per_s": round(
-                cache.downloaded_bytes / MiB / max(cache.download_seconds, 1e-9), 2
+            "data_download_bytes_per_s": round(
+                cache.downloaded_bytes / max(cache.download_seconds, 1e-9)
             ),
             "data_cache_bytes": cache.used_bytes,
         }
