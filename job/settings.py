@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     )
     shard_cache_dir: str | None = Field(
         None,
-        description="shards datasets: where shards are cached; unset: GAN_DATA_DIR/shards/<bucket>/<prefix>",
+        description="shards datasets: where shards are cached (in rank-<rank>/ folders); unset: "
+        "GAN_DATA_DIR/shards/<bucket>/<prefix>/<run id>",
     )
 
     # model

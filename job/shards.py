@@ -449,8 +449,10 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def default_cache_dir(data_dir: str | Path, dataset: str) -> Path:
-    return Path(data_dir) / "shards" / shards_uri(dataset).removeprefix("s3://")
+def default_cache_dir(data_dir: str | Path, dataset: str, run_id: str) -> Path:
+    """GAN_DATA_DIR/shards/<bucket>/<prefix>/<run id>: a restart finds its shards again, and
+    two runs on one node do not evict each other's."""
+    return Path(data_dir) / "shards" / shards_uri(dataset).removeprefix("s3://") / run_id
 
 
 def _generator(*parts: int) -> torch.Generator:

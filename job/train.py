@@ -223,7 +223,9 @@ class Trainer:
     def _load_data(self, s: Settings) -> data.ImageData:
         local = None
         if s.dataset_kind == "shards":
-            cache = s.shard_cache_dir or shards.default_cache_dir(s.data_dir, s.dataset)
+            cache = s.shard_cache_dir or shards.default_cache_dir(
+                s.data_dir, s.dataset, self.run_id
+            )
             return shards.open_shards(
                 s.dataset, s.image_size, s.conditional, s.model, cache, s.shard_cache_mb,
                 s.s3_endpoint_url, self.world.rank,
