@@ -543,27 +543,32 @@ class ShardSource:
         self.batch_index = min(int(state["images_consumed"]) // per_step, self.batches_per_epoch)
         self._iter = None
 
-    def _samples(self, epoch: int, skip: int):
-        """This rank's (image, label) of the epoch from its skip-th on. Shards wholly before
-        skip are not downloaded; the next one is prefetched while one is read."""
-        mine = self.rank_shards(epoch)
-        upcoming = mine[1:] + self.rank_shards(epoch + 1)[:1]
-        for i, following in zip(mine, upcoming, strict=True):
+    def _samples(self, epoch: int, start: int, stop: int):
+        """This rank's (image, label) number start to stop - 1 of the epoch. Shards wholly
+        before start are not downloaded; while one is read, the next one needed is fetched
+        ahead (after the last one the epoch uses, the next epoch's first)."""
+        mine, position = self.rank_shards(epoch), 0
+        for k, i in enumerate(mine):
             count = self.index.shards[i].count
-            if skip >= count:
-                skip -= count
+            if position + count <= start:
+                position += count
                 continue
             samples = self.shards.read(i)
+            last = position + count >= stop or k + 1 == len(mine)
+            following = self.rank_shards(epoch + 1)[0] if last else mine[k + 1]
             self.shards.cache.prefetch(self.index.shards[following].name)
-            for j in sample_order(count, self.seed, epoch, i)[skip:]:
+            for j in sample_order(count, self.seed, epoch, i)[max(start - position, 0) :]:
                 yield samples[j]
-            skip = 0
+            position += count
+            if position >= stop:
+                return
 
-    def _batches(self, epoch: int, start: int):
-        samples = self._samples(epoch, start * self.batch_size)
-        for _ in range(start, self.steps_per_epoch(epoch)):
-            batch = [next(samples) for _ in range(self.batch_size)]
-            yield torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
+    def _batches(self, epoch: int, first: int):
+        steps, b = self.steps_per_epoch(epoch), self.batch_size
+        samples = self._samples(epoch, first * b, steps * b)
+        for _ in range(first, steps):
+            batch = [next(samples) for _ in range(b)]
+            yield torch.stack([x[0] for x in batch]), torch.tensor([x[1] for x in batch])
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.monotonic()
