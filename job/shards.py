@@ -12,6 +12,7 @@ trains from them with ShardSource, which keeps BatchSource's interface and its p
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from webdataset import ShardWriter, autodecode, tariterators
 
 from job.data import NUM_CLASSES, ImageData, load_dataset
-from job.errors import DataError, SettingsError, StorageError
+from job.errors import DataError, DiskFullError, SettingsError, StorageError
 from job.settings import (
     NATIVE_SIZE,
     SHARDS_PREFIX,
@@ -292,9 +293,6 @@ class ShardCache:
                 return
             self._futures[name] = self._pool.submit(self._download, name, False)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
     def _download(self, name: str, needed: bool) -> Path | None:
         """In the download thread. needed: retried, and a failure raises; a prefetch gives up
         quietly (the get() that follows tries again)."""
@@ -313,6 +311,13 @@ class ShardCache:
                 raise DataError(
                     f"{self.store.uri}/{name}: listed in {INDEX} but not in the store"
                 ) from None
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise DiskFullError(
+                        f"{self.folder}: no space left for shard {name} (GAN_SHARD_CACHE_MB="
+                        f"{self.max_bytes / MiB:g} is more than the disk has free)"
+                    ) from exc
+                raise
             except StorageError as exc:
                 if not needed:
                     log.info("prefetch of %s failed: %s", name, exc)
