@@ -1,8 +1,9 @@
 """Entry point: `python -m job` / `gan-job` trains (over torchrun when GAN_NPROC_PER_NODE > 1 or
-GAN_NNODES > 1); `gan-job sample|features|sweep|compare|evaluate ...` are the subcommands."""
+GAN_NNODES > 1); `gan-job sample|features|sweep|compare|evaluate|shard ...` are the subcommands."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -10,6 +11,16 @@ import sys
 
 from job import launcher
 from job.errors import EXIT_UNEXPECTED, JobError, SettingsError, Stopped
+
+# gan-job SUBCOMMAND ...: the module whose main(argv) runs it (imported only when asked for)
+SUBCOMMANDS = {
+    "sample": "job.sample",
+    "features": "job.features",
+    "sweep": "job.sweep",
+    "compare": "job.compare",
+    "evaluate": "job.evaluate_run",
+    "shard": "job.shards",
+}
 
 
 def _setup_logging() -> None:
@@ -83,26 +94,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(argv: list[str]) -> int:
     log = logging.getLogger("job")
     try:
-        if argv and argv[0] == "sample":
-            from job.sample import main as sample_main
-
-            return sample_main(argv[1:])
-        if argv and argv[0] == "features":
-            from job.features import main as features_main
-
-            return features_main(argv[1:])
-        if argv and argv[0] == "sweep":
-            from job.sweep import main as sweep_main
-
-            return sweep_main(argv[1:])
-        if argv and argv[0] == "evaluate":
-            from job.evaluate_run import main as evaluate_main
-
-            return evaluate_main(argv[1:])
-        if argv and argv[0] == "compare":
-            from job.compare import main as compare_main
-
-            return compare_main(argv[1:])
+        if argv and argv[0] in SUBCOMMANDS:
+            command = importlib.import_module(SUBCOMMANDS[argv[0]])
+            return command.main(argv[1:])
         if argv:
             raise SettingsError(
                 [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]

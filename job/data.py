@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,9 +50,17 @@ class ImageData:
     images: torch.Tensor | None = None
     folder: FolderDataset | None = None
     source: str = ""  # where the files were found
+    shards: Any = None  # a shards dataset (job.shards.ShardSet): streamed, labels left empty
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return self.shards.index.count if self.shards is not None else len(self.labels)
+
+    @property
+    def classes_found(self) -> int:
+        """Distinct labels in the data."""
+        if self.shards is not None:
+            return self.shards.index.classes
+        return len(torch.unique(self.labels))
 
 
 # ---------------------------------------------------------------- IDX (MNIST family)
@@ -539,6 +548,8 @@ class BatchSource:
 
 def real_images(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fixed random subset of real images (uint8) and labels, e.g. for FID statistics."""
+    if data.shards is not None:
+        return data.shards.real_images(num, seed)
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data), generator=g)[: min(num, len(data))]
     if data.images is not None:

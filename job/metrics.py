@@ -67,6 +67,11 @@ RECORD_GAUGES: dict[str, tuple[str, str, bool]] = {
     "grad_norm_g": ("gan_generator_grad_norm", "Generator gradient L2 norm", True),
     "gpu_memory_bytes": ("gan_gpu_memory_allocated_bytes", "GPU memory allocated by tensors", False),
     "gpu_memory_peak_bytes": ("gan_gpu_memory_peak_bytes", "Peak GPU memory allocated by tensors", False),
+    # shards datasets (job/shards.py), rank 0's
+    "data_images_per_s": ("gan_data_images_per_second", "Images the shard stream delivered per second of waiting on it", True),
+    "data_downloaded_bytes": ("gan_data_downloaded_bytes", "Shard bytes downloaded by this process so far", True),
+    "data_download_bytes_per_s": ("gan_data_download_bytes_per_second", "Shard download throughput while downloading", True),
+    "data_cache_bytes": ("gan_data_cache_bytes", "Bytes in this process's shard cache", True),
 }  # fmt: skip
 
 # An evaluation's fields (eval.jsonl) and their gauges, labelled by extractor like gan_fid.

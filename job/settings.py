@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from job.errors import SettingsError
 
 PREFIX = "GAN_"
+SHARDS_PREFIX = "shards:"  # GAN_DATASET=shards:s3://bucket/prefix
 NATIVE_SIZE = {"mnist": 28, "kmnist": 28, "fashion-mnist": 28, "cifar10": 32}
 DCGAN_SIZES = (28, 32, 64)
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/augment.py implements them
@@ -42,7 +43,8 @@ class Settings(BaseSettings):
     dataset: str = Field(
         "fashion-mnist",
         description="mnist, kmnist, fashion-mnist, cifar10, folder:/path/to/images, "
-        "or an s3:// prefix holding IDX files or an image folder",
+        "an s3:// prefix holding IDX files or an image folder, or shards:s3://bucket/prefix "
+        "(tar shards written by gan-job shard, streamed: docs/data.md)",
     )
     data_dir: str = Field("./data", description="where datasets are read from / downloaded to")
     image_size: int | None = Field(
@@ -52,6 +54,17 @@ class Settings(BaseSettings):
         description="pixels per side; unset: the dataset's own (28, 32; 64 for folders)",
     )
     num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers for image folders")
+    shard_cache_mb: float = Field(
+        1024.0,
+        gt=0,
+        description="shards datasets: the most disk each process's shard cache takes (MB; at "
+        "least the largest shard); least recently used shards are deleted to stay under it",
+    )
+    shard_cache_dir: str | None = Field(
+        None,
+        description="shards datasets: where shards are cached (in rank-<rank>/ folders); unset: "
+        "GAN_DATA_DIR/shards/<bucket>/<prefix>/<run id>",
+    )
 
     # model
     model: Literal["mlp", "dcgan"] = Field(
@@ -317,7 +330,12 @@ class Settings(BaseSettings):
         """Settings valid alone but not together. Each message names every setting it involves
         (as GAN_X=), so that load_settings can drop those that involve an invalid one."""
         problems = []
-        if self.model == "dcgan" and self.resolved_image_size not in DCGAN_SIZES:
+        shards_size_unset = self.dataset_kind == "shards" and self.image_size is None
+        if (
+            self.model == "dcgan"
+            and self.resolved_image_size not in DCGAN_SIZES
+            and not shards_size_unset  # the index's size: checked when it is read
+        ):
             problems.append(
                 f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by GAN_MODEL=dcgan: "
                 f"expected one of {', '.join(map(str, DCGAN_SIZES))}"
@@ -404,9 +422,11 @@ RECIPES: dict[str, dict[str, object]] = {
 
 
 def dataset_kind(dataset: str) -> str:
-    """mnist | kmnist | fashion-mnist | cifar10 | folder | s3."""
+    """mnist | kmnist | fashion-mnist | cifar10 | folder | s3 | shards."""
     if dataset.startswith("folder:"):
         return "folder"
+    if dataset.startswith(SHARDS_PREFIX):
+        return "shards"
     if dataset.startswith("s3://"):
         return "s3"
     return dataset
@@ -423,9 +443,16 @@ def _grayscale_28px(data: dict) -> bool:
 
 def _check_dataset(value: str) -> str | None:
     known = {*NATIVE_SIZE}
+    if value.startswith(SHARDS_PREFIX):
+        if value.startswith(SHARDS_PREFIX + "s3://") and len(value) > len(SHARDS_PREFIX) + 5:
+            return None  # the bucket name is checked by Settings
+        return "expected shards:s3://bucket/prefix (shards are read from S3)"
     if value in known or value.startswith(("s3://", "folder:")) and len(value) > 7:
         return None  # an s3:// bucket name is checked by Settings
-    return f"expected one of {', '.join(sorted(known))}, folder:/path or s3://bucket/prefix"
+    return (
+        f"expected one of {', '.join(sorted(known))}, folder:/path, s3://bucket/prefix or "
+        "shards:s3://bucket/prefix"
+    )
 
 
 def _unknown_variables(environ: dict[str, str]) -> list[str]:
@@ -565,6 +592,8 @@ def help_text() -> str:
         "  gan-job features --dataset NAME --out FILE [--data-dir D] [--epochs E] [--image-size S] [--seed S]",
         "  gan-job sweep FILE [--parallel N] [--index I]   (rows of GAN_* settings, each its own run)",
         "  gan-job compare URI... [--out DIR]   (runs or sweep prefixes: a CSV table and a PNG)",
+        "  gan-job shard SOURCE s3://bucket/prefix [--shard-size N] [--image-size PX] [--force]",
+        "        (any GAN_DATASET as tar shards for GAN_DATASET=shards:s3://bucket/prefix)",
         "",
         "S3 credentials come from the standard AWS_* variables and are never logged.",
     ]
@@ -609,7 +638,9 @@ def bucket_problem(name: str) -> str | None:
 
 
 def s3_uri_problem(uri: str) -> str | None:
-    """Why an s3:// URI names no valid bucket; None for valid ones and other URIs."""
+    """Why an s3:// URI (or shards:s3://) names no valid bucket; None for valid ones and other
+    URIs."""
+    uri = uri.removeprefix(SHARDS_PREFIX)
     if not uri.startswith("s3://"):
         return None
     bucket = uri[len("s3://") :].split("/", 1)[0]

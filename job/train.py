@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from job import augment, data, distributed, evaluate, losses, schedule
+from job import augment, data, distributed, evaluate, losses, schedule, shards
 from job.checkpoint import Checkpointer, serialize
 from job.errors import (
     EXIT_OK,
@@ -141,7 +141,7 @@ class Trainer:
             projection=s.conditioning == "projection",
         )
         extractor = evaluate.load_extractor(
-            s.fid_features, self.data.channels, s.resolved_image_size, self.device,
+            s.fid_features, self.data.channels, self.data.image_size, self.device,
             inception_weights=s.fid_inception_weights,
             required="fid_features" in s.model_fields_set or bool(s.fid_inception_weights),
         )  # fmt: skip
@@ -153,10 +153,15 @@ class Trainer:
             s.loss, s.label_smoothing, s.r1_gamma, s.r1_every, s.diffaugment,
             _amp_enabled(s.amp, self.device),
         )  # fmt: skip
-        self.source = data.BatchSource(
-            self.data, s.batch_size, s.seed, self.device, world.rank, world.world_size,
-            s.num_workers, on_device=s.data_on_device,
-        )  # fmt: skip
+        if self.data.shards is not None:
+            self.source = shards.ShardSource(
+                self.data, s.batch_size, s.seed, self.device, world.rank, world.world_size
+            )
+        else:
+            self.source = data.BatchSource(
+                self.data, s.batch_size, s.seed, self.device, world.rank, world.world_size,
+                s.num_workers, on_device=s.data_on_device,
+            )  # fmt: skip
         self.run_state = RunState()
         self.rng = RngStreams(s.seed, world, lambda: self.run_state.step)
         self.writer = (
@@ -221,6 +226,14 @@ class Trainer:
 
     def _load_data(self, s: Settings) -> data.ImageData:
         local = None
+        if s.dataset_kind == "shards":
+            cache = s.shard_cache_dir or shards.default_cache_dir(
+                s.data_dir, s.dataset, self.run_id
+            )
+            return shards.open_shards(
+                s.dataset, s.image_size, s.conditional, s.model, cache, s.shard_cache_mb,
+                s.s3_endpoint_url, self.world.rank,
+            )  # fmt: skip
         if s.dataset_kind == "s3":
             cache = Path(s.data_dir) / "s3" / s.dataset.removeprefix("s3://")
             local = download_prefix(s.dataset, cache, s.s3_endpoint_url)
@@ -272,7 +285,7 @@ class Trainer:
             + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
             f"artifacts: {self.store.uri}",
             f"data: {s.dataset} from {d.source}: {len(d)} images, "
-            f"{len(torch.unique(d.labels))} classes, {d.channels}x{d.image_size}x{d.image_size}",
+            f"{d.classes_found} classes, {d.channels}x{d.image_size}x{d.image_size}",
             f"device: {distributed.describe_device(self.device)} x {self.world.world_size} "
             f"process(es), batch {s.batch_size} per process",
             f"model: {self.arch.model}, width {self.arch.width}, latent {self.arch.latent_dim}"
@@ -510,6 +523,7 @@ class Trainer:
             "skipped_images": self.source.skipped_images,
             "grad_norm_d": round(_grad_norm(self.nets.d), 5),
             "grad_norm_g": round(_grad_norm(self.nets.g), 5),
+            **(self.source.stats() if isinstance(self.source, shards.ShardSource) else {}),
         }
         if self.device.type == "cuda":
             record["gpu_memory_bytes"] = torch.cuda.memory_allocated()
