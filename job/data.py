@@ -442,12 +442,17 @@ def load_dataset(
 def resize_in_memory(data: ImageData, size: int) -> ImageData:
     if data.image_size == size:
         return data
-    chunks = []
-    for chunk in data.images.split(4096):
-        x = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True)
-        chunks.append(x.round().clamp(0, 255).to(torch.uint8))
-    data.images, data.image_size = torch.cat(chunks), size
+    data.images = torch.cat([resize_images(chunk, size) for chunk in data.images.split(4096)])
+    data.image_size = size
     return data
+
+
+def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 N x C x H x W at size x size (bilinear, antialiased), unchanged if already."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
+    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 # ---------------------------------------------------------------- batches

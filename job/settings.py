@@ -320,7 +320,9 @@ class Settings(BaseSettings):
         if recipe == "auto":
             recipe = "fast28" if _grayscale_28px(data) else "custom"
             data = {**data, "recipe": recipe}
-        preset = RECIPES.get(recipe, {})  # an unknown name fails validation
+        preset = dict(RECIPES.get(recipe, {}))  # an unknown name fails validation
+        if str(data.get("conditional", "false")).lower() not in TRUE_WORDS:
+            preset.pop("conditioning", None)  # for conditional models only
         settings = handler({**preset, **data})
         settings._recipe_filled = {k: v for k, v in preset.items() if k not in data}
         return settings
@@ -383,6 +385,8 @@ class Settings(BaseSettings):
         return f"{name}-{self.model}" + ("-cond" if self.conditional else "")
 
 
+TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")  # what pydantic reads as a true bool
+
 # GAN_RECIPE presets: the values a recipe gives the settings that were not set explicitly
 RECIPES: dict[str, dict[str, object]] = {
     "seed": {
@@ -395,28 +399,29 @@ RECIPES: dict[str, dict[str, object]] = {
         "label_smoothing": 0.0,
         "ema_decay": 0.0,
         "lr_decay": "none",
+        "lr_decay_start": 0.0,
         "spectral_norm": False,
         "r1_gamma": 0.0,
         "diffaugment": "",
         "conditioning": "concat",
     },
-    # measured on Fashion-MNIST, 2-core CPU: FID 22.8 after 10 min against the seed recipe's
-    # 33.6 after 20 min (docs/quality.md)
+    # measured on Fashion-MNIST on one core of a 2-core CPU, 10 minutes: docs/quality.md
     "fast28": {
         "model": "dcgan",
         "width": 32,
         "loss": "bce",
-        "lr_g": 4e-4,
-        "lr_d": 4e-4,
+        "lr_g": 8e-4,
+        "lr_d": 8e-4,
         "beta1": 0.5,
         "beta2": 0.999,
         "label_smoothing": 0.0,
         "ema_decay": 0.999,
-        "lr_decay": "none",
+        "lr_decay": "linear",
+        "lr_decay_start": 0.5,
         "spectral_norm": False,
         "r1_gamma": 0.0,
         "diffaugment": "",
-        "conditioning": "concat",
+        "conditioning": "projection",
     },
 }
 

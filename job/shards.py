@@ -26,10 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from webdataset import ShardWriter, autodecode, tariterators
 
-from job.data import NUM_CLASSES, ImageData, load_dataset
+from job.data import NUM_CLASSES, ImageData, load_dataset, resize_images
 from job.errors import DataError, DiskFullError, SettingsError, StorageError
 from job.settings import (
     NATIVE_SIZE,
@@ -398,7 +397,7 @@ class ShardSet:
             for image, label in self.read(i)[: num - len(images)]:
                 images.append(image)
                 labels.append(label)
-        return resize(torch.stack(images), self.image_size), torch.tensor(labels)
+        return resize_images(torch.stack(images), self.image_size), torch.tensor(labels)
 
 
 def open_shards(
@@ -444,14 +443,6 @@ def open_shards(
     )
     data.shards = ShardSet(store, index, cache, size)
     return data
-
-
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 N x C x H x W at size x size (as data.resize_in_memory), unchanged if already."""
-    if images.shape[-1] == size:
-        return images
-    x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
-    return x.round().clamp(0, 255).to(torch.uint8)
 
 
 def default_cache_dir(data_dir: str | Path, dataset: str, run_id: str) -> Path:
@@ -582,7 +573,7 @@ class ShardSource:
         if self._iter is None:
             self._iter = self._batches(self.epoch, self.batch_index)
         x, y = next(self._iter)
-        x = resize(x, self.data.image_size).to(self.device, non_blocking=True)
+        x = resize_images(x, self.data.image_size).to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
         self.batch_index += 1
         self.delivered += len(y)

@@ -111,7 +111,7 @@ def test_recipes_fill_in_what_was_not_set_and_explicit_settings_win():
     assert (seed.model, seed.loss, seed.lr_g, seed.lr_d) == ("dcgan", "bce", 2e-4, 2e-4)
     assert (seed.beta1, seed.beta2, seed.ema_decay) == (0.5, 0.999, 0.0)
     assert not seed.spectral_norm and seed.r1_gamma == 0 and seed.diffaugment == ""
-    fast = load_settings({"GAN_RECIPE": "fast28"})
+    fast = load_settings({"GAN_RECIPE": "fast28", "GAN_CONDITIONAL": "true"})
     for name, value in RECIPES["fast28"].items():
         assert getattr(fast, name) == value, name
     mine = load_settings({"GAN_RECIPE": "fast28", "GAN_LR_D": "1e-3", "GAN_WIDTH": "64"})
@@ -119,6 +119,15 @@ def test_recipes_fill_in_what_was_not_set_and_explicit_settings_win():
     custom = load_settings({"GAN_RECIPE": "custom"})
     assert (custom.recipe, custom.loss, custom.lr_d, custom.width) == ("custom", "bce", 2e-4, 64)
     assert custom.ema_decay == 0.999 and not custom.spectral_norm
+
+
+def test_a_recipe_sets_the_conditioning_of_conditional_models_only():
+    assert RECIPES["fast28"]["conditioning"] == "projection"
+    assert load_settings({"GAN_CONDITIONAL": "true"}).conditioning == "projection"
+    plain = load_settings({})  # projection without labels would be a settings error
+    assert plain.conditioning == "concat" and "conditioning" not in plain.recipe_filled
+    mine = load_settings({"GAN_CONDITIONAL": "1", "GAN_CONDITIONING": "concat"})
+    assert mine.conditioning == "concat"
 
 
 def test_auto_recipe_is_fast28_only_for_28px_grayscale_dcgan():
