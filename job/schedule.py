@@ -18,8 +18,9 @@ def progress(step: int, max_steps: int, time_progress: float) -> float:
 
 def time_progress(at_start: float, elapsed_seconds: float, max_minutes: float) -> float:
     """Progress through the time budget. A resumed run goes on from the progress its checkpoint
-    recorded (at_start) and spreads the rest over this process's GAN_MAX_MINUTES; without a
-    time budget it stays where it was."""
+    recorded (at_start; the Trainer passes 0 for a run that had finished its budget) and
+    spreads the rest over this process's GAN_MAX_MINUTES; without a time budget it stays where
+    it was."""
     if not max_minutes:
         return at_start
     return min(1.0, at_start + (1.0 - at_start) * elapsed_seconds / (max_minutes * 60))

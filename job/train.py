@@ -296,7 +296,11 @@ class Trainer:
         log.info("starting\n  %s", "\n  ".join(lines))
 
     def _after_restore(self) -> None:
-        self.time_progress_at_start = self.run_state.time_progress
+        # a preempted run goes on along its schedule; one that ran its whole time budget and
+        # is started again (make run, twice) gets a new budget: its rates come back and decay
+        # again, instead of staying at 0
+        progress = self.run_state.time_progress
+        self.time_progress_at_start = progress if progress < 1.0 else 0.0
         self._set_learning_rates()
         self.nonfinite.zero_()
 

@@ -52,3 +52,26 @@ def test_decay_over_a_time_budget_ends_near_zero_and_records_its_progress(tmp_pa
     constant = job_env(tmp_path, RUN_ID="constant", MAX_STEPS=20, LR_DECAY="none", LR_G=1e-3)
     assert run_job(constant).returncode == 0
     assert _lr(_final_state(tmp_path, "constant")) == pytest.approx(1e-3)
+
+
+def test_a_run_started_again_after_its_time_budget_decays_again_instead_of_staying_at_zero(
+    tmp_path,
+):
+    write_idx(tmp_path / "data" / "FashionMNIST" / "raw", n=128)
+    env = job_env(
+        tmp_path, RUN_ID="again", MAX_STEPS=10**6, MAX_MINUTES=0.04, LR_DECAY="linear",
+        LR_G=1e-3, LR_D=1e-3, LOG_EVERY=1000, SAMPLE_EVERY=10**6, CHECKPOINT_EVERY=10**6,
+    )  # fmt: skip
+    assert run_job(env).returncode == 0
+    first = _final_state(tmp_path, "again")
+    assert first["run"]["time_progress"] > 0.98
+    result = run_job(env)  # make run, twice: resumes for another budget
+    assert result.returncode == 0, result.stderr[-3000:]
+    second = _final_state(tmp_path, "again")
+    assert second["run"]["step"] > first["run"]["step"] + 10
+    moved = max(
+        (second["nets"]["g"][k].float() - v.float()).abs().max().item()
+        for k, v in first["nets"]["g"].items()
+        if v.is_floating_point() and "running" not in k
+    )
+    assert moved > 1e-4  # G trained again: its learning rates were not left at 0
