@@ -323,6 +323,8 @@ class Settings(BaseSettings):
         preset = dict(RECIPES.get(recipe, {}))  # an unknown name fails validation
         if str(data.get("conditional", "false")).lower() not in TRUE_WORDS:
             preset.pop("conditioning", None)  # for conditional models only
+        if str(data.get("compile", "false")).lower() in TRUE_WORDS:
+            preset.pop("r1_gamma", None)  # R1 needs a double backward, which compile lacks
         settings = handler({**preset, **data})
         settings._recipe_filled = {k: v for k, v in preset.items() if k not in data}
         return settings

@@ -130,6 +130,13 @@ def test_a_recipe_sets_the_conditioning_of_conditional_models_only():
     assert mine.conditioning == "concat"
 
 
+def test_a_recipe_leaves_r1_out_of_a_compiled_run_instead_of_refusing_it():
+    assert RECIPES["fast28"]["r1_gamma"] > 0
+    compiled = load_settings({"GAN_COMPILE": "true"})
+    assert compiled.r1_gamma == 0 and "r1_gamma" not in compiled.recipe_filled
+    assert problems({"GAN_COMPILE": "true", "GAN_R1_GAMMA": "0.1"})  # asked for: refused
+
+
 def test_auto_recipe_is_fast28_only_for_28px_grayscale_dcgan():
     assert load_settings({}).recipe == "fast28"  # the default: Fashion-MNIST, 28 px, dcgan
     assert load_settings({"GAN_DATASET": "kmnist"}).recipe == "fast28"

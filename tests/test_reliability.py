@@ -100,7 +100,7 @@ def in_process_trainer(tmp_path, poison_at: set[int], again: bool = False, **env
 
 
 def test_nonfinite_loss_rolls_back_with_lower_learning_rates(tmp_path, caplog):
-    trainer = in_process_trainer(tmp_path, poison_at={7}, GAN_MAX_STEPS="12")
+    trainer = in_process_trainer(tmp_path, poison_at={7}, GAN_MAX_STEPS="12", GAN_LR_DECAY="none")
     assert trainer.run() == 0
     trainer.close()
     assert "rolled back to step 5 with learning rates x0.5" in caplog.text
