@@ -27,7 +27,8 @@ def test_bench_runs_both_loops_and_writes_consistent_json(tmp_path):
     assert job["images_per_window"] == ref["images_per_window"] == 16
     for loop in (job, ref):
         assert all(s >= 0 for s in loop["data_seconds"])
-        assert all(c > 0 for c in loop["cpu_seconds"])
+        # one window of two tiny steps can take less CPU than the clock's 10 ms tick
+        assert all(c >= 0 for c in loop["cpu_seconds"]) and sum(loop["cpu_seconds"]) > 0
         assert loop["peak_memory_mib"] >= loop["memory_at_window_start_mib"] > 0
         assert loop["dataset_mib"] > 0 and loop["achieved_tflops"] > 0
     assert ref["worker_pss_mib"] > 0  # the tutorial's two DataLoader workers were running
