@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     code = _run(argv)
     launcher.record_status(code)  # a worker of gan-job's launcher: how it ended
-    return code
+    distributed = sys.modules.get("job.distributed")  # not imported: no process group joined
+    return distributed.leave(code) if distributed else code
 
 
 def _run(argv: list[str]) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from job.errors import DeviceError
 log = logging.getLogger(__name__)
 # how a collective reports that a peer process is gone (gloo raises a plain RuntimeError)
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+_joined = False  # this process joined a process group (setup): it ends through leave()
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,8 @@ def setup(device_setting: str) -> World:
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        global _joined
+        _joined = True
     log.info("rank %d of world size %d on %s", rank, world_size, describe_device(device))
     return World(rank, world_size, local_rank, device)
 
@@ -178,6 +182,25 @@ def peer_lost(exc: BaseException) -> bool:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(code: int) -> int:
+    """End a process that joined a process group with status code, without Python's interpreter
+    shutdown; in any other process, return code.
+
+    A gloo worker thread releases a collective's tensors after the collective has returned, and
+    that takes the GIL. One still waiting for it when the interpreter shuts down is ended inside a
+    noexcept destructor: the rank aborts (SIGABRT, "terminate called without an active
+    exception") after its work is done, and torchrun fails the whole job. destroy_process_group
+    does not wait for those threads. Everything the job writes is closed before this is called.
+    """
+    if not _joined:
+        return code
+    teardown()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def any_rank_each(flags: list[bool], world: World) -> list[bool]:

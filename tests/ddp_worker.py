@@ -36,4 +36,4 @@ torch.save(
      "fid": fid, "g_ema": trainer.nets.g_ema.state_dict()},
     out / f"rank{world.rank}-of-{world.world_size}.pt",
 )  # fmt: skip
-distributed.teardown()
+distributed.leave(0)

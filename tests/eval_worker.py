@@ -21,7 +21,7 @@ def main(out: Path, features: str) -> None:
         labels_checked=True, keep_features=True,
     )  # fmt: skip
     torch.save(found, out / f"rank{world.rank}-of-{world.world_size}.pt")
-    distributed.teardown()
+    distributed.leave(0)
 
 
 if __name__ == "__main__":
