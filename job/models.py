@@ -29,6 +29,7 @@ class Arch:
     num_classes: int  # 0: unconditional
     spectral_norm: bool = False  # D: spectral norm on every Conv/Linear, no BatchNorm
     projection: bool = False  # conditional D: projection instead of concatenated labels
+    depth: int = 0  # DCGAN: 3x3 stride-1 blocks added at each resolution between the ends
 
     def to_dict(self) -> dict:
         """The fields, leaving out later additions at their defaults, so that the dicts of
@@ -36,7 +37,8 @@ class Arch:
         return {k: v for k, v in asdict(self).items() if k not in _ADDED or v != _ADDED[k]}
 
 
-_ADDED = {"spectral_norm": False, "projection": False}  # fields added later, and their defaults
+# fields added later, and their defaults
+_ADDED = {"spectral_norm": False, "projection": False, "depth": 0}
 
 
 def _dcgan_plan(image_size: int) -> tuple[int, int]:
@@ -116,6 +118,24 @@ class MLPDiscriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
+def _g_blocks(ch: int, depth: int) -> list[nn.Module]:
+    """depth 3x3 convolutions that keep the resolution and the channels (GAN_DEPTH)."""
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers += [nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]
+    return layers
+
+
+def _d_blocks(ch: int, depth: int, spectral_norm: bool) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for _ in range(depth):
+        layers.append(nn.Conv2d(ch, ch, 3, 1, 1, bias=False))
+        if not spectral_norm:
+            layers.append(nn.BatchNorm2d(ch))
+        layers.append(nn.LeakyReLU(0.2, inplace=True))
+    return layers
+
+
 class DCGANGenerator(nn.Module):
     """Radford et al.: a projection to base x base, then stride-2 transposed convolutions."""
 
@@ -131,6 +151,7 @@ class DCGANGenerator(nn.Module):
             nn.BatchNorm2d(ch),
             nn.ReLU(True),
         ]
+        layers += _g_blocks(ch, arch.depth)
         for _ in range(ups - 1):
             layers += [
                 nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
@@ -138,6 +159,7 @@ class DCGANGenerator(nn.Module):
                 nn.ReLU(True),
             ]
             ch //= 2
+            layers += _g_blocks(ch, arch.depth)
         layers += [nn.ConvTranspose2d(ch, arch.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -162,22 +184,26 @@ class DCGANDiscriminator(nn.Module):
             ),
             nn.LeakyReLU(0.2, inplace=True),
         ]
+        layers += _d_blocks(ch, arch.depth, arch.spectral_norm)
         for _ in range(downs - 1):
             layers.append(nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False))
             if not arch.spectral_norm:
                 layers.append(nn.BatchNorm2d(ch * 2))
             layers.append(nn.LeakyReLU(0.2, inplace=True))
             ch *= 2
-        if self.project:  # phi: the last conv block's activations summed over space
+            layers += _d_blocks(ch, arch.depth, arch.spectral_norm)
+        if self.project:
+            # phi: all of the last block's activations, as the unconditional head sees them
+            # (summed over space, as in Miyato & Koyama's ResNets, D learns far slower here)
             self.net = nn.Sequential(*layers)
-            self.head = Projection(ch, c)
+            self.head = Projection(ch * base * base, c)
         else:
             layers.append(nn.Conv2d(ch, 1, base, 1, 0, bias=False))
             self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.project:
-            return self.head(self.net(x).sum((2, 3)), labels)
+            return self.head(self.net(x).flatten(1), labels)
         if self.embed is not None:
             planes = self.embed(labels)[:, :, None, None].expand(-1, -1, *x.shape[2:])
             x = torch.cat([x, planes], dim=1)

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     width: int = Field(
         64, ge=4, le=1024, description="DCGAN feature maps (ngf=ndf); MLP hidden base"
     )
+    depth: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="DCGAN: 3x3 convolution blocks added in G and D at each resolution between "
+        "the input and the output (0: the classic DCGAN)",
+    )
 
     # optimisation
     batch_size: int = Field(64, ge=1, le=65536, description="images per step per process")
@@ -344,6 +351,8 @@ class Settings(BaseSettings):
                 f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by GAN_MODEL=dcgan: "
                 f"expected one of {', '.join(map(str, DCGAN_SIZES))}"
             )
+        if self.depth and self.model != "dcgan":
+            problems.append(f"GAN_DEPTH={self.depth} needs GAN_MODEL=dcgan (the MLP has no blocks)")
         if self.resume not in ("auto", "never") and not self.resume:
             problems.append("GAN_RESUME= must be auto, never, or a checkpoint path")
         if self.conditioning == "projection" and not self.conditional:

@@ -139,6 +139,7 @@ class Trainer:
             num_classes=self.data.num_classes,
             spectral_norm=s.spectral_norm,
             projection=s.conditioning == "projection",
+            depth=s.depth,
         )
         extractor = evaluate.load_extractor(
             s.fid_features, self.data.channels, self.data.image_size, self.device,

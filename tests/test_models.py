@@ -45,3 +45,21 @@ def test_channels_last_models_compute_what_contiguous_ones_do(size, channels, cl
     d_cl(images_cl, labels).sum().backward()
     for (name, p), p_cl in zip(g.named_parameters(), g_cl.parameters(), strict=True):
         torch.testing.assert_close(p_cl.grad, p.grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("size,projection", [(28, False), (32, True), (64, False)])
+def test_deeper_dcgan_keeps_its_shapes_and_adds_a_block_per_resolution(size, projection):
+    base = Arch("dcgan", 1, size, latent_dim=16, width=8, num_classes=10, projection=projection)
+    deep = Arch(**{**base.to_dict(), "depth": 2})
+    resolutions = {28: 2, 32: 3, 64: 4}[size]  # between G's input and its output
+    g, d = build_generator(deep), build_discriminator(deep)
+    assert _convs(g) - _convs(build_generator(base)) == 2 * resolutions
+    assert _convs(d) - _convs(build_discriminator(base)) == 2 * resolutions
+    labels = torch.tensor([0, 3, 9, 1])
+    images = g(torch.randn(4, 16), labels)
+    assert images.shape == (4, 1, size, size) and d(images, labels).shape == (4,)
+    assert Arch(**deep.to_dict()) == deep and "depth" not in base.to_dict()
+
+
+def _convs(net: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Conv2d) for m in net.modules())

@@ -157,13 +157,16 @@ def test_projection_needs_a_conditional_model_and_bad_policies_are_named():
     assert "GAN_DIFFAUGMENT='translation,flip'" in line and "cutout" in line
     assert load_settings({"GAN_DIFFAUGMENT": " cutout, color"}).diffaugment == "cutout,color"
     assert DIFFAUGMENT_POLICIES == POLICIES
+    (line,) = problems({"GAN_MODEL": "mlp", "GAN_DEPTH": "2"})
+    assert "GAN_DEPTH=2" in line and "GAN_MODEL=dcgan" in line
 
 
 def test_a_run_with_every_recipe_feature_resumes_exactly_and_samples(tmp_path):
     write_idx(tmp_path / "data", n=64)
     common = dict(GAN_DATASET="mnist", GAN_CONDITIONAL="true", GAN_CONDITIONING="projection",
                   GAN_LOSS="hinge", GAN_SPECTRAL_NORM="true", GAN_R1_GAMMA=1, GAN_R1_EVERY=2,
-                  GAN_DIFFAUGMENT="color,translation,cutout", GAN_CHECKPOINT_EVERY=2)  # fmt: skip
+                  GAN_DEPTH=1, GAN_DIFFAUGMENT="color,translation,cutout",
+                  GAN_CHECKPOINT_EVERY=2)  # fmt: skip
     straight = job_env(tmp_path, GAN_RUN_ID="straight", GAN_MAX_STEPS=4, **common)
     result = run_job(straight)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -173,7 +176,8 @@ def test_a_run_with_every_recipe_feature_resumes_exactly_and_samples(tmp_path):
     assert run_job(split).returncode == 0
     a, b = (torch.load(tmp_path / f"runs/{r}/checkpoints/step-00000004/state.pt",
                        weights_only=False) for r in ("straight", "split"))  # fmt: skip
-    assert a["meta"]["arch"]["spectral_norm"] and a["meta"]["arch"]["projection"]
+    arch = a["meta"]["arch"]
+    assert arch["spectral_norm"] and arch["projection"] and arch["depth"] == 1
     for net in ("g", "d", "g_ema"):
         for key in a["nets"][net]:
             assert torch.equal(a["nets"][net][key], b["nets"][net][key]), f"{net}.{key} differs"
