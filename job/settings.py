@@ -330,6 +330,8 @@ class Settings(BaseSettings):
         preset = dict(RECIPES.get(recipe, {}))  # an unknown name fails validation
         if str(data.get("conditional", "false")).lower() not in TRUE_WORDS:
             preset.pop("conditioning", None)  # for conditional models only
+        if data.get("model", preset.get("model")) != "dcgan":
+            preset.pop("depth", None)  # DCGAN blocks
         if str(data.get("compile", "false")).lower() in TRUE_WORDS:
             preset.pop("r1_gamma", None)  # R1 needs a double backward, which compile lacks
         settings = handler({**preset, **data})
@@ -415,11 +417,13 @@ RECIPES: dict[str, dict[str, object]] = {
         "r1_gamma": 0.0,
         "diffaugment": "",
         "conditioning": "concat",
+        "depth": 0,
     },
     # measured on Fashion-MNIST on one core of a 2-core CPU, 10 minutes: docs/quality.md
     "fast28": {
         "model": "dcgan",
-        "width": 32,
+        "width": 24,
+        "depth": 1,
         "loss": "bce",
         "lr_g": 8e-4,
         "lr_d": 8e-4,

@@ -130,6 +130,13 @@ def test_a_recipe_sets_the_conditioning_of_conditional_models_only():
     assert mine.conditioning == "concat"
 
 
+def test_a_recipe_gives_its_dcgan_depth_to_dcgan_only():
+    assert load_settings({}).depth == RECIPES["fast28"]["depth"] > 0
+    mlp = load_settings({"GAN_RECIPE": "fast28", "GAN_MODEL": "mlp"})  # not refused
+    assert mlp.depth == 0 and "depth" not in mlp.recipe_filled
+    assert problems({"GAN_MODEL": "mlp", "GAN_DEPTH": "1"})  # asked for: refused
+
+
 def test_a_recipe_leaves_r1_out_of_a_compiled_run_instead_of_refusing_it():
     assert RECIPES["fast28"]["r1_gamma"] > 0
     compiled = load_settings({"GAN_COMPILE": "true"})
