@@ -33,7 +33,7 @@ fid = evaluate.compute_fid(
 )  # fmt: skip
 torch.save(
     {"g": unwrap(trainer.nets.g).state_dict(), "d": unwrap(trainer.nets.d).state_dict(),
-     "fid": fid, "g_ema": trainer.nets.g_ema.state_dict()},
+     "fid": fid, "g_ema": trainer.nets.g_ema.state_dict(), "arch": trainer.arch.to_dict()},
     out / f"rank{world.rank}-of-{world.world_size}.pt",
 )  # fmt: skip
 distributed.leave(0)

@@ -49,7 +49,7 @@ def test_two_ranks_keep_identical_weights_and_fid_matches_one_process(tmp_path):
         "import sys, torch; from pathlib import Path; from job import evaluate;"
         "from job.models import Arch, build_generator; from tests.helpers import TinyFeatures;"
         "s = torch.load(sys.argv[1], weights_only=False);"
-        "g = build_generator(Arch('dcgan', 1, 28, 16, 8, 0)); g.load_state_dict(s['g_ema']);"
+        "g = build_generator(Arch(**s['arch'])); g.load_state_dict(s['g_ema']);"
         "torch.manual_seed(0);"
         "e = evaluate.Extractor(evaluate.ChannelAdapter(TinyFeatures(1), 1), 32, 't', 't');"
         "im = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8);"
