@@ -56,7 +56,7 @@ def test_default_dataset_run_writes_every_artifact(tmp_path):
     assert f"artifacts: {run}" in start
     assert "data: fashion-mnist from " in start and "60000 images, 10 classes, 1x28x28" in start
     assert "device: cpu (" in start and "x 1 process(es), batch 16 per process" in start
-    assert "recipe: fast28 (filled in: model='dcgan', loss='bce'" in start
+    assert "recipe: fast28 (filled in: model='dcgan', depth=1, loss='bce'" in start
     assert "width=" not in start  # set explicitly, not by the recipe
     assert "FID: torchscript:features, 64 samples, every 10 steps" in start
     everything = result.stdout + result.stderr
