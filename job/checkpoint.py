@@ -25,6 +25,7 @@ import torch
 from job import distributed
 from job.errors import CheckpointError, SettingsError
 from job.metrics import Metrics
+from job.models import arch_changes
 from job.runlock import LOCK_KEY
 from job.storage import BackgroundWriter, JsonlLog, NullWriter, Store, open_store
 
@@ -182,7 +183,7 @@ def check_compatible(saved: dict, now: dict, keys: tuple[str, ...], where: str) 
         if saved["settings"].get(key) != now["settings"][key]
     ]
     if saved["arch"] != now["arch"] and not changed:
-        changed.append(f"model {saved['arch']} in the checkpoint, {now['arch']} now")
+        changed += [f"model: {c}" for c in arch_changes(saved["arch"], now["arch"])]
     if changed:
         raise CheckpointError(
             f"{where} was made with other settings ("
@@ -303,4 +304,7 @@ class Checkpointer:
         where = f"{self.store.uri}: checkpoint at step {step}"
         check_compatible(state["meta"], self.meta, self.compatible, where)
         for name, c in self.components.items():
-            c.load_state_dict(state[name])
+            try:
+                c.load_state_dict(state[name])
+            except CheckpointError as e:
+                raise CheckpointError(f"{where}: {e}") from None

@@ -10,7 +10,9 @@ projection embedding) is spectrally normalised and D has no BatchNorm (SN-GAN).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 import torch
 from torch import nn
@@ -39,6 +41,17 @@ class Arch:
 
 # fields added later, and their defaults
 _ADDED = {"spectral_norm": False, "projection": False, "depth": 0}
+
+
+def arch_changes(saved: dict, now: dict) -> list[str]:
+    """How two to_dict() outputs differ, field by field, in words."""
+    a, b = {**_ADDED, **saved}, {**_ADDED, **now}
+    names = [f.name for f in fields(Arch)]
+    return [
+        f"{k} {a.get(k)!r} in the checkpoint, {b.get(k)!r} now"
+        for k in names
+        if a.get(k) != b.get(k)
+    ]
 
 
 def _dcgan_plan(image_size: int) -> tuple[int, int]:
@@ -118,21 +131,16 @@ class MLPDiscriminator(nn.Module):
         return self.net(x).squeeze(1)
 
 
-def _g_blocks(ch: int, depth: int) -> list[nn.Module]:
+def _same_size_blocks(
+    ch: int, depth: int, batchnorm: bool, act: Callable[[], nn.Module]
+) -> list[nn.Module]:
     """depth 3x3 convolutions that keep the resolution and the channels (GAN_DEPTH)."""
     layers: list[nn.Module] = []
     for _ in range(depth):
-        layers += [nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(True)]
-    return layers
-
-
-def _d_blocks(ch: int, depth: int, spectral_norm: bool) -> list[nn.Module]:
-    layers: list[nn.Module] = []
-    for _ in range(depth):
         layers.append(nn.Conv2d(ch, ch, 3, 1, 1, bias=False))
-        if not spectral_norm:
+        if batchnorm:
             layers.append(nn.BatchNorm2d(ch))
-        layers.append(nn.LeakyReLU(0.2, inplace=True))
+        layers.append(act())
     return layers
 
 
@@ -151,7 +159,7 @@ class DCGANGenerator(nn.Module):
             nn.BatchNorm2d(ch),
             nn.ReLU(True),
         ]
-        layers += _g_blocks(ch, arch.depth)
+        layers += _same_size_blocks(ch, arch.depth, True, partial(nn.ReLU, True))
         for _ in range(ups - 1):
             layers += [
                 nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
@@ -159,7 +167,7 @@ class DCGANGenerator(nn.Module):
                 nn.ReLU(True),
             ]
             ch //= 2
-            layers += _g_blocks(ch, arch.depth)
+            layers += _same_size_blocks(ch, arch.depth, True, partial(nn.ReLU, True))
         layers += [nn.ConvTranspose2d(ch, arch.channels, 4, 2, 1, bias=False), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -177,21 +185,22 @@ class DCGANDiscriminator(nn.Module):
         self.project = arch.projection and c > 0
         self.embed = nn.Embedding(c, c) if c and not self.project else None
         base, downs = _dcgan_plan(arch.image_size)
+        bn, act = not arch.spectral_norm, partial(nn.LeakyReLU, 0.2, inplace=True)
         ch = arch.width
         layers: list[nn.Module] = [
             nn.Conv2d(
                 arch.channels + (c if self.embed is not None else 0), ch, 4, 2, 1, bias=False
             ),
-            nn.LeakyReLU(0.2, inplace=True),
+            act(),
         ]
-        layers += _d_blocks(ch, arch.depth, arch.spectral_norm)
+        layers += _same_size_blocks(ch, arch.depth, bn, act)
         for _ in range(downs - 1):
             layers.append(nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False))
-            if not arch.spectral_norm:
+            if bn:
                 layers.append(nn.BatchNorm2d(ch * 2))
-            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            layers.append(act())
             ch *= 2
-            layers += _d_blocks(ch, arch.depth, arch.spectral_norm)
+            layers += _same_size_blocks(ch, arch.depth, bn, act)
         if self.project:
             # phi: all of the last block's activations, as the unconditional head sees them
             # (summed over space, as in Miyato & Koyama's ResNets, D learns far slower here)

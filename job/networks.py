@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from job.errors import CheckpointError
 from job.models import Arch, build_discriminator, build_generator
 
 
@@ -79,11 +80,37 @@ class Networks:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        for name, net in (("g", unwrap(self.g)), ("d", unwrap(self.d)), ("g_ema", self.g_ema)):
+            _check_fit(name, net, state[name])
         unwrap(self.g).load_state_dict(state["g"])
         unwrap(self.d).load_state_dict(state["d"])
         self.g_ema.load_state_dict(state["g_ema"])
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
+
+
+def _check_fit(name: str, net: nn.Module, saved: dict) -> None:
+    """Refuses, by name, weights that do not fit the model built from the settings, rather than
+    with torch's size-mismatch traceback."""
+    own = net.state_dict()
+    if saved.keys() != own.keys():
+        odd = sorted(saved.keys() ^ own.keys())
+        raise CheckpointError(f"its {name} has other layers than this model ({', '.join(odd[:4])})")
+    for key, tensor in saved.items():
+        if tensor.shape != own[key].shape:
+            why = _OLD_PROJECTION if key.startswith("head.") else ""
+            raise CheckpointError(
+                f"its {name}.{key} is {tuple(tensor.shape)}, this model's is "
+                f"{tuple(own[key].shape)}{why}"
+            )
+
+
+_OLD_PROJECTION = (
+    ": the checkpoint's projection discriminator sums its last block over space, as gan-job did "
+    "before the 0.3 recipes; this version's sees the whole map and cannot continue it. Start "
+    "another run (GAN_RUN_ID), or continue this one with the gan-job version that made it; "
+    "its generator still samples and evaluates"
+)
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from job import losses
+from job import checkpoint, losses
 from job.augment import POLICIES, diff_augment
 from job.errors import SettingsError
-from job.models import Arch, build_discriminator
+from job.models import Arch, arch_changes, build_discriminator
 from job.settings import DIFFAUGMENT_POLICIES, RECIPES, load_settings
 from tests.helpers import job_env, run_job, write_idx
 
@@ -104,6 +104,48 @@ def test_arch_dicts_of_older_checkpoints_still_match():
     assert Arch(**old).to_dict() == old
     sn = Arch(**old, spectral_norm=True, projection=True)
     assert Arch(**sn.to_dict()) == sn and sn.to_dict()["projection"] is True
+
+
+def test_arch_changes_name_each_field_reading_missing_ones_at_their_defaults():
+    old = {"model": "dcgan", "channels": 1, "image_size": 28, "latent_dim": 16, "width": 32,
+           "num_classes": 0}  # fmt: skip
+    now = Arch(**{**old, "width": 24, "depth": 1}).to_dict()
+    assert arch_changes(old, now) == [
+        "width 32 in the checkpoint, 24 now",
+        "depth 0 in the checkpoint, 1 now",
+    ]
+    assert arch_changes(old, Arch(**old).to_dict()) == []
+
+
+def test_a_projection_checkpoint_from_before_the_whole_map_head_is_refused_by_name(tmp_path):
+    """Such a D summed its last block over space (a head of C features, not C x 7 x 7):
+    resuming it exits 5 saying so, not with a size mismatch, and its generator still samples."""
+    write_idx(tmp_path / "data", n=64)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_CONDITIONAL="true", GAN_DEPTH=0,
+                  GAN_CONDITIONING="projection", GAN_MAX_STEPS=2, GAN_RUN_ID="old")  # fmt: skip
+    assert run_job(env).returncode == 0
+    folder = tmp_path / "runs/old/checkpoints/step-00000002"
+    state = torch.load(folder / "state.pt", weights_only=False)
+    d = state["nets"]["d"]
+    for key in ("head.linear.weight", "head.embed.weight"):
+        d[key] = d[key][:, :: 7 * 7].clone()
+    parts = {checkpoint.STATE: checkpoint.serialize(state)}
+    (folder / checkpoint.STATE).write_bytes(parts[checkpoint.STATE])
+    (folder / checkpoint.MARKER).write_bytes(checkpoint.marker_for(2, parts))
+
+    env["GAN_MAX_STEPS"] = "4"
+    result = run_job(env)
+    assert result.returncode == 5, result.stdout + result.stderr
+    assert (
+        "checkpoint at step 2: its d.head.linear.weight is (1, 16), this model's is (1, 784)"
+        in result.stdout
+    )
+    assert "projection discriminator sums its last block over space" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    out = tmp_path / "grid.png"
+    result = run_job(env, "sample", "--checkpoint", str(tmp_path / "runs/old"), "--num", "4",
+                     "--out", str(out))  # fmt: skip
+    assert result.returncode == 0 and out.read_bytes()[:4] == b"\x89PNG", result.stdout
 
 
 def test_recipes_fill_in_what_was_not_set_and_explicit_settings_win():
