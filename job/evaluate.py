@@ -365,11 +365,21 @@ class FeatureTap(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.kept = self.model(x)
-        return self.kept
+        return self.kept.double()
+
+
+_FID_SUMS = ("real_sum", "real_cov_sum", "fake_sum", "fake_cov_sum")
 
 
 def _metric(tap: FeatureTap, dim: int, device: torch.device) -> FrechetInceptionDistance:
-    return FrechetInceptionDistance(model=tap, feature_dim=dim, device=device)
+    """torcheval's FID with its sums, and so the Frechet distance, in float64. In float32 the
+    covariance (the sum of products less n times the product of the means) loses most of a
+    point of FID at 10,000 images: two disjoint sets of real Fashion-MNIST images scored -0.66
+    with the offline extractor, 0.26 in float64."""
+    metric = FrechetInceptionDistance(model=tap, feature_dim=dim, device=device)
+    for name in _FID_SUMS:
+        metric._add_state(name, getattr(metric, name).double())
+    return metric
 
 
 def _three_channels(x: torch.Tensor) -> torch.Tensor:
@@ -412,7 +422,7 @@ def real_statistics(
 
 
 def stats_key(dataset: str, image_size: int, extractor: Extractor, num: int, seed: int) -> str:
-    text = f"v2|{dataset}|{image_size}|{extractor.identity}|{num}|{seed}"
+    text = f"v3|{dataset}|{image_size}|{extractor.identity}|{num}|{seed}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -57,6 +58,38 @@ def test_fid_from_cached_real_statistics_equals_torcheval_fed_both_sets_at_once(
     z, _ = fixed_inputs(8, 120, 0, 3, CPU)
     direct.update(generate(g, z, None).expand(-1, 3, -1, -1), is_real=False)
     assert cached == pytest.approx(float(direct.compute()), rel=1e-3)  # summed in batches
+
+
+class Offset(torch.nn.Module):
+    """Features far from 0, as many extractors' are: where float32 sums lose the covariance."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) + 100.0
+
+
+def _frechet_float64(a: np.ndarray, b: np.ndarray) -> float:
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = np.sqrt(np.linalg.eigvals(cov_a @ cov_b).astype(complex)).real.sum()
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * root)
+
+
+def test_fid_matches_a_float64_reference_for_features_far_from_zero(tmp_path):
+    tiny = load_extractor(str(write_extractor(tmp_path / "f.pt", channels=1)), 1, 28, CPU)
+    extractor = Extractor(Offset(tiny.model), tiny.dim, "offset", "offset")
+    g = build_generator(Arch("mlp", 1, 28, 8, 8, 0))
+    real = (torch.rand(300, 1, 28, 28) * 255).to(torch.uint8)
+    fid = compute_fid(extractor, real_statistics(extractor, real, CPU), g, 8, 0, 300, 3, CPU)
+
+    z, _ = fixed_inputs(8, 300, 0, 3, CPU)
+    with torch.no_grad():
+        a = extractor.model(real.float().div(255).expand(-1, 3, -1, -1)).double().numpy()
+        b = extractor.model(generate(g, z, None).expand(-1, 3, -1, -1)).double().numpy()
+    assert fid == pytest.approx(_frechet_float64(a, b), rel=1e-6, abs=1e-6)
 
 
 def test_fid_stops_within_a_batch_when_asked(tmp_path):
