@@ -281,6 +281,38 @@ def panels() -> list[Json]:
     grid.add(fid_by_images_seen("table", "FID evaluations"), 12, 8)
     grid.add(
         timeseries(
+            "KID over time",
+            [
+                target(f"max by (run_id, extractor) (gan_kid{{{LIVE}}})", "KID ({{extractor}})"),
+                target(
+                    f"max by (run_id, extractor) (gan_kid_std{{{LIVE}}})",
+                    "its std over subsets",
+                ),
+            ],
+        ),
+        12,
+        8,
+    )
+    grid.add(
+        timeseries(
+            "Precision, recall, label accuracy",
+            [
+                target(f"max by (run_id, extractor) (gan_precision{{{LIVE}}})", "precision"),
+                target(f"max by (run_id, extractor) (gan_recall{{{LIVE}}})", "recall"),
+                target(
+                    f"max by (run_id, extractor) (gan_label_accuracy{{{LIVE}}})",
+                    "label accuracy (conditional runs)",
+                ),
+            ],
+            "percentunit",
+            min=0,
+            max=1,
+        ),
+        12,
+        8,
+    )
+    grid.add(
+        timeseries(
             "Checkpoints",
             [
                 target(
@@ -307,6 +339,10 @@ def panels() -> list[Json]:
                 target(
                     f"sum by (run_id) (increase(gan_upload_failures_total{{{LIVE}}}[$__rate_interval]))",
                     "upload failures",
+                ),
+                target(
+                    f"sum by (run_id) (increase(gan_checkpoints_skipped_total{{{LIVE}}}[$__rate_interval]))",
+                    "checkpoints skipped (uploads behind)",
                 ),
             ],
         ),

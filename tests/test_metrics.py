@@ -53,10 +53,13 @@ def feed(metrics: Metrics, i: int) -> None:
     metrics.observe_step_seconds(0.02 + 0.01 * (i % 5))
     if i % 10 == 0:
         metrics.observe_fid(300.0 / (1 + i), extractor="cnn28", images_seen=640 * i)
+        quality = {"kid": 30.0 / (1 + i), "kid_std": 2.0, "precision": 0.6, "recall": 0.5}
+        metrics.observe_quality(quality | {"label_accuracy": 0.9}, extractor="cnn28")
         metrics.observe_checkpoint(0.5, step=10 * i)
     if i % 7 == 3:
         metrics.inc_nonfinite()
         metrics.inc_upload_failures()
+        metrics.inc_checkpoints_skipped()
 
 
 def new_metrics(run_id: str) -> Metrics:
@@ -212,11 +215,15 @@ def test_alerts_evaluate_on_real_data(prom: str) -> None:
             for a in json.loads(http_get(f"{prom}/api/v1/alerts"))["data"]["alerts"]
             if a["state"] in ("pending", "firing")
         }
-        expected = {("GanNonFiniteLoss", LIVE_RUN), ("GanUploadFailures", LIVE_RUN)}
+        expected = {
+            ("GanNonFiniteLoss", LIVE_RUN),
+            ("GanUploadFailures", LIVE_RUN),
+            ("GanCheckpointsSkipped", LIVE_RUN),
+        }
         if firing == expected or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert len(rules) == 5 and all(r["health"] == "ok" for r in rules), rules
+    assert len(rules) == 6 and all(r["health"] == "ok" for r in rules), rules
     assert firing == expected
 
 

@@ -8,7 +8,7 @@ import time
 
 from prom import free_port, http_get, prometheus, pushgateway, query
 
-from tests.helpers import REPO, job_env, write_extractor, write_idx
+from tests.helpers import REPO, job_env, write_classifier, write_idx
 
 RUN = "scraped"
 
@@ -32,7 +32,8 @@ def test_prometheus_scrapes_a_training_run_and_every_panel_has_data(tmp_path):
             tmp_path, GAN_DATASET="mnist", GAN_RUN_ID=RUN, GAN_METRICS_PORT=port,
             GAN_MAX_STEPS=1_000_000, GAN_MAX_MINUTES=1.5, GAN_LOG_EVERY=2, GAN_CHECKPOINT_EVERY=10,
             GAN_FID_EVERY=10, GAN_FID_NUM_SAMPLES=32, GAN_PUSHGATEWAY_URL=gateway,
-            GAN_FID_FEATURES=write_extractor(tmp_path / "features.pt"),
+            # conditional, with a classifier in the extractor: label accuracy has data too
+            GAN_CONDITIONAL="true", GAN_FID_FEATURES=write_classifier(tmp_path / "features.pt"),
         )  # fmt: skip
         job = subprocess.Popen([sys.executable, "-m", "job"], env=env, cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
