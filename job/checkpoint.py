@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 
 from job import distributed
-from job.errors import CheckpointError, SettingsError
+from job.errors import CheckpointError, SettingsError, StorageError
 from job.metrics import Metrics
 from job.models import arch_changes
 from job.runlock import LOCK_KEY
@@ -290,9 +290,17 @@ class Checkpointer:
                 ]
             )
 
-    def rollback(self) -> int | None:
-        """Restores this run's newest complete checkpoint, once every queued upload is stored."""
-        self.writer.flush()
+    def rollback(self, timeout: float) -> int | None:
+        """Restores this run's newest complete checkpoint, once every queued upload is stored.
+
+        A store that does not take them within timeout seconds fails the rollback (exit 4, a
+        retry resumes from the newest complete checkpoint) instead of hanging the job on it."""
+        if not self.writer.flush(timeout):
+            raise StorageError(
+                f"rolling back needs the checkpoints queued before it: {self.writer.pending} "
+                f"uploads still not stored after {timeout / 60:g} minutes "
+                f"(GAN_UPLOAD_TIMEOUT_MINUTES; last error: {self.writer.last_error})"
+            )
         distributed.barrier(self.world)
         found = load_latest(self.store)
         if found is None:

@@ -435,7 +435,7 @@ class Trainer:
                 f"lower GAN_LR_G / GAN_LR_D"
             )
         rollbacks = st.rollbacks + 1
-        step = self.checkpointer.rollback()
+        step = self.checkpointer.rollback(self.upload_timeout)
         if step is None:
             raise NonFiniteLossError(f"{what}, and no checkpoint to roll back to")
         st.rollbacks = rollbacks
