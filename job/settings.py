@@ -210,7 +210,10 @@ class Settings(BaseSettings):
         "job's lock is taken over after this long",
     )
     upload_timeout_minutes: float = Field(
-        30.0, gt=0, description="at exit, how long to keep retrying uploads before failing (exit 4)"
+        30.0,
+        gt=0,
+        description="how long to keep retrying queued uploads, at exit and before a "
+        "rollback, before failing (exit 4)",
     )
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(
