@@ -7,6 +7,8 @@ The dataset: 307 MNIST-like images in 31 shards of 10 (the last holds 7).
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,7 +25,7 @@ from job.errors import DataError, SettingsError
 from job.settings import load_settings
 from job.shards import INDEX, ShardSource, open_shards, read_index, shard_order
 from job.storage import S3Store, open_store
-from tests.helpers import run_job, write_idx
+from tests.helpers import REPO, run_job, write_idx
 from tests.test_faults import job_running, wait_for_line
 from tests.test_s3_job import s3_job_env
 
@@ -317,6 +319,21 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_at_the_same_images_consume
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from step 6" in result.stdout
     assert load_state(tmp_path, "w", 20)["data"] == {"epoch": 1, "images_consumed": 7 * 16}
+
+
+def test_a_full_disk_under_the_shard_cache_exits_8_naming_the_folder(s3, sharded, tmp_path):
+    """GAN_SHARD_CACHE_MB larger than the disk has free: the cache fills a 64 KiB tmpfs (the
+    shards are 250 KB) inside the job's own namespace."""
+    cache = tmp_path / "cache-full"  # shards_env's GAN_SHARD_CACHE_DIR
+    cache.mkdir()
+    env = shards_env(tmp_path, s3, sharded, "full", GAN_MAX_STEPS=100, GAN_SHARD_CACHE_MB=64)
+    script = f'mount -t tmpfs -o size=64k tmpfs "{cache}" || exit 99; "{sys.executable}" -m job'
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert result.returncode == errors.EXIT_DISK_FULL, result.stdout + result.stderr
+    assert f"{cache}/rank-0: no space left for shard " in result.stdout
+    assert "GAN_SHARD_CACHE_MB=64 is more than the disk has free" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
 
 
 def test_storage_gone_while_streaming_exits_4_naming_the_shard(tmp_path, monkeypatch):
