@@ -561,7 +561,7 @@ def table(report: dict) -> str:
     lines = [
         f"{report['device_name']} | torch {report['torch']} | {report['threads']} threads | "
         f"{s['model']} {report['arch']['image_size']} px, batch {s['batch_size']}, "
-        f"width {s['width']}, {s['dataset']}",
+        f"width {s['width']}, depth {report['arch'].get('depth', 0)}, {s['dataset']}",
         f"{a['steps']} timed steps after {a['warmup']} warm-up, {a['repeats']} repeats per loop, "
         f"load average {report['load_average']['before']:.2f} before, "
         f"{report['load_average']['after']:.2f} after",
