@@ -98,7 +98,7 @@ def _check_fit(name: str, net: nn.Module, saved: dict) -> None:
         raise CheckpointError(f"its {name} has other layers than this model ({', '.join(odd[:4])})")
     for key, tensor in saved.items():
         if tensor.shape != own[key].shape:
-            why = _OLD_PROJECTION if key.startswith("head.") else ""
+            why = _OLD_PROJECTION if name == "d" and key.startswith("head.") else ""
             raise CheckpointError(
                 f"its {name}.{key} is {tuple(tensor.shape)}, this model's is "
                 f"{tuple(own[key].shape)}{why}"
