@@ -361,6 +361,38 @@ def panels() -> list[Json]:
         12,
         8,
     )
+    # shards datasets only (job/shards.py; other runs leave these gauges NaN: no data)
+    for title, targets, unit in [
+        (
+            "Shard stream",
+            [
+                target(
+                    f"max by (run_id) (gan_data_images_per_second{{{LIVE}}})",
+                    "images per second of waiting on it",
+                )
+            ],
+            "short",
+        ),
+        (
+            "Shard downloads",
+            [
+                target(
+                    f"max by (run_id) (gan_data_download_bytes_per_second{{{LIVE}}})",
+                    "while downloading",
+                )
+            ],
+            "Bps",
+        ),
+        (
+            "Shard bytes",
+            [
+                target(f"max by (run_id) (gan_data_downloaded_bytes{{{LIVE}}})", "downloaded"),
+                target(f"max by (run_id) (gan_data_cache_bytes{{{LIVE}}})", "in the cache"),
+            ],
+            "bytes",
+        ),
+    ]:
+        grid.add(timeseries(title, targets, unit), 8, 8)
     return grid.panels
 
 

@@ -47,6 +47,10 @@ def feed(metrics: Metrics, i: int) -> None:
             "grad_norm_g": 2.5,
             "gpu_memory_bytes": 2**30,
             "gpu_memory_peak_bytes": 2**31,
+            "data_images_per_s": 5000.0,
+            "data_downloaded_bytes": 2**20 * i,
+            "data_download_bytes_per_s": 2.0**24,
+            "data_cache_bytes": 2**22,
             "time": 1.0,
         }
     )

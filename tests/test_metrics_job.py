@@ -1,4 +1,5 @@
-"""A real Prometheus scrapes a real training run; its final values reach a real Pushgateway."""
+"""A real Prometheus scrapes a real training run (a shards dataset streamed from a real
+SeaweedFS); its final values reach a real Pushgateway."""
 
 import json
 import math
@@ -8,7 +9,8 @@ import time
 
 from prom import free_port, http_get, prometheus, pushgateway, query
 
-from tests.helpers import REPO, job_env, write_classifier, write_idx
+from tests.helpers import REPO, run_job, write_classifier, write_idx
+from tests.test_s3_job import s3_job_env
 
 RUN = "scraped"
 
@@ -24,12 +26,16 @@ def fill_in(expr: str) -> str:
     return expr
 
 
-def test_prometheus_scrapes_a_training_run_and_every_panel_has_data(tmp_path):
+def test_prometheus_scrapes_a_training_run_and_every_panel_has_data(tmp_path, s3, s3_bucket):
     write_idx(tmp_path / "data", n=512)
+    shards = f"s3://{s3_bucket}/digits"
+    made = run_job(s3_job_env(tmp_path, s3), "shard", "mnist", shards, "--shard-size", "64",
+                   "--data-dir", str(tmp_path / "data"))  # fmt: skip
+    assert made.returncode == 0, made.stdout + made.stderr
     port = free_port()
     with pushgateway() as gateway, prometheus([f"127.0.0.1:{port}"]) as prom:
-        env = job_env(
-            tmp_path, GAN_DATASET="mnist", GAN_RUN_ID=RUN, GAN_METRICS_PORT=port,
+        env = s3_job_env(
+            tmp_path, s3, GAN_DATASET=f"shards:{shards}", GAN_RUN_ID=RUN, GAN_METRICS_PORT=port,
             GAN_MAX_STEPS=1_000_000, GAN_MAX_MINUTES=1.5, GAN_LOG_EVERY=2, GAN_CHECKPOINT_EVERY=10,
             GAN_FID_EVERY=10, GAN_FID_NUM_SAMPLES=32, GAN_PUSHGATEWAY_URL=gateway,
             # conditional, with a classifier in the extractor: label accuracy has data too
