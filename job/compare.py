@@ -30,7 +30,7 @@ from matplotlib.ticker import ScalarFormatter
 from PIL import Image
 
 from job.errors import SettingsError
-from job.report import WIDTH_IN, _no_data, _setup, _widen_single_x
+from job.report import WIDTH_IN, _no_data, _setup, _widen_single_x, fid_sums
 from job.storage import Store, open_store
 
 log = logging.getLogger(__name__)
@@ -66,12 +66,12 @@ class Run:
         return np.array(out)
 
     def fids(self) -> list[dict]:
-        """The FID rows of the extractor and sample count last used (others do not compare)."""
+        """The FID rows of the extractor, sample count and sums last used (others do not
+        compare: a run resumed by a newer gan-job has float32 rows, then float64 ones)."""
         if not self.evals:
             return []
-        last = self.evals[-1]
-        key = (last.get("extractor"), last.get("num_samples"))
-        return [e for e in self.evals if (e.get("extractor"), e.get("num_samples")) == key]
+        key = _fid_kind(self.evals[-1])
+        return [e for e in self.evals if _fid_kind(e) == key]
 
     def fid_seconds(self) -> np.ndarray:
         """Training seconds at each FID row: those of the first record at or after its step."""
@@ -82,6 +82,10 @@ class Run:
             i = np.searchsorted(steps, int(e["step"])) if len(steps) else 0
             out.append(wall[min(i, len(wall) - 1)] if len(wall) else np.nan)
         return np.array(out, dtype=float)
+
+
+def _fid_kind(row: dict) -> tuple:
+    return row.get("extractor"), row.get("num_samples"), fid_sums(row)
 
 
 def find_runs(uri: str, endpoint_url: str | None = None) -> list[tuple[str, Store]]:
@@ -278,6 +282,13 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table(runs)
+    old = [r.name for r in runs if r.fids() and fid_sums(r.fids()[-1]) == "float32"]
+    if old and len(old) < len([r for r in runs if r.fids()]):
+        log.warning(
+            "the FIDs of %s come from float32 sums, as gan-job computed them before 0.3: up to a "
+            "point lower than the others' (docs/metrics.md); re-evaluate with `gan-job evaluate`",
+            ", ".join(old),
+        )
     write_csv(rows, out / "compare.csv")
     write_png(runs, out / "compare.png")
     print(format_table(rows))

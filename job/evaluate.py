@@ -369,6 +369,7 @@ class FeatureTap(nn.Module):
 
 
 _FID_SUMS = ("real_sum", "real_cov_sum", "fake_sum", "fake_cov_sum")
+FID_SUMS = "float64"  # recorded with every FID; records without it had float32 sums (see _metric)
 
 
 def _metric(tap: FeatureTap, dim: int, device: torch.device) -> FrechetInceptionDistance:
@@ -650,7 +651,7 @@ class FidEvaluator:
             self.history.append({
                 "step": step, "images_seen": images_seen, **values,
                 "extractor": self.extractor.name, "num_samples": self.num,
-                "num_real": self.num_real,
+                "num_real": self.num_real, "fid_sums": FID_SUMS,
                 "seconds": round(time.monotonic() - t0, 2),
             })  # fmt: skip
             log.info("%s at step %d (%s)", summary(values), step, self.extractor.name)

@@ -142,7 +142,7 @@ def main(argv: list[str]) -> int:
     values = {
         "run": args.run, "step": step, **evaluate.round_metrics(found),
         "extractor": extractor.name, "num_samples": args.num, "num_real": real.num,
-        "seed": seed, "seconds": round(time.monotonic() - t0, 2),
+        "fid_sums": evaluate.FID_SUMS, "seed": seed, "seconds": round(time.monotonic() - t0, 2),
     }  # fmt: skip
     print(f"{args.run} at step {step} ({extractor.name}):")
     print(table(values))

@@ -156,18 +156,29 @@ def _plot_outputs(ax: Axes, records: Sequence[Mapping[str, Any]]) -> None:
     ax.legend(loc="upper right")
 
 
+def fid_sums(row: Mapping[str, Any]) -> str:
+    """The precision of an FID record's sums: float32 for records written before the job kept
+    them in float64 (job.evaluate.FID_SUMS), which read up to a point lower."""
+    return str(row.get("fid_sums", "float32"))
+
+
+def _fid_series(row: Mapping[str, Any]) -> str:
+    """A run resumed by a newer gan-job has float32 rows, then float64 ones: two series."""
+    extractor = str(row.get("extractor", ""))
+    return f"{extractor}, float32 sums" if fid_sums(row) == "float32" else extractor
+
+
 def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
     _setup(ax, "FID (lower is better)", "FID")
     if not evals:
         return _no_data(ax)
-    for extractor in sorted({str(e.get("extractor", "")) for e in evals}):
+    for series in sorted({_fid_series(e) for e in evals}):
         rows = sorted(
-            (e for e in evals if str(e.get("extractor", "")) == extractor),
-            key=lambda e: e["images_seen"],
+            (e for e in evals if _fid_series(e) == series), key=lambda e: e["images_seen"]
         )
         x, y = _column(rows, "images_seen"), _column(rows, "fid")
         samples = rows[-1].get("num_samples")
-        label = f"{extractor} ({samples} samples)" if samples else extractor
+        label = f"{series} ({samples} samples)" if samples else series
         ax.plot(x, y, marker="o", markersize=4, label=label)
         if np.isfinite(y[-1]):
             ax.annotate(

@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
+from job.compare import read_run
+from job.storage import open_store
 from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx
 from tests.test_s3_job import new_bucket, s3_job_env
 
@@ -83,6 +86,28 @@ def test_compare_tables_and_plots_a_local_and_an_s3_run(two_runs):
     assert again.returncode == 0, again.stdout + again.stderr
     with open(out / "compare.csv") as f:
         assert list(csv.DictReader(f)) == rows
+
+
+def test_fids_of_float32_sums_are_kept_apart_and_named(two_runs):
+    """Records written before FID's sums were float64 read up to a point lower: a run resumed by
+    a newer gan-job compares its newer rows only, and compare names runs that have only old ones."""
+    tmp, _, env = two_runs
+    local = tmp / "runs/local-run"
+    rows = [json.loads(x) for x in (local / "eval.jsonl").read_text().splitlines()]
+    assert rows and all(r["fid_sums"] == "float64" for r in rows)
+    old = tmp / "old/old-run"
+    shutil.copytree(local, old)
+    config = json.loads((old / "config.json").read_text()) | {"run_id": "old-run"}
+    (old / "config.json").write_text(json.dumps(config))
+    float32 = [{k: v for k, v in r.items() if k != "fid_sums"} for r in rows]
+    (old / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in float32))
+    result = run_job(env, "compare", str(local), str(old), "--out", str(tmp / "out-old"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "the FIDs of old-run come from float32 sums" in result.stdout
+
+    resumed = read_run(str(old), open_store(str(old)))
+    resumed.evals = float32 + rows[-1:]
+    assert resumed.fids() == rows[-1:]
 
 
 def test_compare_refuses_a_uri_that_holds_no_run(tmp_path):
