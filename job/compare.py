@@ -282,8 +282,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = table(runs)
-    old = [r.name for r in runs if r.fids() and fid_sums(r.fids()[-1]) == "float32"]
-    if old and len(old) < len([r for r in runs if r.fids()]):
+    sums = {r.name: fid_sums(fids[-1]) for r in runs if (fids := r.fids())}
+    old = [name for name, kind in sums.items() if kind == "float32"]
+    if old and len(old) < len(sums):
         log.warning(
             "the FIDs of %s come from float32 sums, as gan-job computed them before 0.3: up to a "
             "point lower than the others' (docs/metrics.md); re-evaluate with `gan-job evaluate`",

@@ -368,7 +368,7 @@ class FeatureTap(nn.Module):
         return self.kept.double()
 
 
-_FID_SUMS = ("real_sum", "real_cov_sum", "fake_sum", "fake_cov_sum")
+_SUM_STATES = ("real_sum", "real_cov_sum", "fake_sum", "fake_cov_sum")
 FID_SUMS = "float64"  # recorded with every FID; records without it had float32 sums (see _metric)
 
 
@@ -379,7 +379,7 @@ def _metric(tap: FeatureTap, dim: int, device: torch.device) -> FrechetInception
     with the offline extractor, 0.26 in float64. torcheval has no dtype option: the states
     are registered again, in float64."""
     metric = FrechetInceptionDistance(model=tap, feature_dim=dim, device=device)
-    for name in _FID_SUMS:
+    for name in _SUM_STATES:
         metric._add_state(name, getattr(metric, name).double())
     return metric
 
