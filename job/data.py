@@ -307,7 +307,7 @@ class FolderDataset(Dataset):
             j = (i + offset) % len(self.files)
             try:
                 with Image.open(self.files[j]) as img:
-                    img = _resize_center_crop(img.convert("RGB"), self.image_size)
+                    img = _resize_center_crop(_to_rgb(img), self.image_size)
             except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
                 met.append((j, f"unreadable image ({exc})"))
                 if not self.skip_bad:
@@ -376,6 +376,20 @@ def _header_problem(path: Path) -> str | None:
             return None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         return f"unreadable image ({exc})"
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """img as 8-bit RGB, scaled from its own range: 16-bit integers by their bit depth (value
+    >> 8), floats from [0, 1] (values outside clipped); other modes as PIL converts them."""
+    if img.mode in SIXTEEN_BIT_MODES:
+        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
+    elif img.mode == "F":
+        unit = np.clip(np.nan_to_num(np.asarray(img)), 0, 1)
+        img = Image.fromarray(np.round(unit * 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:

@@ -94,6 +94,25 @@ def test_image_folder_resizes_crops_and_labels_by_subfolder(tmp_path):
     assert unreadable == []
 
 
+def test_16_bit_and_float_images_are_scaled_to_8_bits_by_their_own_range(tmp_path):
+    """16-bit PNGs and TIFFs (I;16, I;16B) by their bit depth, float TIFFs from [0, 1]."""
+    root = tmp_path / "wide"
+    root.mkdir()
+    expected = {}
+    for name, value, dtype, grey in [
+        ("mid16.png", 32768, "<u2", 128), ("white16.tif", 65535, ">u2", 255),
+        ("dark16.png", 4096, "<u2", 16), ("mid.tif", 0.5, "float32", 128),
+        ("quarter.tif", 0.25, "float32", 64), ("above.tif", 1.5, "float32", 255),
+        ("below.tif", -0.25, "float32", 0),
+    ]:  # fmt: skip
+        Image.fromarray(np.full((8, 8), value, dtype=dtype)).save(root / name)
+        expected[root / name] = grey
+    data = load(tmp_path, dataset=f"folder:{root}", image_size=8, model="mlp")
+    for i, path in enumerate(data.folder.files):
+        image, _ = data.folder.load(i)
+        assert image.shape == (3, 8, 8) and image.unique().tolist() == [expected[path]], path
+
+
 def test_empty_image_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no images"):
