@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from job.errors import SettingsError
 
@@ -36,8 +36,20 @@ _SERVICE_LINK = re.compile(
 class Settings(BaseSettings):
     """The job's knobs. Field descriptions are the one-line docs shown by --help and README."""
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, extra="ignore", validate_default=True)
+    model_config = SettingsConfigDict(extra="ignore", validate_default=True)
     _recipe_filled: dict[str, object] = PrivateAttr(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        **other_sources: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Only the values passed in: load_settings reads the environment, once, so that a
+        setting it leaves out (an invalid one, while the others' combinations are judged) is
+        not read back from os.environ."""
+        return (init_settings,)
 
     # data
     dataset: str = Field(
@@ -525,7 +537,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     gan_env = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
     values = _from_env(gan_env)
     try:
-        settings = Settings(_env_file=None, **values)
+        settings = Settings(**values)
     except ValidationError as exc:
         invalid = set()
         for err in exc.errors():
@@ -553,7 +565,7 @@ def _combination_problems(values: dict[str, str], invalid: set[str]) -> list[str
     """Combination problems among the settings valid alone, so that they are reported with the
     invalid ones at once; those that involve an invalid setting are left out."""
     try:
-        Settings(_env_file=None, **{k: v for k, v in values.items() if k not in invalid})
+        Settings(**{k: v for k, v in values.items() if k not in invalid})
     except ValidationError as exc:
         names = {PREFIX + name.upper() for name in invalid}
         lines = [line for err in exc.errors() if not err["loc"] for line in _combination_lines(err)]

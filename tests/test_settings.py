@@ -90,6 +90,17 @@ def test_invalid_settings_exit_2_before_any_work(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_the_job_reports_every_bad_variable_of_its_environment_at_once(tmp_path):
+    """An invalid setting and a combination problem of a valid one: load_settings judges the
+    combinations without the invalid setting, which must not be read back from os.environ."""
+    result = run_job(job_env(tmp_path, GAN_IMAGE_SIZE=37, GAN_BATCH_SIZE=0), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "GAN_BATCH_SIZE='0': expected a number >= 1" in result.stdout
+    assert "GAN_IMAGE_SIZE=37 is not supported by GAN_MODEL=dcgan: expected one of 28, 32, 64" in (
+        result.stdout
+    )
+
+
 def test_help_lists_every_setting():
     text = help_text()
     for name in Settings.model_fields:
