@@ -122,17 +122,55 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(dest: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) next to dest, fsync, then rename over dest."""
+    """write(tmp) next to dest, fsync, then rename over dest. The writer holds an flock on tmp
+    throughout: a temp file nobody holds is one a killed writer left (see _remove_stale_temps)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
+    held = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
+        _lock(held, blocking=True)
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+        os.close(held)
     _fsync_dir(dest.parent)
+
+
+def _lock(fd: int, blocking: bool) -> bool:
+    """An exclusive flock on fd: False if another holds it or the file system has no locks."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        return False
+    return True
+
+
+def _remove_if_stale(path: Path) -> int | None:
+    """Removes a temp file no live writer holds: the bytes freed, None if it was left alone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # FileNotFoundError: its writer just finished
+        return None
+    try:
+        if not _lock(fd, blocking=False):
+            return None
+        size = os.fstat(fd).st_size
+        path.unlink()  # temp names are never reused: a file still there is the one locked
+        return size
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_temps(root: Path) -> tuple[int, int]:
+    """Removes the temp files under root that killed writers left: (files, bytes) removed."""
+    paths = [Path(folder, n) for folder, _, names in os.walk(root) for n in names if _is_tmp(n)]
+    removed = [size for size in map(_remove_if_stale, paths) if size is not None]
+    return len(removed), sum(removed)
 
 
 class LocalStore(Store):
@@ -205,6 +243,8 @@ class LocalStore(Store):
         return LocalStore(self.root / _clean_key(sub))
 
     def check(self) -> None:
+        """Write, read and delete a probe file; then remove the temp files under this store's
+        folder (not its parent's) that writers killed mid-write left."""
         probe = f".gan-job-probe-{uuid.uuid4().hex[:8]}"
         try:
             self.put_bytes(probe, b"probe")
@@ -214,6 +254,12 @@ class LocalStore(Store):
             raise StorageError(f"artifact store {self.uri}: cannot write: {e}") from e
         if not ok:
             raise StorageError(f"artifact store {self.uri}: a probe file read back differently")
+        files, freed = _remove_stale_temps(self.root)
+        if files:
+            log.info(
+                "storage: removed %d temp files of interrupted writes under %s: %d bytes freed",
+                files, self.uri, freed,
+            )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -16,10 +17,13 @@ from job.storage import (
     BackgroundWriter,
     LocalStore,
     S3Store,
+    _atomic_write,
     download_prefix,
     make_s3_client,
     open_store,
 )
+from tests.helpers import run_job
+from tests.test_runlock import long_env, start, wait_for
 
 MiB = 1024 * 1024
 
@@ -102,6 +106,49 @@ def test_local_store_paths_and_temp_files(tmp_path):
     store.delete("a/.b.txt.0123abcd.partial")
     assert not (tmp_path / "run" / "a").exists()  # emptied folders are pruned
     assert (tmp_path / "run").is_dir()
+
+
+def test_check_spares_the_temp_file_of_a_write_in_progress(tmp_path):
+    store = LocalStore(tmp_path / "run")
+    halfway, finish = threading.Event(), threading.Event()
+
+    def slow_write(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        halfway.set()
+        finish.wait(10)
+        tmp.write_bytes(b"whole")
+
+    dest = store.local_path("checkpoints/step-1/state.pt")
+    writer = threading.Thread(target=_atomic_write, args=(dest, slow_write))
+    writer.start()
+    assert halfway.wait(10)
+    store.check()
+    temps = list(dest.parent.glob(".state.pt.*.partial"))
+    finish.set()
+    writer.join()
+    assert len(temps) == 1
+    assert store.get_bytes("checkpoints/step-1/state.pt") == b"whole"
+
+
+def test_a_rerun_removes_the_temp_files_a_killed_job_left_in_its_own_run(tmp_path):
+    env = long_env(tmp_path)
+    first = start(env)
+    wait_for(first, "checkpoint at step 5 stored")
+    first.kill()
+    first.communicate(timeout=30)
+    runs = tmp_path / "runs"
+    left = runs / "shared/checkpoints/step-00000005/.state.pt.abcd1234.partial"
+    others = [runs / ".x.abcd1234.partial", runs / "other/checkpoints/.state.pt.abcd1234.partial"]
+    for path in (left, *others):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(os.urandom(MiB))
+    rerun = run_job(dict(env, GAN_MAX_STEPS="8"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed from step" in rerun.stdout
+    assert not list((runs / "shared").rglob("*.partial"))
+    freed = re.search(r"removed (\d+) temp files .*: (\d+) bytes freed", rerun.stdout)
+    assert freed and int(freed[2]) >= MiB, rerun.stdout
+    assert all(path.exists() for path in others)  # the root and other runs are not this run's
 
 
 def test_open_store_uris(tmp_path, monkeypatch):
