@@ -36,6 +36,7 @@ MARKER = "COMPLETE.json"
 STATE = "state.pt"
 FORMAT = 2
 QUEUED_ITEMS = 4  # what save() queues: state.pt, the marker, on_stored, retention
+READ_SECONDS = 60.0  # how long a checkpoint that cannot be read is retried by default
 _STEP_DIR = re.compile(r"^checkpoints/step-(\d{8,})/" + re.escape(MARKER) + "$")
 
 
@@ -80,7 +81,7 @@ def save(
     writer.submit(base + MARKER, data=marker_for(step, parts))
     if on_stored is not None:
         writer.submit_call(lambda: on_stored(step))
-    writer.submit_call(lambda: prune(writer.store, keep))
+    writer.submit_call(lambda: prune(writer.store, keep, newest=step))
 
 
 def complete_steps(store: Store) -> list[int]:
@@ -92,54 +93,89 @@ def complete_steps(store: Store) -> list[int]:
     return sorted(steps)
 
 
-def prune(store: Store, keep: int) -> None:
-    steps = complete_steps(store)
-    for step in steps[:-keep] if keep else []:
+def prune(store: Store, keep: int, newest: int | None = None) -> None:
+    """Delete all but `keep` checkpoints: `newest`, the one just stored (this run's newest even
+    where older ones have higher steps), and the highest steps besides it."""
+    steps = [step for step in complete_steps(store) if step != newest]
+    kept = keep - 1 if newest is not None else keep
+    for step in steps[: max(len(steps) - kept, 0)]:
         base = step_dir(step)
         store.delete(base + MARKER)
         for key in store.list(base):
             store.delete(key)
 
 
-def load_verified(store: Store, step: int) -> dict:
-    """The state of one checkpoint, after checking every part against its marker."""
+def load_verified(store: Store, step: int, timeout: float = READ_SECONDS) -> dict:
+    """The state of one checkpoint, after checking every part against its marker.
+
+    A part that cannot be read (the store fails or is slow) is retried for timeout seconds,
+    then StorageError: the checkpoint may be intact, so it is never skipped for that. A part
+    that is missing, fails its checksum or does not unpickle is damage: CheckpointError."""
     base = step_dir(step)
+    read = lambda key: _read_retrying(store, base + key, timeout)  # noqa: E731
     try:
-        marker = json.loads(store.get_bytes(base + MARKER))
+        marker = json.loads(read(MARKER))
         parts = {}
         for name, meta in marker["parts"].items():
-            data = store.get_bytes(base + name)
+            data = read(name)
             if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
                 raise CheckpointError(f"{store.uri}/{base}{name}: checksum mismatch")
             parts[name] = data
         state = torch.load(io.BytesIO(parts[STATE]), map_location="cpu", weights_only=False)
         return upgrade(state)
-    except CheckpointError:
+    except (CheckpointError, StorageError):
         raise
     except Exception as exc:  # noqa: BLE001 - missing part, bad JSON, unpickling error
         raise CheckpointError(f"{store.uri}/{base}: unreadable ({exc})") from exc
 
 
-def load_latest(store: Store) -> tuple[int, dict] | None:
-    """The newest checkpoint that is complete and intact; damaged ones are skipped with a warning."""
+def _read_retrying(store: Store, key: str, timeout: float) -> bytes:
+    """store.get_bytes(key), retried with backoff while the store fails, for timeout seconds."""
+    deadline, delay = time.monotonic() + timeout, 0.5
+    while True:
+        try:
+            return store.get_bytes(key)
+        except FileNotFoundError:
+            raise
+        except (StorageError, OSError) as exc:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageError(
+                    f"{store.uri}/{key}: could not be read for {timeout:g} s "
+                    f"(GAN_UPLOAD_TIMEOUT_MINUTES): {exc}. The checkpoint may be intact, so the "
+                    "run does not start over: a retry reads it again"
+                ) from exc
+            log.warning("cannot read %s/%s, retrying in %.1f s: %s", store.uri, key, delay, exc)
+            time.sleep(min(delay, left))
+            delay = min(delay * 2, 30.0)
+
+
+def load_latest(store: Store, timeout: float = READ_SECONDS) -> tuple[int, dict] | None:
+    """The newest checkpoint that is complete and intact; damaged ones are skipped with a
+    warning, one that cannot be read fails (StorageError)."""
     for step in reversed(complete_steps(store)):
         try:
-            return step, load_verified(store, step)
+            return step, load_verified(store, step, timeout)
         except CheckpointError as exc:
             log.warning("skipping checkpoint: %s", exc)
     return None
 
 
-def load_from(uri: str, endpoint_url: str | None = None, run_id: str | None = None):
+def load_from(
+    uri: str,
+    endpoint_url: str | None = None,
+    run_id: str | None = None,
+    timeout: float = READ_SECONDS,
+):
     """(step, state) from a checkpoint folder, a run folder (its newest), or their parent."""
     uri = uri.rstrip("/")
     if m := re.search(r"/checkpoints/step-(\d{8,})$", uri):
         run = open_store(uri[: m.start()], endpoint_url)
-        return int(m.group(1)), load_verified(run, int(m.group(1)))
+        return int(m.group(1)), load_verified(run, int(m.group(1)), timeout)
     store = open_store(uri, endpoint_url)
-    found = load_latest(store)
+    found = load_latest(store, timeout)
     if found is None and run_id:
-        found = load_latest(store.child(run_id))
+        found = load_latest(store.child(run_id), timeout)
     return found
 
 
@@ -260,16 +296,25 @@ class Checkpointer:
 
         save(self.writer, step, state, self.keep, on_stored=stored)
 
-    def restore(self, resume: str, endpoint_url: str | None, run_id: str) -> int | None:
-        """Loads the checkpoint GAN_RESUME names (auto: this run's newest; never: none; or a
-        URI) into the components; returns its step, or None for a fresh start."""
+    def restore(
+        self, resume: str, endpoint_url: str | None, run_id: str, timeout: float = READ_SECONDS
+    ) -> int | None:
+        """Loads the checkpoint GAN_RESUME names into the components; returns its step, or None
+        for a fresh start. auto: this run's newest; never: none; a URI: this run's newest if it
+        has checkpoints of its own (a retry after a preemption goes on from there), else the
+        URI's. A checkpoint that cannot be read within timeout seconds fails (StorageError)."""
         if resume == "never":
             self._refuse_old_run(run_id)
             return None
-        if resume == "auto":
-            found = load_latest(self.store)
-        else:
-            found = load_from(resume, endpoint_url, run_id)
+        found = load_latest(self.store, timeout)
+        if found is not None and resume != "auto":
+            log.info(
+                "run %s has checkpoints of its own: resuming from its step %d, not from "
+                "GAN_RESUME=%s (that seeds only a run without checkpoints)",
+                run_id, found[0], resume,
+            )  # fmt: skip
+        elif resume != "auto":
+            found = load_from(resume, endpoint_url, run_id, timeout)
             if found is None:
                 raise CheckpointError(f"GAN_RESUME={resume}: no complete checkpoint there")
         if found is None:
@@ -302,7 +347,7 @@ class Checkpointer:
                 f"(GAN_UPLOAD_TIMEOUT_MINUTES; last error: {self.writer.last_error})"
             )
         distributed.barrier(self.world)
-        found = load_latest(self.store)
+        found = load_latest(self.store, timeout)
         if found is None:
             return None
         self._load(*found)

@@ -251,7 +251,9 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the checkpoint GAN_RESUME names, or start fresh."""
         s = self.settings
-        step = self.checkpointer.restore(s.resume, s.s3_endpoint_url, self.run_id)
+        step = self.checkpointer.restore(
+            s.resume, s.s3_endpoint_url, self.run_id, timeout=self.upload_timeout
+        )
         if step is None:
             self.rng.reseed(0)
             for history in (self.progress.history, self.fid.history):

@@ -5,6 +5,7 @@ with TcpProxy(target_port) as proxy:   # proxy.port forwards to 127.0.0.1:target
     proxy.mode = "hold"                 # new connections are accepted and never answered
     proxy.mode = "refuse"               # new connections are closed at once
     proxy.cut()                         # and the connections already open are cut
+    proxy.reject = lambda line: b"state.pt" in line   # such HTTP requests get 503 SlowDown
 """
 
 from __future__ import annotations
@@ -12,6 +13,15 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
+
+_SLOW_DOWN = (
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+)
+SLOW_DOWN_RESPONSE = (
+    b"HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_SLOW_DOWN), _SLOW_DOWN)
+)
 
 
 class TcpProxy:
@@ -21,6 +31,9 @@ class TcpProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self.accepted = 0  # connections accepted so far
+        # HTTP requests whose first line this matches are answered 503 SlowDown, not forwarded
+        self.reject: Callable[[bytes], bool] | None = None
+        self.rejected = 0
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -61,8 +74,8 @@ class TcpProxy:
                 _close(client)
                 continue
             self._track(upstream)
-            for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
 
     def _track(self, conn: socket.socket) -> None:
         with self._lock:
@@ -75,11 +88,17 @@ class TcpProxy:
         except OSError:
             pass
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, requests: bool = False) -> None:
+        """src to dst; on the client's side (requests), a request self.reject picks is answered
+        here. boto3 sends one request at a time per connection, and a GET's head fits a chunk."""
         try:
             while data := src.recv(65536):
                 if self.mode == "slow":
                     time.sleep(self.delay)
+                if requests and self.reject is not None and self.reject(data.split(b"\r\n")[0]):
+                    self.rejected += 1
+                    src.sendall(SLOW_DOWN_RESPONSE)
+                    continue
                 dst.sendall(data)
         except OSError:
             pass

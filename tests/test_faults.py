@@ -243,3 +243,42 @@ def test_a_rollback_while_the_store_is_gone_exits_4_instead_of_hanging(tmp_path)
         again = run_job(env, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
         assert "resumed from step" in again.stdout
+
+
+# ---------------------------------------------------------------- a store that fails reads at resume
+
+
+def test_checkpoints_the_store_cannot_serve_at_resume_exit_4_and_the_run_is_kept(s3, tmp_path):
+    """503 SlowDown to every GET of state.pt: the checkpoints are intact, only unreadable now.
+    The job must neither skip them as damaged nor start over on top of them."""
+    write_idx(tmp_path / "data", n=256)
+    bucket = new_bucket(s3)
+    settings = dict(GAN_ARTIFACT_URI=f"s3://{bucket}/runs", GAN_RUN_ID="flaky",
+                    GAN_CHECKPOINT_EVERY=10, GAN_LOG_EVERY=10,
+                    GAN_UPLOAD_TIMEOUT_MINUTES=UPLOAD_TIMEOUT_MINUTES)  # fmt: skip
+    assert run_job(s3_job_env(tmp_path, s3, GAN_MAX_STEPS=30, **settings)).returncode == 0
+    before = bucket_objects(s3, bucket, "runs/flaky/")
+    with TcpProxy(s3.ports["s3"]) as proxy:
+        proxy.reject = lambda line: line.startswith(b"GET ") and b"state.pt" in line
+        env = s3_job_env(tmp_path, s3, GAN_MAX_STEPS=60,
+                         GAN_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", **settings)  # fmt: skip
+        env["AWS_MAX_ATTEMPTS"] = "2"
+        result = run_job(env, timeout=120)
+        assert proxy.rejected > 2  # botocore's attempts, then the job's own retries
+    log = result.stdout + result.stderr
+    assert result.returncode == errors.EXIT_STORAGE, log
+    assert "checkpoints/step-00000030/state.pt: could not be read" in last_line(result.stdout)
+    assert "fresh start" not in log and "skipping checkpoint" not in log
+    after = bucket_objects(s3, bucket, "runs/flaky/")
+    assert complete_steps(after) == complete_steps(before) == [10, 20, 30]
+    assert after["metrics.jsonl"] == before["metrics.jsonl"]
+
+    with TcpProxy(s3.ports["s3"]) as proxy:  # a store that fails a few reads, then serves
+        proxy.reject = lambda line: b"state.pt" in line and proxy.rejected < 3
+        env["GAN_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{proxy.port}"
+        env["AWS_MAX_ATTEMPTS"] = "1"
+        result = run_job(env, timeout=120)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    assert "cannot read" in log and "resumed from step 30" in log
+    assert complete_steps(bucket_objects(s3, bucket, "runs/flaky/")) == [40, 50, 60]

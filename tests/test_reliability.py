@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from job import distributed
-from job.errors import NonFiniteLossError
+from job import checkpoint, distributed
+from job.errors import EXIT_PREEMPTED, NonFiniteLossError
 from job.settings import load_settings
+from job.storage import BackgroundWriter, LocalStore
 from job.train import Trainer
 from tests.helpers import REPO, job_env, run_job, write_idx, write_image_folder
 
@@ -192,3 +193,33 @@ def test_full_disk_while_checkpointing_exits_8_leaving_no_complete_checkpoint(tm
     complete = ast.literal_eval(result.stdout.split("COMPLETE ")[-1].strip())
     assert all(step == loaded for step, loaded in complete)  # every complete one is intact
     assert os.listdir(disk) == []  # the tmpfs lived in the job's namespace only
+
+
+def test_a_run_seeded_by_gan_resume_path_resumes_from_its_own_checkpoints_after_a_preemption(
+    tmp_path,
+):
+    """GAN_RESUME=<path> seeds a run that has no checkpoints; its retry, with the same
+    environment, goes on from its own newest one, which retention keeps."""
+    write_idx(tmp_path / "data", n=256)
+    seed = job_env(tmp_path, GAN_RUN_ID="seed", GAN_MAX_STEPS=20, GAN_CHECKPOINT_EVERY=10)
+    assert run_job(seed).returncode == 0
+    env = job_env(tmp_path, GAN_RUN_ID="tuned", GAN_RESUME=str(tmp_path / "runs" / "seed"),
+                  GAN_MAX_STEPS=100000, GAN_CHECKPOINT_EVERY=10, GAN_LOG_EVERY=10)  # fmt: skip
+    code, first = terminate_after(start_job(env), "checkpoint at step 40 stored")
+    assert code == EXIT_PREEMPTED and "resumed from step 20" in first, first
+    stop = int(first.split("stopping at step ")[1].split(":")[0])
+
+    code, retry = terminate_after(start_job(env), f"checkpoint at step {stop + 10} stored")
+    assert code == EXIT_PREEMPTED, retry
+    assert f"resumed from step {stop} " in retry and "resumed from step 20" not in retry
+    second_stop = int(retry.split("stopping at step ")[1].split(":")[0])
+    assert checkpoint_steps(tmp_path / "runs" / "tuned")[-1] == second_stop
+
+
+def test_retention_never_deletes_the_checkpoint_just_stored(tmp_path):
+    store = LocalStore(tmp_path)
+    with BackgroundWriter(store) as writer:
+        for step in (100, 200, 300):
+            checkpoint.save(writer, step, {"step": step}, keep=2)
+        checkpoint.save(writer, 50, {"step": 50}, keep=2)  # a run sent back to an earlier state
+    assert checkpoint.complete_steps(store) == [50, 300]
