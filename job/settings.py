@@ -208,7 +208,8 @@ class Settings(BaseSettings):
     run_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
-        description="folder name of this run; unset: <dataset>-<model>[-cond], so a restart resumes",
+        description="folder name of this run; unset: <dataset>-<model>[-cond], so a restart "
+        "resumes (<dataset>: the last path segment, without query string or credentials)",
     )
     resume: str = Field(
         "auto",
@@ -407,9 +408,12 @@ class Settings(BaseSettings):
 
     @property
     def resolved_run_id(self) -> str:
+        """GAN_RUN_ID, or <dataset>-<model>[-cond] named after the dataset's last path segment,
+        without its query string or any credential redact() finds in it."""
         if self.run_id:
             return self.run_id
-        name = re.sub(r"[^A-Za-z0-9]+", "-", self.dataset.split("/")[-1] or "data").strip("-")
+        path = redact(self.dataset).split("?", 1)[0]
+        name = re.sub(r"[^A-Za-z0-9]+", "-", path.split("/")[-1]).strip("-") or "data"
         return f"{name}-{self.model}" + ("-cond" if self.conditional else "")
 
 

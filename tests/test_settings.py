@@ -18,7 +18,7 @@ from prom import PUSHGATEWAY, free_port
 from job.errors import SettingsError, StorageError
 from job.settings import Settings, help_text, load_settings, redact, settings_markdown
 from job.storage import open_store
-from tests.helpers import REPO, job_env, run_job, write_idx
+from tests.helpers import REPO, job_env, run_job, write_idx, write_image_folder
 from tests.test_s3_job import bucket_objects, s3_job_env
 
 
@@ -35,6 +35,34 @@ def test_defaults_are_valid_and_name_the_run_after_the_config():
     assert load_settings({"GAN_CONDITIONAL": "true", "GAN_MODEL": "mlp"}).resolved_run_id == (
         "fashion-mnist-mlp-cond"
     )
+
+
+@pytest.mark.parametrize(
+    "dataset,run_id",
+    [
+        ("s3://bucket/data?token=SECRET", "data-dcgan"),
+        ("s3://bucket/data?a=1&X-Amz-Signature=SECRET", "data-dcgan"),
+        ("s3://bucket/data;sig=SECRET", "data-sig-dcgan"),
+        ("s3://bucket/AKIAIOSFODNN7EXAMPLE", "data-dcgan"),
+        ("folder:/images/celeba?v=2", "celeba-dcgan"),
+    ],
+)
+def test_the_default_run_id_has_no_query_string_or_credential_of_the_dataset(dataset, run_id):
+    assert load_settings({"GAN_DATASET": dataset, "GAN_IMAGE_SIZE": "32"}).resolved_run_id == run_id
+
+
+def test_a_run_of_a_dataset_with_a_token_keeps_it_out_of_run_id_artifacts_and_log(tmp_path):
+    root = write_image_folder(tmp_path / "imgs?token=SECRET", per_class=4)
+    env = job_env(tmp_path, GAN_DATASET=f"folder:{root}", GAN_MODEL="mlp", GAN_IMAGE_SIZE=8,
+                  GAN_BATCH_SIZE=4, GAN_NUM_WORKERS=0, GAN_MAX_STEPS=2)  # fmt: skip
+    result = run_job(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = (tmp_path / "runs").rglob("*")
+    assert not [
+        p for p in written if "SECRET" in str(p) or p.is_file() and b"SECRET" in p.read_bytes()
+    ]
+    assert "SECRET" not in result.stdout + result.stderr
+    assert (tmp_path / "runs/imgs-mlp/config.json").is_file()
 
 
 def test_every_bad_variable_gets_its_own_line_naming_value_and_expectation():
