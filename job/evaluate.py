@@ -548,6 +548,39 @@ def round_metrics(values: dict) -> dict:
     return out
 
 
+def _cached_reference(stats: bytes, features: bytes, dim: int) -> RealReference:
+    """The reference cached as these two files; ValueError if they hold none of dim features."""
+    try:
+        state, feats = (torch.load(io.BytesIO(b), weights_only=True) for b in (stats, features))
+    except Exception as e:  # a damaged file fails in pickle, zip or torch, in many ways
+        raise ValueError(f"unreadable as a torch file: {type(e).__name__}") from e
+    if problem := _state_problem(state, dim) or _features_problem(feats, state, dim):
+        raise ValueError(problem)
+    return RealReference(state, feats)
+
+
+def _state_problem(state: object, dim: int) -> str | None:
+    """Why state is not torcheval's FID state (float64 sums, see _metric) of dim features."""
+    shapes = {"real_sum": (dim,), "real_cov_sum": (dim, dim), "fake_sum": (dim,),
+              "fake_cov_sum": (dim, dim), "num_real_images": (), "num_fake_images": ()}  # fmt: skip
+    if not isinstance(state, dict) or set(state) != set(shapes):
+        return f"not a FID state: expected the tensors {', '.join(shapes)}"
+    for name, shape in shapes.items():
+        value = state[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+            return f"{name} is not a tensor of shape {shape} ({dim} features)"
+        if name in _SUM_STATES and value.dtype != torch.float64:
+            return f"{name} is {value.dtype}, not float64"
+    return None if int(state["num_real_images"]) > 0 else "no real images in it"
+
+
+def _features_problem(features: object, state: dict, dim: int) -> str | None:
+    num = int(state["num_real_images"])
+    if isinstance(features, torch.Tensor) and tuple(features.shape) == (num, dim):
+        return None
+    return f"the features are not a {num} x {dim} tensor (real images x features)"
+
+
 # ---------------------------------------------------------------- the run's FID schedule
 
 
@@ -610,9 +643,8 @@ class FidEvaluator:
         self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]
     ) -> RealReference:
         stats, feats = f"{key}.pt", f"{key}-features.pt"
-        if cache.exists(stats) and cache.exists(feats):
-            load = lambda name: torch.load(io.BytesIO(cache.get_bytes(name)), weights_only=True)  # noqa: E731
-            return RealReference(load(stats), load(feats))
+        if (cached := self._from_cache(cache, stats, feats)) is not None:
+            return cached
         log.info(
             "computing real-image statistics and features (%d images, %s)",
             self.num, self.extractor.name,
@@ -623,6 +655,22 @@ class FidEvaluator:
             torch.save(obj, buf)
             cache.put_bytes(name, buf.getvalue())
         return real
+
+    def _from_cache(self, cache: Store, stats: str, feats: str) -> RealReference | None:
+        """The cached reference; None if absent or unusable (damaged, another extractor's):
+        then it is computed again and replaces what is there."""
+        if not (cache.exists(stats) and cache.exists(feats)):
+            return None
+        try:
+            return _cached_reference(
+                cache.get_bytes(stats), cache.get_bytes(feats), self.extractor.dim
+            )
+        except ValueError as e:
+            log.warning(
+                "FID: cannot use the cached real statistics %s/%s and %s (%s): computing them "
+                "again", cache.uri, stats, feats, e,
+            )  # fmt: skip
+            return None
 
     def due(self, step: int, last: bool = False) -> bool:
         """At every `every` steps, and at the end unless this step was just evaluated."""

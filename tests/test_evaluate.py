@@ -1,3 +1,6 @@
+import io
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,10 +14,12 @@ from job.evaluate import (
     fixed_inputs,
     generate,
     load_extractor,
+    real_reference,
     real_statistics,
+    stats_key,
 )
 from job.models import Arch, build_generator
-from tests.helpers import write_extractor
+from tests.helpers import job_env, run_job, write_extractor, write_idx
 
 CPU = torch.device("cpu")
 
@@ -111,3 +116,45 @@ def test_a_file_that_is_not_torchscript_is_a_clear_fid_error(tmp_path):
     bad.write_bytes(b"not a model")
     with pytest.raises(FIDError, match="bad.pt"):
         load_extractor(str(bad), 1, 28, CPU)
+
+
+def _saved(obj: object) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _unusable_cache(kind: str, extractor: Extractor) -> tuple[bytes, bytes]:
+    """A damaged or unfitting cache entry: the bytes of its statistics and of its features."""
+    real = real_reference(extractor, (torch.rand(40, 1, 28, 28) * 255).to(torch.uint8), CPU)
+    state, features = _saved(real.state), _saved(real.features)
+    if kind == "garbage":
+        return b"\x00not a torch file" * 50, b"neither is this"
+    if kind == "truncated":
+        return state[: len(state) // 2], features
+    if kind == "missing a key":
+        return _saved({k: v for k, v in real.state.items() if k != "real_cov_sum"}), features
+    return state, _saved(real.features[:, :8])  # another extractor's width
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "missing a key", "wrong shape"])
+def test_an_unusable_cached_real_statistics_file_is_recomputed_and_replaced(tmp_path, kind):
+    write_idx(tmp_path / "data", n=64)
+    path = write_extractor(tmp_path / "features.pt", channels=1)
+    extractor = load_extractor(str(path), 1, 28, CPU)
+    key = stats_key("mnist", 28, extractor, 32, seed=0)  # what the job below uses
+    cache = tmp_path / "runs/fid-stats"
+    cache.mkdir(parents=True)
+    stats, features = _unusable_cache(kind, extractor)
+    (cache / f"{key}.pt").write_bytes(stats)
+    (cache / f"{key}-features.pt").write_bytes(features)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=2, GAN_FID_FEATURES=path,
+                  GAN_FID_NUM_SAMPLES=32, GAN_FID_EVERY=2)  # fmt: skip
+    result = run_job(env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    warning = [line for line in result.stdout.splitlines() if " WARNING " in line]
+    assert any(f"{key}.pt" in line and "computing them again" in line for line in warning)
+    rows = [json.loads(r) for r in (tmp_path / "runs/mnist-dcgan/eval.jsonl").open()]
+    assert [r["step"] for r in rows] == [2] and rows[0]["fid"] > 0
+    assert sorted(p.name for p in cache.iterdir()) == [f"{key}-features.pt", f"{key}.pt"]
+    assert torch.load(cache / f"{key}-features.pt", weights_only=True).shape == (32, 32)
