@@ -290,16 +290,23 @@ class Metrics:
 
 
 def _push_target(url: str) -> tuple[str, Callable[..., Callable[[], None]]]:
-    """The Pushgateway URL without its user:password, and the handler that sends them as HTTP
-    basic auth (prometheus_client would take them for a host name)."""
+    """The Pushgateway URL as prometheus_client takes it, and the handler that sends the rest.
+
+    prometheus_client appends the grouping path to the URL's text: it gets the URL without its
+    user:password (it would take them for a host name), query and fragment. The handler sends
+    the user:password as HTTP basic auth and the query after the grouping path."""
     parts = urlsplit(url)
-    if parts.username is None:
-        return url, default_handler
-    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-    user, password = unquote(parts.username), unquote(parts.password or "")
+    bare = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2], query="", fragment=""))
+    auth = (
+        None if parts.username is None else (unquote(parts.username), unquote(parts.password or ""))
+    )
 
     def handler(url, method, timeout, headers, data):
-        return basic_auth_handler(url, method, timeout, headers, data, user, password)
+        if parts.query:
+            url = urlunsplit(urlsplit(url)._replace(query=parts.query))
+        if auth is None:
+            return default_handler(url, method, timeout, headers, data)
+        return basic_auth_handler(url, method, timeout, headers, data, *auth)
 
     return bare, handler
 

@@ -11,13 +11,25 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from prom import PROMTOOL, free_port, http_get, prometheus, pushgateway, query, wait_for
+from prom import (
+    PROMTOOL,
+    PUSHGATEWAY,
+    _server,
+    free_port,
+    http_get,
+    prometheus,
+    pushgateway,
+    query,
+    wait_for,
+)
+from tcpproxy import TcpProxy
 
 from job.metrics import Metrics
 from job.report import write_report
@@ -156,6 +168,29 @@ def test_push_reaches_the_pushgateway(gateway: str) -> None:
     groups = json.loads(http_get(f"{gateway}/api/v1/metrics"))["data"]
     labels = [g["labels"] for g in groups if "gan_step" in g]
     assert labels == [{"job": "gan-job", "rank": "0", "run_id": PUSHED_RUN}]
+
+
+@contextmanager
+def pushgateway_under(prefix: str, tmp: Path) -> Iterator[int]:
+    """A Pushgateway serving its routes under prefix (--web.route-prefix); yields its port."""
+    port = free_port()
+    argv = [PUSHGATEWAY, f"--web.listen-address=127.0.0.1:{port}",
+            f"--persistence.file={tmp}/pushgateway.data", f"--web.route-prefix={prefix}"]  # fmt: skip
+    with _server(argv, f"http://127.0.0.1:{port}{prefix}", tmp / "pushgateway.log"):
+        yield port
+
+
+@pytest.mark.parametrize(("prefix", "tail"), [("", "/?token=s3cret"), ("/pg", "/pg?token=s3cret")])
+def test_push_keeps_the_urls_path_prefix_and_sends_its_query(tmp_path, prefix, tail) -> None:
+    """Through a proxy that lets only pushes carrying the query through, as a token check does."""
+    with pushgateway_under(prefix, tmp_path) as port, TcpProxy(port) as proxy:
+        proxy.reject = lambda line: line.startswith(b"PUT") and b"?token=s3cret " not in line
+        new_metrics("queried").push(f"http://127.0.0.1:{proxy.port}{tail}", "gan-job", {})
+        groups = json.loads(http_get(f"http://127.0.0.1:{port}{prefix}/api/v1/metrics"))["data"]
+    assert proxy.rejected == 0
+    assert [g["labels"] for g in groups if "gan_step" in g] == [
+        {"job": "gan-job", "run_id": "queried"}
+    ]
 
 
 def test_prometheus_scrapes_the_endpoint(prom: str) -> None:
