@@ -5,7 +5,7 @@ device, in one process, in alternating timed windows, so that their ratio is mea
 same machine load:
 
 - job: a Trainer built from the GAN_* settings (metrics off, artifacts in a temporary folder, no
-  FID) stepping as Trainer.run() does: BatchSource.next(), Trainer.train_step(), and the progress
+  FID) stepping as Trainer.run() does: BatchSource.next(), GanStep.train(), and the progress
   record (the only read of the losses) every GAN_LOG_EVERY steps; no samples, FID or checkpoints.
 - ref: PyTorch's DCGAN tutorial: a torchvision dataset reading the same images with Resize +
   ToTensor + Normalize per image, a DataLoader with 2 workers and shuffle, .to(device) per batch,
@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from job import data, distributed, evaluate
+from job.build import build
 from job.errors import EXIT_OK, FIDError, JobError
 from job.models import Arch, build_discriminator, build_generator
 from job.settings import Settings, load_settings, public_dict
@@ -199,13 +200,14 @@ class JobLoop:
         t0 = time.perf_counter()
         real, labels = t.source.next()
         self.data_seconds += time.perf_counter() - t0
-        stats = t.train_step(real, labels)
+        stats = t.gan_step.train(real, labels, t.budget.step)
         images = real.shape[0]
-        t.run_state.advance(images)
+        st = t.budget.state
+        st.advance(images)
         t.progress.step_done(images, time.perf_counter() - t0)
-        if t.progress.due(t.run_state.step, last=False):
-            position = {"step": t.run_state.step, "epoch": t.source.epoch}
-            t.progress.log(position | {"images_seen": t.run_state.images_seen}, stats)
+        if t.progress.due(st.step, last=False):
+            position = {"step": st.step, "epoch": t.source.epoch}
+            t.progress.log(position | {"images_seen": st.images_seen}, stats)
         return images
 
     def dataset_bytes(self) -> int:
@@ -427,7 +429,7 @@ def fid_cost(args: argparse.Namespace, s: Settings, trainer: Trainer) -> dict:
     """Seconds of one FID evaluation of the EMA generator with GAN_FID_FEATURES."""
     if args.skip_fid:
         return {"skipped": "--skip-fid"}
-    arch, device, note = trainer.arch, trainer.device, None
+    arch, device, note = trainer.nets.arch, trainer.world.device, None
 
     def load(choice: str) -> evaluate.Extractor | None:
         return evaluate.load_extractor(
@@ -447,7 +449,7 @@ def fid_cost(args: argparse.Namespace, s: Settings, trainer: Trainer) -> dict:
         return {"skipped": "GAN_FID_FEATURES=none"}
     num = evaluate.fid_num_samples(args.fid_samples or s.fid_num_samples, device)
     progress(f"timing one FID evaluation ({extractor.name}, {num} samples)")
-    images, _ = data.real_images(trainer.data, num, s.seed)
+    images, _ = data.real_images(trainer.source.data, num, s.seed)
     sync(device)
     t0 = time.perf_counter()
     real_state = evaluate.real_statistics(extractor, images, device)
@@ -475,7 +477,7 @@ def device_name(device: torch.device) -> str:
 
 
 def measure(args: argparse.Namespace, settings: Settings, trainer: Trainer, tmp: Path) -> dict:
-    device, arch = trainer.device, trainer.arch
+    device, arch = trainer.world.device, trainer.nets.arch
     job = JobLoop(trainer)
     progress("building the reference loop (torchvision dataset, DataLoader)")
     ref = RefLoop(arch, settings, reference_dataset(settings, tmp / "torchvision"), device)
@@ -492,7 +494,7 @@ def measure(args: argparse.Namespace, settings: Settings, trainer: Trainer, tmp:
     report["ref"]["worker_pss_mib"] = workers_pss / 2**20 if workers_pss else None
 
     progress("counting FLOPs")
-    amp = trainer.recipe.amp
+    amp = trainer.gan_step.recipe.amp
     per_image = flops_per_image(arch, settings.batch_size, device, amp)
     peak = device_peak(device, amp)
     for r in report.values():
@@ -601,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
             settings, quiet = load_bench_settings(args, Path(tmp) / "runs")
             world = distributed.setup(quiet.device)
             progress(f"building gan-job's Trainer on {world.device}")
-            trainer = Trainer(quiet, world)
+            trainer = Trainer(build(quiet, world))
             trainer.resume()
             trainer.wrap()
             try:

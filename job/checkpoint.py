@@ -27,7 +27,7 @@ from job.errors import CheckpointError, SettingsError, StorageError
 from job.metrics import Metrics
 from job.models import arch_changes
 from job.runlock import LOCK_KEY
-from job.storage import BackgroundWriter, JsonlLog, NullWriter, Store, open_store
+from job.storage import BackgroundWriter, NullWriter, Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +229,10 @@ def check_compatible(saved: dict, now: dict, keys: tuple[str, ...], where: str) 
 
 
 class Stateful(Protocol):
+    """A component of the checkpoint. Optional: start_fresh(), called when the run starts
+    without a checkpoint (a history empties its artifact, the RNG reseeds); sync(), called
+    before a checkpoint is queued (a history uploads the rows the checkpoint counts)."""
+
     def state_dict(self) -> Any: ...
 
     def load_state_dict(self, state: Any) -> None: ...
@@ -239,12 +243,14 @@ class Checkpointer:
     complete checkpoint, and prunes all but the newest `keep`.
 
     Components are restored in the order given. Every rank calls save() (gathering state can
-    be a collective); rank 0 alone writes. Histories (JsonlLog) are uploaded with the
-    checkpoint that holds them.
+    be a collective); rank 0 alone writes.
+
+    resume: GAN_RESUME; timeout: how long a store that fails is waited for (seconds).
     """
 
     def __init__(
         self,
+        *,
         store: Store,
         writer: BackgroundWriter | NullWriter,
         world: distributed.World,
@@ -254,10 +260,14 @@ class Checkpointer:
         every: int,
         keep: int,
         metrics: Metrics,
+        resume: str = "auto",
+        endpoint_url: str | None = None,
+        timeout: float = READ_SECONDS,
     ):
         self.store, self.writer, self.world = store, writer, world
         self.components, self.meta, self.compatible = components, meta, compatible_settings
         self.every, self.keep, self.metrics = every, keep, metrics
+        self.resume, self.endpoint_url, self.timeout = resume, endpoint_url, timeout
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -285,7 +295,7 @@ class Checkpointer:
             )  # fmt: skip
             return
         for c in self.components.values():
-            if isinstance(c, JsonlLog):
+            if hasattr(c, "sync"):
                 c.sync()
         t0 = time.monotonic()
 
@@ -296,50 +306,54 @@ class Checkpointer:
 
         save(self.writer, step, state, self.keep, on_stored=stored)
 
-    def restore(
-        self, resume: str, endpoint_url: str | None, run_id: str, timeout: float = READ_SECONDS
-    ) -> int | None:
-        """Loads the checkpoint GAN_RESUME names into the components; returns its step, or None
-        for a fresh start. auto: this run's newest; never: none; a URI: this run's newest if it
-        has checkpoints of its own (a retry after a preemption goes on from there), else the
-        URI's. A checkpoint that cannot be read within timeout seconds fails (StorageError)."""
-        if resume == "never":
-            self._refuse_old_run(run_id)
-            return None
-        found = load_latest(self.store, timeout)
-        if found is not None and resume != "auto":
+    def restore(self) -> int | None:
+        """Loads the checkpoint GAN_RESUME names into the components and returns its step, or
+        gives each its fresh state and returns None. auto: this run's newest; never: none; a
+        URI: this run's newest if it has checkpoints of its own (a retry after a preemption goes
+        on from there), else the URI's. A checkpoint that cannot be read within timeout seconds
+        fails (StorageError)."""
+        found = None
+        if self.resume == "never":
+            self._refuse_old_run()
+        else:
+            found = load_latest(self.store, self.timeout)
+        if found is not None and self.resume != "auto":
             log.info(
                 "run %s has checkpoints of its own: resuming from its step %d, not from "
                 "GAN_RESUME=%s (that seeds only a run without checkpoints)",
-                run_id, found[0], resume,
+                self.meta["run_id"], found[0], self.resume,
             )  # fmt: skip
-        elif resume != "auto":
-            found = load_from(resume, endpoint_url, run_id, timeout)
+        elif self.resume not in ("auto", "never"):
+            found = load_from(self.resume, self.endpoint_url, self.meta["run_id"], self.timeout)
             if found is None:
-                raise CheckpointError(f"GAN_RESUME={resume}: no complete checkpoint there")
+                raise CheckpointError(f"GAN_RESUME={self.resume}: no complete checkpoint there")
         if found is None:
+            for c in self.components.values():
+                if hasattr(c, "start_fresh"):
+                    c.start_fresh()
             return None
         self._load(*found)
         return found[0]
 
-    def _refuse_old_run(self, run_id: str) -> None:
+    def _refuse_old_run(self) -> None:
         """A fresh start must not mix with an older run in the same place: retention would
         delete one run's checkpoints for the other's, and `auto` would later resume the old one."""
         old = [k for k in self.store.list() if k != LOCK_KEY]
         if old:
             raise SettingsError(
                 [
-                    f"GAN_RESUME=never, but run {run_id} already has {len(old)} artifacts in "
+                    f"GAN_RESUME=never, but run {self.meta['run_id']} already has {len(old)} artifacts in "
                     f"{self.store.uri} (e.g. {old[0]}): set another GAN_RUN_ID, remove that "
                     f"folder, or use GAN_RESUME=auto to continue it"
                 ]
             )
 
-    def rollback(self, timeout: float) -> int | None:
+    def rollback(self) -> int | None:
         """Restores this run's newest complete checkpoint, once every queued upload is stored.
 
         A store that does not take them within timeout seconds fails the rollback (exit 4, a
         retry resumes from the newest complete checkpoint) instead of hanging the job on it."""
+        timeout = self.timeout
         if not self.writer.flush(timeout):
             raise StorageError(
                 f"rolling back needs the checkpoints queued before it: {self.writer.pending} "

@@ -524,6 +524,11 @@ class BatchSource:
     def images_per_epoch(self) -> int:
         return self.batches_per_epoch * self.batch_size * self.world_size
 
+    def stats(self) -> dict:
+        """Data throughput for the log record: nothing to add for images in memory or a folder
+        (ShardSource reports its downloads)."""
+        return {}
+
     def state_dict(self) -> dict:
         consumed = self.batch_index * self.batch_size * self.world_size
         return {"epoch": self.epoch, "images_consumed": consumed}

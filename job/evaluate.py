@@ -590,11 +590,16 @@ class FidEvaluator:
     computed once per dataset and extractor and cached in the store; each result is a row of
     eval.jsonl and the gan_fid, gan_kid, ... gauges.
 
-    Every rank calls it: generation and feature extraction are split over ranks.
+    Every rank calls it: generation and feature extraction are split over ranks. The
+    checkpointer saves and restores its history (the rows of eval.jsonl).
+
+    cache, cache_key: where the real reference is cached (stats_key); real_images(n): n real
+    uint8 images, called only when the cache has no usable reference.
     """
 
     def __init__(
         self,
+        *,
         extractor: Extractor | None,
         history: JsonlLog,
         metrics: Metrics,
@@ -604,10 +609,14 @@ class FidEvaluator:
         seed: int,
         latent_dim: int,
         num_classes: int,
+        cache: Store | None = None,
+        cache_key: str = "",
+        real_images: Callable[[int], torch.Tensor] | None = None,
     ):
         self.extractor, self.history, self.metrics, self.world = extractor, history, metrics, world
         self.every, self.num, self.seed = every, num, seed
         self.latent_dim, self.num_classes = latent_dim, num_classes
+        self.cache, self.cache_key, self.real_images = cache, cache_key, real_images
         self.real: RealReference | None = None
         self.num_real = 0  # real images behind the reference
         self.labels_checked = False
@@ -616,14 +625,14 @@ class FidEvaluator:
     def real_state(self) -> dict[str, torch.Tensor] | None:
         return self.real.state if self.real is not None else None
 
-    def prepare(self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]) -> None:
+    def prepare(self) -> None:
         """Real statistics and features from the cache, or from real_images(num) (then cached).
         Rank 0 alone keeps the features: KID and precision/recall are computed there."""
         if self.extractor is None:
             return
         real = None
         if self.world.is_main:
-            real = self._load_reference(cache, key, real_images)
+            real = self._load_reference(self.cache, self.cache_key, self.real_images)
             problem = self.extractor.label_accuracy_problem(self.num_classes)
             self.labels_checked = problem is None
             if problem and self.num_classes:
@@ -711,6 +720,18 @@ class FidEvaluator:
     @property
     def records(self) -> list[dict]:
         return self.history.rows
+
+    def state_dict(self) -> dict:
+        return self.history.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.load_state_dict(state)
+
+    def start_fresh(self) -> None:
+        self.history.start_fresh()
+
+    def sync(self) -> None:
+        self.history.sync()
 
 
 def summary(values: dict) -> str:

@@ -321,11 +321,13 @@ class MetricsProcessor:
     """Every log_every steps (and at the last step): one record, averaged over ranks, that
     becomes a console line, the gauges and a row of metrics.jsonl. Owns the timing window.
 
-    Every rank calls it (averaging is a collective); rank 0 alone prints and reports.
+    Every rank calls it (averaging is a collective); rank 0 alone prints and reports. The
+    checkpointer saves and restores its history (the rows of metrics.jsonl).
     """
 
     def __init__(
         self,
+        *,
         metrics: Metrics,
         history: JsonlLog,
         world: distributed.World,
@@ -376,6 +378,19 @@ class MetricsProcessor:
     @property
     def records(self) -> list[dict]:
         return self.history.rows
+
+    def state_dict(self) -> dict:
+        return self.history.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.load_state_dict(state)
+        self.restart_window()
+
+    def start_fresh(self) -> None:
+        self.history.start_fresh()
+
+    def sync(self) -> None:
+        self.history.sync()
 
 
 def _duration(seconds: float) -> str:

@@ -19,6 +19,7 @@ class Networks:
         self,
         arch: Arch,
         device: torch.device,
+        *,
         seed: int,
         lr_g: float,
         lr_d: float,

@@ -21,6 +21,9 @@ class RngStreams:
         """A fresh stream per rank, still fixed by the seed and the step it starts at."""
         torch.manual_seed(self.seed * 1_000_003 + step * 1009 + self.world.rank + 1)
 
+    def start_fresh(self) -> None:
+        self.reseed(0)
+
     def state_dict(self) -> list[dict]:
         """Every rank's state, in rank order (a collective: every rank calls it)."""
         return distributed.gather_objects(_get(self.world.device), self.world)

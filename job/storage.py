@@ -557,6 +557,7 @@ class BackgroundWriter:
         self.last_error: Exception | None = None
         self.dropped: list[str] = []  # droppable keys given up to make room
         self.not_stored: list[str] = []  # keys still waiting when close() gave up
+        self.disk_full: OSError | None = None  # ENOSPC: flush() and close() wait no longer
         self._items: deque[_Item] = deque()
         self._current: _Item | None = None  # the item being stored (or retried)
         self._cond = threading.Condition()
@@ -658,6 +659,10 @@ class BackgroundWriter:
             except Exception as e:
                 self.failures += 1
                 self.last_error = e
+                if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+                    with self._cond:
+                        self.disk_full = e
+                        self._cond.notify_all()
                 log.warning(
                     "storage write failed (attempt %d), retrying in %.1fs: %s",
                     self.failures,
@@ -674,9 +679,13 @@ class BackgroundWriter:
             delay = min(delay * 2, self.retry_max)
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted is stored; False on timeout."""
+        """Wait until everything submitted is stored; False on timeout, or at once when the
+        disk is full (waiting would not make room)."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._items and not self._current, timeout)
+            self._cond.wait_for(
+                lambda: (not self._items and not self._current) or self.disk_full, timeout
+            )
+            return not self._items and not self._current
 
     def close(self, timeout: float | None = None) -> bool:
         """Flush, then stop the thread. Past the deadline, what still waits is given up (listed
@@ -695,7 +704,8 @@ class BackgroundWriter:
             self._stopping = True
             self._cond.notify_all()
         if not ok:
-            log.error("storage: giving up after %s s: %s", timeout, self.describe_not_stored())
+            why = "the disk is full" if self.disk_full else f"{timeout} s"
+            log.error("storage: giving up after %s: %s", why, self.describe_not_stored())
         self._thread.join(None if ok else 1.0)  # a call stuck past its deadline dies with us
         return ok
 
@@ -715,6 +725,7 @@ class NullWriter:
 
     pending = 0
     last_error = None
+    disk_full = None
     dropped: list[str] = []
     not_stored: list[str] = []
 
@@ -739,15 +750,16 @@ class NullWriter:
 
 class JsonlLog:
     """A JSON-lines history (metrics.jsonl, eval.jsonl): its rows, kept for the report and the
-    checkpoint, and the artifact of the same name.
+    schedule, and the artifact of the same name.
 
     In a local store each row is appended to the file as it comes. An S3 object cannot be
     appended to, so there the whole file is uploaded at sync(), which the checkpointer calls
-    with every checkpoint and the run calls at its end.
+    with every checkpoint (before the checkpoint's parts) and the run calls at its end. A
+    checkpoint holds only the number of rows: the artifact, stored before it, holds the rows.
     """
 
     def __init__(self, key: str, writer: BackgroundWriter | NullWriter, store: Store):
-        self.key, self.writer, self.rows = key, writer, []
+        self.key, self.writer, self.store, self.rows = key, writer, store, []
         self.path = store.local_path(key) if isinstance(writer, BackgroundWriter) else None
 
     def append(self, row: dict) -> None:
@@ -770,18 +782,52 @@ class JsonlLog:
             self.writer.submit(self.key, data=self._text(), replace=True)
 
     def state_dict(self) -> dict:
-        return {"rows": list(self.rows)}
+        return {"count": len(self.rows)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Rows of a checkpoint: the artifact loses rows logged after it was taken."""
-        self.rows = list(state["rows"])
-        if not self.rows and (self.path is None or not self.path.exists()):
-            return
-        if self.path is not None:
+        """The first `count` rows (those logged before the checkpoint), from memory after a
+        rollback or from the artifact after a restart; a checkpoint of gan-job 0.3 and before
+        holds the rows themselves. The artifact loses rows logged after the checkpoint."""
+        if "rows" in state:
+            self.rows = list(state["rows"])
+        else:
+            count = int(state["count"])
+            rows = self.rows if len(self.rows) >= count else self._stored_rows()
+            if len(rows) < count:
+                log.warning(
+                    "%s/%s holds %d of the %d rows the checkpoint counts: the history "
+                    "(report.png) goes on from those", self.store.uri, self.key, len(rows), count,
+                )  # fmt: skip
+            self.rows = rows[:count]
+        if isinstance(self.writer, BackgroundWriter):
+            self._rewrite()
+
+    def start_fresh(self) -> None:
+        self.rows = []
+        if isinstance(self.writer, BackgroundWriter):
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        """The artifact as the rows are now (nothing to do for an empty history not stored)."""
+        if self.path is None:
+            self.sync()
+        elif self.rows or self.path.exists():
             text = self._text()
             _atomic_write(self.path, lambda tmp: tmp.write_bytes(text))
-        else:
-            self.sync()
+
+    def _stored_rows(self) -> list[dict]:
+        """The artifact's rows, up to the first that does not parse (an append cut short)."""
+        try:
+            text = self.store.get_bytes(self.key).decode(errors="replace")
+        except FileNotFoundError:
+            return []
+        rows = []
+        for line in text.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+        return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from job import distributed, evaluate
+from job.build import build
 from job.networks import unwrap
 from job.settings import load_settings
 from job.train import Trainer
@@ -15,12 +16,12 @@ from tests.helpers import TinyFeatures
 out = Path(sys.argv[1])
 settings = load_settings()
 world = distributed.setup("cpu")
-trainer = Trainer(settings, world)
+trainer = Trainer(build(settings, world))
 trainer.resume()
 trainer.wrap()
 for _ in range(settings.max_steps):
-    trainer.train_step(*trainer.source.next())
-    trainer.run_state.advance(settings.batch_size * world.world_size)
+    trainer.gan_step.train(*trainer.source.next(), trainer.budget.step)
+    trainer.budget.state.advance(settings.batch_size * world.world_size)
 trainer.close()
 
 torch.manual_seed(0)
@@ -33,7 +34,7 @@ fid = evaluate.compute_fid(
 )  # fmt: skip
 torch.save(
     {"g": unwrap(trainer.nets.g).state_dict(), "d": unwrap(trainer.nets.d).state_dict(),
-     "fid": fid, "g_ema": trainer.nets.g_ema.state_dict(), "arch": trainer.arch.to_dict()},
+     "fid": fid, "g_ema": trainer.nets.g_ema.state_dict(), "arch": trainer.nets.arch.to_dict()},
     out / f"rank{world.rank}-of-{world.world_size}.pt",
 )  # fmt: skip
 distributed.leave(0)

@@ -104,10 +104,12 @@ def test_evaluator_rows_and_gauges_carry_every_metric_with_its_n(squares, tmp_pa
     writer = BackgroundWriter(store)
     metrics = Metrics()
     world = World(0, 1, 0, CPU)
-    evaluator = FidEvaluator(extractor, JsonlLog("eval.jsonl", writer, store), metrics, world,
-                             every=1, num=200, seed=1, latent_dim=4, num_classes=10)  # fmt: skip
     cache = store.child("stats")
-    evaluator.prepare(cache, "key", lambda n: idx_images(n)[0])
+    reference = dict(cache=cache, cache_key="key", real_images=lambda n: idx_images(n)[0])
+    evaluator = FidEvaluator(extractor=extractor, history=JsonlLog("eval.jsonl", writer, store),
+                             metrics=metrics, world=world, every=1, num=200, seed=1, latent_dim=4,
+                             num_classes=10, **reference)  # fmt: skip
+    evaluator.prepare()
     assert sorted(cache.list()) == ["key-features.pt", "key.pt"]
     assert evaluator.evaluate(Painter(images, labels), 7, 70, stop=lambda: False)
     writer.close(10)
@@ -122,7 +124,8 @@ def test_evaluator_rows_and_gauges_carry_every_metric_with_its_n(squares, tmp_pa
 
     # a cached reference from before KID (statistics, no features) is rebuilt whole
     cache.delete("key-features.pt")
-    again = FidEvaluator(extractor, JsonlLog("e2.jsonl", writer, store), Metrics(False), world,
-                         1, 200, 1, 4, 10)  # fmt: skip
-    again.prepare(cache, "key", lambda n: idx_images(n)[0])
+    again = FidEvaluator(extractor=extractor, history=JsonlLog("e2.jsonl", writer, store),
+                         metrics=Metrics(False), world=world, every=1, num=200, seed=1,
+                         latent_dim=4, num_classes=10, **reference)  # fmt: skip
+    again.prepare()
     assert again.real.features.shape == (200, 10) and cache.exists("key-features.pt")

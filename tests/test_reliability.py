@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from job import checkpoint, distributed
+from job.build import build
 from job.errors import EXIT_PREEMPTED, NonFiniteLossError
 from job.settings import load_settings
 from job.storage import BackgroundWriter, LocalStore
@@ -83,20 +84,20 @@ def in_process_trainer(tmp_path, poison_at: set[int], again: bool = False, **env
         "GAN_FID_FEATURES": "none", "GAN_ARTIFACT_URI": str(tmp_path / "runs"),
         "GAN_DEVICE": "cpu", "GAN_CHECKPOINT_EVERY": "5", "GAN_LOG_EVERY": "5", **env,
     })  # fmt: skip
-    trainer = Trainer(settings, distributed.setup("cpu"))
+    trainer = Trainer(build(settings, distributed.setup("cpu")))
     trainer.resume()
-    real_step = trainer.train_step
+    real_step = trainer.gan_step.train
 
-    def step(real, labels):
-        stats = real_step(real, labels)
-        if trainer.run_state.step + 1 in poison_at:
+    def step(real, labels, at):
+        stats = real_step(real, labels, at)
+        if at + 1 in poison_at:
             if not again:
-                poison_at.discard(trainer.run_state.step + 1)
+                poison_at.discard(at + 1)
             with torch.no_grad():
                 next(trainer.nets.d.parameters()).fill_(float("nan"))
         return stats
 
-    trainer.train_step = step
+    trainer.gan_step.train = step
     return trainer
 
 
@@ -105,8 +106,8 @@ def test_nonfinite_loss_rolls_back_with_lower_learning_rates(tmp_path, caplog):
     assert trainer.run() == 0
     trainer.close()
     assert "rolled back to step 5 with learning rates x0.5" in caplog.text
-    assert trainer.run_state.rollbacks == 1 and trainer.run_state.step == 12
-    assert trainer.nets.opt_d.param_groups[0]["lr"] == pytest.approx(trainer.settings.lr_d / 2)
+    assert trainer.budget.state.rollbacks == 1 and trainer.budget.state.step == 12
+    assert trainer.nets.opt_d.param_groups[0]["lr"] == pytest.approx(trainer.nets.base_lr["d"] / 2)
     final = state_at(tmp_path / "runs/mnist-dcgan", 12)
     assert final["run"]["rollbacks"] == 1
     d = final["nets"]["d"]

@@ -1,0 +1,336 @@
+"""From the settings to the run's parts: the only place that reads Settings during training.
+
+build() takes the run lock before any heavy work (a second job of the same run id stops in
+seconds, not after loading its data), then builds every component with plain values.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+from job import data, distributed, evaluate, shards
+from job.artifacts import RunArtifacts
+from job.budget import Budget
+from job.checkpoint import Checkpointer
+from job.errors import JobError, RunLockedError
+from job.metrics import Metrics, MetricsProcessor
+from job.models import Arch
+from job.networks import Networks
+from job.rng import RngStreams
+from job.runlock import RunLock
+from job.settings import Settings, public_dict
+from job.step import GanStep, Recipe, amp_enabled
+from job.storage import BackgroundWriter, JsonlLog, NullWriter, Store, download_prefix, open_store
+
+# settings that change what a checkpoint means: resuming across a change is refused
+COMPATIBLE_SETTINGS = ("dataset", "model", "conditional", "latent_dim", "width", "image_size")
+
+
+def version() -> str:
+    """gan-job's version as installed; it moves when a checkpoint or artifact format changes."""
+    try:
+        return importlib.metadata.version("gan-job")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def run_meta(settings: Settings, arch: Arch, world_size: int) -> dict:
+    """What config.json, every checkpoint and the gan_run_info gauge say about the run."""
+    return {
+        "settings": public_dict(settings),
+        "run_id": settings.resolved_run_id,
+        "arch": arch.to_dict(),
+        "world_size": world_size,
+        "version": version(),
+    }
+
+
+@dataclass
+class Parts:
+    """The run's components, each built once; the Trainer composes them."""
+
+    world: distributed.World
+    metrics: Metrics
+    store: Store
+    lock: RunLock
+    writer: BackgroundWriter | NullWriter
+    source: data.BatchSource | shards.ShardSource
+    nets: Networks
+    gan_step: GanStep
+    budget: Budget
+    progress: MetricsProcessor
+    fid: evaluate.FidEvaluator
+    checkpointer: Checkpointer
+    artifacts: RunArtifacts
+    upload_timeout: float  # seconds: GAN_UPLOAD_TIMEOUT_MINUTES
+    wrap: dict  # Networks.wrap's keywords
+
+
+def build(settings: Settings, world: distributed.World) -> Parts:
+    """Every component of the run, once this job holds the run's lock (released again if
+    building fails)."""
+    s = settings
+    metrics = Metrics(enabled=world.is_main and (s.metrics_port > 0 or bool(s.pushgateway_url)))
+    metrics.serve(s.metrics_port)  # before any work: a port in use is a settings error
+    root = open_store(s.artifact_uri, s.s3_endpoint_url)
+    store = root.child(s.resolved_run_id)
+    lock = RunLock(store, s.run_lease_seconds)
+    take_lock(store, lock, world)
+    try:
+        return _build_parts(s, world, metrics, root, store, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def take_lock(store: Store, lock: RunLock, world: distributed.World) -> None:
+    """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
+    refused: Exception | None = None
+    if world.is_main:
+        try:
+            store.check()
+            lock.acquire()
+        except JobError as exc:
+            refused = exc
+    (failed,) = distributed.any_rank_each([refused is not None], world)
+    if refused is not None:
+        raise refused
+    if failed:
+        raise RunLockedError("rank 0 could not check the store or take the run lock")
+
+
+def _build_parts(
+    s: Settings,
+    world: distributed.World,
+    metrics: Metrics,
+    root: Store,
+    store: Store,
+    lock: RunLock,
+) -> Parts:
+    images = load_data(s, world.rank)
+    arch = _arch(s, images)
+    extractor = evaluate.load_extractor(
+        s.fid_features,
+        images.channels,
+        images.image_size,
+        world.device,
+        inception_weights=s.fid_inception_weights,
+        required="fid_features" in s.model_fields_set or bool(s.fid_inception_weights),
+    )
+    nets = Networks(
+        arch,
+        world.device,
+        seed=s.seed,
+        lr_g=s.lr_g,
+        lr_d=s.lr_d,
+        betas=(s.beta1, s.beta2),
+        ema_decay=s.ema_decay,
+        channels_last=s.channels_last,
+        fused_adam=s.fused_adam,
+    )
+    recipe = Recipe(
+        loss=s.loss,
+        label_smoothing=s.label_smoothing,
+        r1_gamma=s.r1_gamma,
+        r1_every=s.r1_every,
+        diffaugment=s.diffaugment,
+        amp=amp_enabled(s.amp, world.device),
+    )
+    source = batch_source(s, images, world)
+    budget = Budget(
+        world=world,
+        lock=lock,
+        max_steps=s.max_steps,
+        max_minutes=s.max_minutes,
+        lr_decay=s.lr_decay,
+        lr_decay_start=s.lr_decay_start,
+        grace_seconds=s.grace_seconds,
+        nonfinite=s.nonfinite,
+        max_rollbacks=s.nonfinite_max_rollbacks,
+    )
+    rng = RngStreams(s.seed, world, lambda: budget.step)
+    writer = _writer(store, metrics, world)
+    progress = MetricsProcessor(
+        metrics=metrics,
+        history=JsonlLog("metrics.jsonl", writer, store),
+        world=world,
+        log_every=s.log_every,
+        max_steps=s.max_steps,
+        time_left=budget.time_left,
+    )
+    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images)
+    meta = run_meta(s, arch, world.world_size)
+    checkpointer = Checkpointer(
+        store=store,
+        writer=writer,
+        world=world,
+        components={
+            "run": budget,
+            "nets": nets,
+            "data": source,
+            "rng": rng,
+            "records": progress,
+            "evals": fid,
+        },
+        meta=meta,
+        compatible_settings=COMPATIBLE_SETTINGS,
+        every=s.checkpoint_every,
+        keep=s.keep_checkpoints,
+        metrics=metrics,
+        resume=s.resume,
+        endpoint_url=s.s3_endpoint_url,
+        timeout=s.upload_timeout_minutes * 60,
+    )
+    artifacts = RunArtifacts(
+        store=store,
+        writer=writer,
+        world=world,
+        meta=meta,
+        arch=arch,
+        sample_every=s.sample_every,
+        seed=s.seed,
+        startup=startup_lines(s, store, images, arch, fid, world),
+    )
+    return Parts(
+        world=world,
+        metrics=metrics,
+        store=store,
+        lock=lock,
+        writer=writer,
+        source=source,
+        nets=nets,
+        gan_step=GanStep(nets, recipe, device=world.device),
+        budget=budget,
+        progress=progress,
+        fid=fid,
+        checkpointer=checkpointer,
+        artifacts=artifacts,
+        upload_timeout=s.upload_timeout_minutes * 60,
+        wrap={
+            "distributed": world.distributed,
+            "sync_batchnorm": s.sync_batchnorm,
+            "compile": s.compile,
+        },  # fmt: skip
+    )
+
+
+def load_data(s: Settings, rank: int) -> data.ImageData:
+    """The training images GAN_DATASET names: shards are opened (read as they are needed), an
+    s3:// prefix is downloaded once per node, the rest is read from GAN_DATA_DIR."""
+    if s.dataset_kind == "shards":
+        cache = s.shard_cache_dir or shards.default_cache_dir(
+            s.data_dir, s.dataset, s.resolved_run_id
+        )
+        return shards.open_shards(
+            s.dataset,
+            s.image_size,
+            s.conditional,
+            s.model,
+            cache,
+            s.shard_cache_mb,
+            s.s3_endpoint_url,
+            rank,
+        )
+    local = None
+    if s.dataset_kind == "s3":
+        cache = Path(s.data_dir) / "s3" / s.dataset.removeprefix("s3://")
+        local = download_prefix(s.dataset, cache, s.s3_endpoint_url)
+    return data.load_dataset(
+        s.dataset,
+        s.data_dir,
+        s.resolved_image_size,
+        s.conditional,
+        skip_bad=s.bad_images == "skip",
+        local_s3_copy=local,
+    )
+
+
+def batch_source(
+    s: Settings, images: data.ImageData, world: distributed.World
+) -> data.BatchSource | shards.ShardSource:
+    """The one place that picks how batches are read: from shards, or from memory/a folder."""
+    where = {"device": world.device, "rank": world.rank, "world_size": world.world_size}
+    if images.shards is not None:
+        return shards.ShardSource(images, s.batch_size, s.seed, **where)
+    return data.BatchSource(
+        images, s.batch_size, s.seed, **where, num_workers=s.num_workers,
+        on_device=s.data_on_device,
+    )  # fmt: skip
+
+
+def _arch(s: Settings, images: data.ImageData) -> Arch:
+    return Arch(
+        model=s.model,
+        channels=images.channels,
+        image_size=images.image_size,
+        latent_dim=s.latent_dim,
+        width=s.width,
+        num_classes=images.num_classes,
+        spectral_norm=s.spectral_norm,
+        projection=s.conditioning == "projection",
+        depth=s.depth,
+    )
+
+
+def _writer(store: Store, metrics: Metrics, world: distributed.World):
+    if not world.is_main:
+        return NullWriter()
+    return BackgroundWriter(store, on_failure=lambda exc: metrics.inc_upload_failures())
+
+
+def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> evaluate.FidEvaluator:
+    key = (
+        evaluate.stats_key(s.dataset, arch.image_size, extractor, _fid_num(s, world), s.seed)
+        if extractor
+        else ""
+    )
+    return evaluate.FidEvaluator(
+        extractor=extractor,
+        history=JsonlLog("eval.jsonl", writer, store),
+        metrics=metrics,
+        world=world,
+        every=s.fid_every,
+        num=_fid_num(s, world),
+        seed=s.seed + 1,
+        latent_dim=arch.latent_dim,
+        num_classes=arch.num_classes,
+        cache=root.child("fid-stats"),
+        cache_key=key,
+        real_images=lambda n: data.real_images(images, n, s.seed)[0],
+    )
+
+
+def _fid_num(s: Settings, world: distributed.World) -> int:
+    return evaluate.fid_num_samples(s.fid_num_samples, world.device)
+
+
+def startup_lines(
+    s: Settings,
+    store: Store,
+    images: data.ImageData,
+    arch: Arch,
+    fid: evaluate.FidEvaluator,
+    world: distributed.World,
+) -> list[str]:
+    """The start-up block (RunArtifacts.announce) but for where the run starts."""
+    filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
+    if fid.extractor is not None:
+        fid_line = f"{fid.extractor.name}, {fid.num} samples, every {s.fid_every} steps"
+    elif s.fid_features == "none":
+        fid_line = "off (GAN_FID_FEATURES=none)"
+    else:
+        fid_line = "off: no InceptionV3 weights (see the warning above)"
+    return [
+        f"until step {s.max_steps}" + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
+        f"artifacts: {store.uri}",
+        f"data: {s.dataset} from {images.source}: {len(images)} images, "
+        f"{images.classes_found} classes, {images.channels}x{images.image_size}x{images.image_size}",
+        f"device: {distributed.describe_device(world.device)} x {world.world_size} "
+        f"process(es), batch {s.batch_size} per process",
+        f"model: {arch.model}, width {arch.width}, latent {arch.latent_dim}"
+        + (", class-conditional" if arch.num_classes else ""),
+        f"recipe: {s.recipe} (filled in: {filled})",
+        f"FID: {fid_line}",
+    ]
