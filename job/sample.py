@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import io
 import itertools
@@ -11,28 +12,25 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 
 from job import checkpoint, evaluate
-from job.errors import CheckpointError, DiskFullError, SettingsError
+from job.errors import CheckpointError, DiskFullError, SettingsError, StorageError
 from job.models import Arch, build_generator
 from job.storage import open_store
 
 BATCH = 512  # images generated and written at a time
 MAX_GRID = 1024  # images in a .png grid (32 x 32)
+EXPECTED = "gan-job checkpoint or generator export (final/generator.pt)"
 
 
 def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn.Module, Arch]:
     """The EMA generator of a checkpoint, a final/generator.pt, or a run folder's newest checkpoint."""
     if path.endswith(".pt"):
-        parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
-        try:
-            raw = open_store(parent, endpoint_url).get_bytes(name)
-        except FileNotFoundError as exc:
-            raise CheckpointError(f"--checkpoint {path}: no such file") from exc
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        state = _load_pt(path, endpoint_url)
     else:
         found = checkpoint.load_from(path, endpoint_url)
         if found is None:
@@ -43,13 +41,37 @@ def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn
                 )
             return load_generator(path.rstrip("/") + "/final/generator.pt", endpoint_url)
         state = found[1]
-    found = checkpoint.generator_state(state)
+    found = checkpoint.generator_state(state) if isinstance(state, dict) else None
     if found is None:
-        raise CheckpointError(f"--checkpoint {path}: not a gan-job checkpoint or generator export")
+        raise CheckpointError(f"--checkpoint {path}: {_what(state)}, not a {EXPECTED}")
     arch = Arch(**found[0])
     g = build_generator(arch)
     g.load_state_dict(found[1])
     return g.eval(), arch
+
+
+def _load_pt(path: str, endpoint_url: str | None) -> object:
+    """What a .pt file holds; CheckpointError naming it when it is missing or no torch.save file."""
+    parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    try:
+        raw = open_store(parent, endpoint_url).get_bytes(name)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"--checkpoint {path}: no such file") from exc
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - garbage, truncated or empty: unpickling fails anyhow
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"--checkpoint {path}: unreadable ({why}): expected a {EXPECTED}"
+        ) from exc
+
+
+def _what(state: object) -> str:
+    if isinstance(state, torch.jit.ScriptModule):
+        return "a TorchScript module"
+    if isinstance(state, dict):
+        return "a dict without a generator"
+    return f"a saved {type(state).__name__}"
 
 
 def sample(
@@ -87,23 +109,32 @@ def check_out(out: Path, num: int) -> list[str]:
 
 
 def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
-    """A .npy of uint8 images written batch by batch, complete or not at all (a temporary
-    file renamed at the end); DiskFullError when the disk fills."""
-    free = shutil.disk_usage(out.parent).free
-    if (size := math.prod(shape)) > free:
-        raise DiskFullError(f"--out {out}: {_mb(size)} of images, {_mb(free)} free")
+    """A .npy of uint8 images written batch by batch, complete or not at all (_replacing);
+    DiskFullError, before any image is written, when they cannot fit in the space left."""
+    with _replacing(out) as f:
+        free = shutil.disk_usage(out.parent).free
+        if (size := math.prod(shape)) > free:
+            raise DiskFullError(f"--out {out}: {_mb(size)} of images, {_mb(free)} free")
+        header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for images in batches:
+            f.write(np.ascontiguousarray(images).tobytes())
+
+
+@contextlib.contextmanager
+def _replacing(out: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside out, renamed to out once the block has written it, removed
+    otherwise: out is complete or absent. DiskFullError when the disk fills, StorageError when
+    it cannot be written at all."""
     tmp = out.with_name(f".{out.name}.partial")
     try:
         with open(tmp, "wb") as f:
-            header = {"descr": "|u1", "fortran_order": False, "shape": shape}
-            np.lib.format.write_array_header_1_0(f, header)
-            for images in batches:
-                f.write(np.ascontiguousarray(images).tobytes())
+            yield f
         os.replace(tmp, out)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DiskFullError(f"--out {out}: {e.strerror}") from e
-        raise
+        raise StorageError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from e
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -149,6 +180,7 @@ def main(argv: list[str]) -> int:
     else:
         images = torch.from_numpy(np.concatenate(list(batches))).float() / 255
         images = images.unsqueeze(1) if arch.channels == 1 else images.permute(0, 3, 1, 2)
-        out.write_bytes(evaluate.grid_png(images, nrow=math.ceil(math.sqrt(args.num))))
+        with _replacing(out) as f:
+            f.write(evaluate.grid_png(images, nrow=math.ceil(math.sqrt(args.num))))
     print(f"wrote {args.num} images to {out}")
     return 0

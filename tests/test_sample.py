@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
+from job import errors
 from job.errors import SettingsError
 from job.models import Arch, build_generator
 from job.sample import main as sample_main
-from tests.helpers import REPO, job_env, run_job, write_idx
+from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,56 @@ def test_sample_creates_a_missing_folder(export, tmp_path):
                      "--out", str(out))  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert np.load(out).shape == (3, 28, 28)
+
+
+NOT_A_CHECKPOINT = {
+    "garbage.pt": (lambda p: p.write_bytes(b"\x80\x02garbage" * 100), "unreadable ("),
+    "torchscript.pt": (write_extractor, "a TorchScript module, not a"),
+    "tensor.pt": (lambda p: torch.save(torch.zeros(3), p), "a saved Tensor, not a"),
+    "list.pt": (lambda p: torch.save([1, 2, 3], p), "a saved list, not a"),
+}
+
+
+@pytest.mark.parametrize("name", NOT_A_CHECKPOINT)
+def test_sample_of_a_file_that_is_no_checkpoint_exits_5_naming_it_and_what_was_expected(
+    tmp_path, name
+):
+    write, what = NOT_A_CHECKPOINT[name]
+    write(tmp_path / name)
+    out = tmp_path / "x.png"
+    result = run_job(job_env(tmp_path), "sample", "--checkpoint", str(tmp_path / name),
+                     "--num", "4", "--out", str(out))  # fmt: skip
+    assert result.returncode == errors.EXIT_CHECKPOINT, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    (line,) = result.stdout.strip().splitlines()
+    assert f"--checkpoint {tmp_path / name}: {what}" in line
+    assert "gan-job checkpoint or generator export (final/generator.pt)" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".npy"])
+def test_sample_onto_a_place_that_cannot_be_written_exits_4_naming_it(export, tmp_path, suffix):
+    out = f"/proc/gan-job-sample{suffix}"
+    result = run_job(job_env(tmp_path), "sample", "--checkpoint", str(export), "--num", "4",
+                     "--out", out)  # fmt: skip
+    assert result.returncode == errors.EXIT_STORAGE, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"--out {out}: cannot write in /proc (" in result.stdout
+
+
+def test_sample_png_onto_a_full_disk_exits_8_leaving_no_partial_png(export, tmp_path):
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    out = disk / "grid.png"
+    # a grid of 256 images (about 220 KB) onto a 64 KiB tmpfs, in the command's own namespace
+    script = (
+        f'mount -t tmpfs -o size=64k tmpfs "{disk}" || exit 99; "{sys.executable}" -m job sample '
+        f'--checkpoint "{export}" --num 256 --out "{out}"; code=$?; echo LEFT; ls -A "{disk}"; '
+        "exit $code"
+    )
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=job_env(tmp_path),
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == errors.EXIT_DISK_FULL, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"--out {out}: No space left on device" in result.stdout
+    assert result.stdout.split("LEFT")[-1].strip() == ""  # neither grid.png nor a temporary file
