@@ -206,7 +206,7 @@ class JobLoop:
         st.advance(images)
         t.progress.step_done(images, time.perf_counter() - t0)
         if t.progress.due(st.step, last=False):
-            position = {"step": st.step, "epoch": t.source.epoch}
+            position = {"step": st.step, "epoch": t.source.position.epoch}
             t.progress.log(position | {"images_seen": st.images_seen}, stats)
         return images
 

@@ -111,45 +111,10 @@ def _build_parts(
 ) -> Parts:
     images = load_data(s, world.rank)
     arch = _arch(s, images)
-    extractor = evaluate.load_extractor(
-        s.fid_features,
-        images.channels,
-        images.image_size,
-        world.device,
-        inception_weights=s.fid_inception_weights,
-        required="fid_features" in s.model_fields_set or bool(s.fid_inception_weights),
-    )
-    nets = Networks(
-        arch,
-        world.device,
-        seed=s.seed,
-        lr_g=s.lr_g,
-        lr_d=s.lr_d,
-        betas=(s.beta1, s.beta2),
-        ema_decay=s.ema_decay,
-        channels_last=s.channels_last,
-        fused_adam=s.fused_adam,
-    )
-    recipe = Recipe(
-        loss=s.loss,
-        label_smoothing=s.label_smoothing,
-        r1_gamma=s.r1_gamma,
-        r1_every=s.r1_every,
-        diffaugment=s.diffaugment,
-        amp=amp_enabled(s.amp, world.device),
-    )
+    extractor = _extractor(s, images, world)
+    nets = _networks(s, arch, world)
     source = batch_source(s, images, world)
-    budget = Budget(
-        world=world,
-        lock=lock,
-        max_steps=s.max_steps,
-        max_minutes=s.max_minutes,
-        lr_decay=s.lr_decay,
-        lr_decay_start=s.lr_decay_start,
-        grace_seconds=s.grace_seconds,
-        nonfinite=s.nonfinite,
-        max_rollbacks=s.nonfinite_max_rollbacks,
-    )
+    budget = _budget(s, world, lock)
     rng = RngStreams(s.seed, world, lambda: budget.step)
     writer = _writer(store, metrics, world)
     progress = MetricsProcessor(
@@ -162,37 +127,14 @@ def _build_parts(
     )
     fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images)
     meta = run_meta(s, arch, world.world_size)
-    checkpointer = Checkpointer(
-        store=store,
-        writer=writer,
-        world=world,
-        components={
-            "run": budget,
-            "nets": nets,
-            "data": source,
-            "rng": rng,
-            "records": progress,
-            "evals": fid,
-        },
-        meta=meta,
-        compatible_settings=COMPATIBLE_SETTINGS,
-        every=s.checkpoint_every,
-        keep=s.keep_checkpoints,
-        metrics=metrics,
-        resume=s.resume,
-        endpoint_url=s.s3_endpoint_url,
-        timeout=s.upload_timeout_minutes * 60,
-    )
-    artifacts = RunArtifacts(
-        store=store,
-        writer=writer,
-        world=world,
-        meta=meta,
-        arch=arch,
-        sample_every=s.sample_every,
-        seed=s.seed,
-        startup=startup_lines(s, store, images, arch, fid, world),
-    )
+    components = {
+        "run": budget,
+        "nets": nets,
+        "data": source,
+        "rng": rng,
+        "records": progress,
+        "evals": fid,
+    }
     return Parts(
         world=world,
         metrics=metrics,
@@ -201,18 +143,96 @@ def _build_parts(
         writer=writer,
         source=source,
         nets=nets,
-        gan_step=GanStep(nets, recipe, device=world.device),
+        gan_step=GanStep(nets, _recipe(s, world), device=world.device),
         budget=budget,
         progress=progress,
         fid=fid,
-        checkpointer=checkpointer,
-        artifacts=artifacts,
+        checkpointer=_checkpointer(s, store, writer, world, metrics, meta, components),
+        artifacts=RunArtifacts(
+            store=store,
+            writer=writer,
+            world=world,
+            meta=meta,
+            arch=arch,
+            sample_every=s.sample_every,
+            seed=s.seed,
+            startup=startup_lines(s, store, images, arch, fid, world),
+        ),
         upload_timeout=s.upload_timeout_minutes * 60,
         wrap={
             "distributed": world.distributed,
             "sync_batchnorm": s.sync_batchnorm,
             "compile": s.compile,
-        },  # fmt: skip
+        },
+    )
+
+
+def _extractor(
+    s: Settings, images: data.ImageData, world: distributed.World
+) -> evaluate.Extractor | None:
+    return evaluate.load_extractor(
+        s.fid_features,
+        images.channels,
+        images.image_size,
+        world.device,
+        inception_weights=s.fid_inception_weights,
+        required="fid_features" in s.model_fields_set or bool(s.fid_inception_weights),
+    )
+
+
+def _networks(s: Settings, arch: Arch, world: distributed.World) -> Networks:
+    return Networks(
+        arch,
+        world.device,
+        seed=s.seed,
+        lr_g=s.lr_g,
+        lr_d=s.lr_d,
+        betas=(s.beta1, s.beta2),
+        ema_decay=s.ema_decay,
+        channels_last=s.channels_last,
+        fused_adam=s.fused_adam,
+    )
+
+
+def _recipe(s: Settings, world: distributed.World) -> Recipe:
+    return Recipe(
+        loss=s.loss,
+        label_smoothing=s.label_smoothing,
+        r1_gamma=s.r1_gamma,
+        r1_every=s.r1_every,
+        diffaugment=s.diffaugment,
+        amp=amp_enabled(s.amp, world.device),
+    )
+
+
+def _budget(s: Settings, world: distributed.World, lock: RunLock) -> Budget:
+    return Budget(
+        world=world,
+        lock=lock,
+        max_steps=s.max_steps,
+        max_minutes=s.max_minutes,
+        lr_decay=s.lr_decay,
+        lr_decay_start=s.lr_decay_start,
+        grace_seconds=s.grace_seconds,
+        nonfinite=s.nonfinite,
+        max_rollbacks=s.nonfinite_max_rollbacks,
+    )
+
+
+def _checkpointer(s, store, writer, world, metrics, meta, components) -> Checkpointer:
+    return Checkpointer(
+        store=store,
+        writer=writer,
+        world=world,
+        components=components,
+        meta=meta,
+        compatible_settings=COMPATIBLE_SETTINGS,
+        every=s.checkpoint_every,
+        keep=s.keep_checkpoints,
+        metrics=metrics,
+        resume=s.resume,
+        endpoint_url=s.s3_endpoint_url,
+        timeout=s.upload_timeout_minutes * 60,
     )
 
 
@@ -253,11 +273,15 @@ def batch_source(
     """The one place that picks how batches are read: from shards, or from memory/a folder."""
     where = {"device": world.device, "rank": world.rank, "world_size": world.world_size}
     if images.shards is not None:
-        return shards.ShardSource(images, s.batch_size, s.seed, **where)
+        return shards.ShardSource(images, s.batch_size, seed=s.seed, **where)
     return data.BatchSource(
-        images, s.batch_size, s.seed, **where, num_workers=s.num_workers,
+        images,
+        s.batch_size,
+        seed=s.seed,
+        **where,
+        num_workers=s.num_workers,
         on_device=s.data_on_device,
-    )  # fmt: skip
+    )
 
 
 def _arch(s: Settings, images: data.ImageData) -> Arch:

@@ -291,8 +291,10 @@ class Checkpointer:
             log.warning(
                 "checkpoint at step %d skipped: earlier ones are still waiting to be stored "
                 "(%d uploads pending, last error: %s)",
-                step, self.writer.pending, self.writer.last_error,
-            )  # fmt: skip
+                step,
+                self.writer.pending,
+                self.writer.last_error,
+            )
             return
         for c in self.components.values():
             if hasattr(c, "sync"):
@@ -321,8 +323,10 @@ class Checkpointer:
             log.info(
                 "run %s has checkpoints of its own: resuming from its step %d, not from "
                 "GAN_RESUME=%s (that seeds only a run without checkpoints)",
-                self.meta["run_id"], found[0], self.resume,
-            )  # fmt: skip
+                self.meta["run_id"],
+                found[0],
+                self.resume,
+            )
         elif self.resume not in ("auto", "never"):
             found = load_from(self.resume, self.endpoint_url, self.meta["run_id"], self.timeout)
             if found is None:

@@ -134,9 +134,12 @@ def differing(runs: Sequence[Run]) -> list[str]:
 
 # the last evaluation's other metrics, as table columns, when any run measured them
 QUALITY_COLUMNS = {
-    "kid": "last_kid", "kid_std": "kid_std", "precision": "precision", "recall": "recall",
+    "kid": "last_kid",
+    "kid_std": "kid_std",
+    "precision": "precision",
+    "recall": "recall",
     "label_accuracy": "label_accuracy",
-}  # fmt: skip
+}
 
 
 def table(runs: Sequence[Run]) -> list[dict[str, Any]]:
@@ -146,13 +149,19 @@ def table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         fids = [float(e["fid"]) for e in r.fids()]
         last = r.fids()[-1] if fids else {}
         wall = r.wall_seconds()
-        rows.append({
-            "run": r.name, "uri": r.uri, "steps": r.steps, "images_seen": r.images_seen,
-            "wall_s": round(float(wall[-1]), 1) if len(wall) else "",
-            "last_fid": fids[-1] if fids else "", "best_fid": min(fids) if fids else "",
-            **{col: _value(last.get(k)) for k, col in QUALITY_COLUMNS.items() if k in measured},
-            **{k: _value(r.settings.get(k)) for k in differing(runs)},
-        })  # fmt: skip
+        rows.append(
+            {
+                "run": r.name,
+                "uri": r.uri,
+                "steps": r.steps,
+                "images_seen": r.images_seen,
+                "wall_s": round(float(wall[-1]), 1) if len(wall) else "",
+                "last_fid": fids[-1] if fids else "",
+                "best_fid": min(fids) if fids else "",
+                **{col: _value(last.get(k)) for k, col in QUALITY_COLUMNS.items() if k in measured},
+                **{k: _value(r.settings.get(k)) for k in differing(runs)},
+            }
+        )
     return rows
 
 
@@ -236,8 +245,15 @@ def _plot_kid(ax: Axes, runs: Sequence[Run]) -> None:
     xs = []
     for r, rows in plotted:
         x = np.array([float(e["images_seen"]) for e in rows])
-        ax.errorbar(x, [float(e["kid"]) for e in rows], yerr=[float(e["kid_std"]) for e in rows],
-                    marker="o", markersize=4, capsize=3, label=r.name)  # fmt: skip
+        ax.errorbar(
+            x,
+            [float(e["kid"]) for e in rows],
+            yerr=[float(e["kid_std"]) for e in rows],
+            marker="o",
+            markersize=4,
+            capsize=3,
+            label=r.name,
+        )
         xs.append(x)
     _widen_single_x(ax, np.concatenate(xs))
     ax.legend(loc="upper right", fontsize=8)
@@ -260,8 +276,17 @@ def _settings_text(ax: Axes, runs: Sequence[Run], keys: list[str]) -> None:
     lines = [
         f"{r.name}: " + ", ".join(f"{k}={_cell(r.settings.get(k))}" for k in keys) for r in runs
     ]
-    ax.text(0, 1, "\n".join(lines), ha="left", va="top", fontsize=9, family="monospace",
-            transform=ax.transAxes, wrap=True)  # fmt: skip
+    ax.text(
+        0,
+        1,
+        "\n".join(lines),
+        ha="left",
+        va="top",
+        fontsize=9,
+        family="monospace",
+        transform=ax.transAxes,
+        wrap=True,
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -13,7 +13,7 @@ import logging
 import pickle
 import struct
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -273,8 +273,11 @@ class FolderDataset(Dataset):
                 )
             log.warning(
                 "skipping %d unreadable image files in %s (empty or not images), e.g. %s: %s",
-                len(bad), root, path, why,
-            )  # fmt: skip
+                len(bad),
+                root,
+                path,
+                why,
+            )
         self.skipped_at_start = len(bad)
         self.files = [p for p in files if p not in bad]
         if not self.files:
@@ -478,17 +481,42 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=g)
 
 
-class BatchSource:
-    """Endless batches of (images in [-1, 1] on the device, labels), epoch after epoch.
+@dataclass
+class Position:
+    """Where a batch source is: the epoch, and the batches each rank took of it. Saved as the
+    images all ranks consumed in the epoch, so that a checkpoint taken under one world size
+    resumes under another (at the step where a run of that size had consumed as many)."""
 
-    Position is kept as (epoch, images consumed in the epoch by all ranks together), so a
-    checkpoint taken under one world size resumes under another.
-    """
+    images_per_step: int  # the batch size times the world size
+    epoch: int = 0
+    batch_index: int = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "images_consumed": self.batch_index * self.images_per_step}
+
+    def load_state_dict(self, state: dict, batches_in: Callable[[int], int]) -> None:
+        """batches_in(epoch): the batches each rank takes of that epoch."""
+        self.epoch = int(state["epoch"])
+        consumed = int(state["images_consumed"]) // self.images_per_step
+        self.batch_index = min(consumed, batches_in(self.epoch))
+
+    def next_epoch_if_done(self, batches: int) -> bool:
+        """Before a batch: on to the next epoch when this one's `batches` are taken."""
+        if self.batch_index < batches:
+            return False
+        self.epoch, self.batch_index = self.epoch + 1, 0
+        return True
+
+
+class BatchSource:
+    """Endless batches of (images in [-1, 1] on the device, labels), epoch after epoch, from
+    images in memory or a folder; its position is a Position."""
 
     def __init__(
         self,
         data: ImageData,
         batch_size: int,
+        *,
         seed: int,
         device: torch.device,
         rank: int = 0,
@@ -506,7 +534,7 @@ class BatchSource:
                 f"{data.name}: {len(data)} images are fewer than one batch per process "
                 f"(GAN_BATCH_SIZE={batch_size} x {world_size} processes)"
             )
-        self.epoch, self.batch_index = 0, 0
+        self.position = Position(batch_size * world_size)
         self.in_memory = data.images is not None
         if self.in_memory:
             home = device if on_device else torch.device("cpu")
@@ -530,34 +558,32 @@ class BatchSource:
         return {}
 
     def state_dict(self) -> dict:
-        consumed = self.batch_index * self.batch_size * self.world_size
-        return {"epoch": self.epoch, "images_consumed": consumed}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
-        per_step = self.batch_size * self.world_size
-        self.batch_index = min(int(state["images_consumed"]) // per_step, self.batches_per_epoch)
+        self.position.load_state_dict(state, lambda epoch: self.batches_per_epoch)
         self._iter = None
 
     def _rank_batches(self) -> list[torch.Tensor]:
-        order = epoch_order(len(self.data), self.seed, self.epoch)
+        order = epoch_order(len(self.data), self.seed, self.position.epoch)
         mine = order[self.rank :: self.world_size][: self.per_rank]
         usable = self.batches_per_epoch * self.batch_size
         return list(mine[:usable].view(self.batches_per_epoch, self.batch_size))
 
     def _loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = [b.tolist() for b in self._rank_batches()[self.batch_index :]]
+        batches = [b.tolist() for b in self._rank_batches()[self.position.batch_index :]]
         return folder_batches(
             self.data.folder, batches, self.num_workers, pin_memory=self.device.type == "cuda"
         )
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.batch_index >= self.batches_per_epoch:
-            self.epoch, self.batch_index, self._iter = self.epoch + 1, 0, None
+        pos = self.position
+        if pos.next_epoch_if_done(self.batches_per_epoch):
+            self._iter = None
         if self.in_memory:
             if self._iter is None:
                 self._iter = self._rank_batches()
-            idx = self._iter[self.batch_index].to(self.images.device, non_blocking=True)
+            idx = self._iter[pos.batch_index].to(self.images.device, non_blocking=True)
             x = self.images[idx].to(self.device, non_blocking=True)
             y = self.labels[idx].to(self.device, non_blocking=True)
         else:
@@ -566,7 +592,7 @@ class BatchSource:
             x, y = next(self._iter)
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
-        self.batch_index += 1
+        pos.batch_index += 1
         return x.float().div_(127.5).sub_(1.0), y
 
 

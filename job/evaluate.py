@@ -213,9 +213,14 @@ def _load_torchscript(
     name = f"torchscript:{path.stem}"
     classifier, classes, why = _classifier(model, probe, out, channels)
     return Extractor(
-        ChannelAdapter(model, channels), out.shape[1], name, f"ts-{_file_digest(path)}",
-        classifier, classes, why,
-    )  # fmt: skip
+        ChannelAdapter(model, channels),
+        out.shape[1],
+        name,
+        f"ts-{_file_digest(path)}",
+        classifier,
+        classes,
+        why,
+    )
 
 
 def _classifier(
@@ -443,7 +448,103 @@ def _gather_on_main(part: torch.Tensor, num: int, rank: int, world_size: int):
     return whole
 
 
+@dataclass
+class Fakes:
+    """One rank's share of the generated images, as the extractor saw them: the FID metric
+    holding their statistics (on rank 0 the real ones too), and where asked for their features
+    and predicted classes, in the rank's stride of the fixed noise."""
+
+    metric: FrechetInceptionDistance
+    features: torch.Tensor | None
+    predicted: torch.Tensor | None
+
+
 @torch.no_grad()
+def generate_features(
+    extractor: Extractor,
+    real: RealReference,
+    g: nn.Module,
+    *,
+    latent_dim: int,
+    num_classes: int,
+    num: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    batch: int = 100,
+    stop: Callable[[], bool] | None = None,
+    keep: bool = False,
+    classify: bool = False,
+) -> Fakes | None:
+    """num images from the noise of one seeded generator, each rank its stride of it, through
+    the extractor; None when stop() (asked before every batch, the same number of times on
+    every rank) turned true. keep: their features; classify: their predicted classes."""
+    tap = FeatureTap(extractor.model)
+    metric = _metric(tap, extractor.dim, device)
+    if rank == 0:  # the real part is summed once when the ranks' states merge
+        metric.load_state_dict({k: v.to(device) for k, v in real.state.items()})
+    z, labels = fixed_inputs(latent_dim, num, num_classes, seed, torch.device("cpu"))
+    z = z[rank::world_size]
+    mine = labels[rank::world_size] if labels is not None else None
+    classifier = extractor.classifier if classify and labels is not None else None
+    features, predicted = [torch.empty(0, extractor.dim)], [torch.empty(0, dtype=torch.int64)]
+    for start in range(0, math.ceil(num / world_size), batch):
+        if stop is not None and stop():
+            return None
+        zb = z[start : start + batch].to(device)
+        if len(zb):
+            lb = mine[start : start + batch].to(device) if mine is not None else None
+            images = _three_channels(generate(g, zb, lb))
+            metric.update(images, is_real=False)
+            if keep:
+                features.append(tap.kept.float().cpu())
+            if classifier is not None:
+                predicted.append(classifier(images, tap.kept).argmax(dim=1).cpu())
+    return Fakes(
+        metric,
+        torch.cat(features) if keep else None,
+        torch.cat(predicted) if classifier is not None else None,
+    )
+
+
+def score(
+    fakes: Fakes,
+    real: RealReference,
+    *,
+    num: int,
+    num_classes: int,
+    seed: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> dict:
+    """FID from the ranks' merged states; on rank 0, from the features gathered there, KID and
+    precision/recall (when features were kept) and label accuracy (when classes were
+    predicted): every number equals that of one process for the same samples."""
+    if world_size > 1:
+        from torcheval.metrics.toolkit import sync_and_compute
+
+        result: dict = {"fid": float(sync_and_compute(fakes.metric))}
+    else:
+        result = {"fid": float(fakes.metric.compute())}
+    keep, classify = fakes.features is not None, fakes.predicted is not None
+    fake = _gather_on_main(fakes.features, num, rank, world_size) if keep else None
+    pred = _gather_on_main(fakes.predicted, num, rank, world_size) if classify else None
+    if rank != 0:
+        return result
+    few = min(len(real.features), num) if keep else 0
+    if few:  # on the evaluation's device: a GPU makes short work of 10,000 x 10,000 distances
+        real_features, fake = real.features.to(device), fake.to(device)
+    if few >= 4:  # KID needs two samples per subset; precision/recall k + 1 neighbours
+        result |= kid(real_features, fake, seed=seed)
+    if few > PR_NEIGHBOURS:
+        result |= precision_recall(real_features, fake)
+    if classify:
+        result |= label_accuracy(pred, torch.arange(num) % num_classes, num_classes)
+    return result
+
+
 def measure(
     extractor: Extractor,
     real: RealReference,
@@ -460,59 +561,31 @@ def measure(
     labels_checked: bool = False,
     keep_features: bool | None = None,
 ) -> dict | None:
-    """FID of num generated images against the real reference, and, on rank 0, KID and
-    precision/recall (keep_features, by default: real.features is kept; the same on every
-    rank) and label accuracy (labels_checked: the
-    extractor's classifier fits the run's classes) from the same features. None when stop()
-    (asked before every batch, the same number of times on every rank) turned true.
-
-    The noise for all num images is drawn from one seeded generator and each rank takes its
-    stride of it; FID merges the ranks' torcheval states (rank 0 alone holds the real part, so
-    it is summed once), the rest gathers the features on rank 0: every number equals that of
-    one process for the same samples.
-    """
-    tap = FeatureTap(extractor.model)
-    metric = _metric(tap, extractor.dim, device)
-    if rank == 0:
-        metric.load_state_dict({k: v.to(device) for k, v in real.state.items()})
-    z, labels = fixed_inputs(latent_dim, num, num_classes, seed, torch.device("cpu"))
-    z = z[rank::world_size]
-    mine = labels[rank::world_size] if labels is not None else None
+    """generate_features, then score: FID of num generated images against the real reference,
+    and on rank 0 KID and precision/recall (keep_features, by default: real.features is kept;
+    the same on every rank) and label accuracy (labels_checked: the extractor's classifier fits
+    the run's classes). None when stop() turned true."""
     keep = real.features is not None if keep_features is None else keep_features
-    classify = extractor.classifier if labels_checked and labels is not None else None
-    features, predicted = [torch.empty(0, extractor.dim)], [torch.empty(0, dtype=torch.int64)]
-    for start in range(0, math.ceil(num / world_size), batch):
-        if stop is not None and stop():
-            return None
-        zb = z[start : start + batch].to(device)
-        if len(zb):
-            lb = mine[start : start + batch].to(device) if mine is not None else None
-            images = _three_channels(generate(g, zb, lb))
-            metric.update(images, is_real=False)
-            if keep:
-                features.append(tap.kept.float().cpu())
-            if classify is not None:
-                predicted.append(classify(images, tap.kept).argmax(dim=1).cpu())
-    if world_size > 1:
-        from torcheval.metrics.toolkit import sync_and_compute
-
-        result: dict = {"fid": float(sync_and_compute(metric))}
-    else:
-        result = {"fid": float(metric.compute())}
-    fake = _gather_on_main(torch.cat(features), num, rank, world_size) if keep else None
-    pred = _gather_on_main(torch.cat(predicted), num, rank, world_size) if classify else None
-    if rank != 0:
-        return result
-    few = min(len(real.features), num) if keep else 0
-    if few:  # on the evaluation's device: a GPU makes short work of 10,000 x 10,000 distances
-        real_features, fake = real.features.to(device), fake.to(device)
-    if few >= 4:  # KID needs two samples per subset; precision/recall k + 1 neighbours
-        result |= kid(real_features, fake, seed=seed)
-    if few > PR_NEIGHBOURS:
-        result |= precision_recall(real_features, fake)
-    if classify is not None:
-        result |= label_accuracy(pred, labels, num_classes)
-    return result
+    sampling = {
+        "num": num,
+        "num_classes": num_classes,
+        "seed": seed,
+        "device": device,
+        "rank": rank,
+        "world_size": world_size,
+    }
+    fakes = generate_features(
+        extractor,
+        real,
+        g,
+        latent_dim=latent_dim,
+        batch=batch,
+        stop=stop,
+        keep=keep,
+        classify=labels_checked,
+        **sampling,
+    )
+    return None if fakes is None else score(fakes, real, **sampling)
 
 
 def compute_fid(
@@ -531,9 +604,19 @@ def compute_fid(
 ) -> float | None:
     """FID alone (see measure)."""
     found = measure(
-        extractor, RealReference(real_state), g, latent_dim, num_classes, num, seed, device,
-        rank, world_size, batch, stop,
-    )  # fmt: skip
+        extractor,
+        RealReference(real_state),
+        g,
+        latent_dim,
+        num_classes,
+        num,
+        seed,
+        device,
+        rank,
+        world_size,
+        batch,
+        stop,
+    )
     return None if found is None else found["fid"]
 
 
@@ -561,8 +644,14 @@ def _cached_reference(stats: bytes, features: bytes, dim: int) -> RealReference:
 
 def _state_problem(state: object, dim: int) -> str | None:
     """Why state is not torcheval's FID state (float64 sums, see _metric) of dim features."""
-    shapes = {"real_sum": (dim,), "real_cov_sum": (dim, dim), "fake_sum": (dim,),
-              "fake_cov_sum": (dim, dim), "num_real_images": (), "num_fake_images": ()}  # fmt: skip
+    shapes = {
+        "real_sum": (dim,),
+        "real_cov_sum": (dim, dim),
+        "fake_sum": (dim,),
+        "fake_cov_sum": (dim, dim),
+        "num_real_images": (),
+        "num_fake_images": (),
+    }
     if not isinstance(state, dict) or set(state) != set(shapes):
         return f"not a FID state: expected the tensors {', '.join(shapes)}"
     for name, shape in shapes.items():
@@ -645,8 +734,9 @@ class FidEvaluator:
             log.warning(
                 "FID: real statistics from all %d images of the dataset, fewer than the %d "
                 "generated (GAN_FID_NUM_SAMPLES); eval.jsonl records both",
-                self.num_real, self.num,
-            )  # fmt: skip
+                self.num_real,
+                self.num,
+            )
 
     def _load_reference(
         self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]
@@ -656,8 +746,9 @@ class FidEvaluator:
             return cached
         log.info(
             "computing real-image statistics and features (%d images, %s)",
-            self.num, self.extractor.name,
-        )  # fmt: skip
+            self.num,
+            self.extractor.name,
+        )
         real = real_reference(self.extractor, real_images(self.num), self.world.device)
         for name, obj in ((stats, real.state), (feats, real.features)):
             buf = io.BytesIO()
@@ -677,8 +768,12 @@ class FidEvaluator:
         except ValueError as e:
             log.warning(
                 "FID: cannot use the cached real statistics %s/%s and %s (%s): computing them "
-                "again", cache.uri, stats, feats, e,
-            )  # fmt: skip
+                "again",
+                cache.uri,
+                stats,
+                feats,
+                e,
+            )
             return None
 
     def due(self, step: int, last: bool = False) -> bool:
@@ -695,22 +790,37 @@ class FidEvaluator:
         """One evaluation; False when a stop request cut it short (then nothing is recorded)."""
         t0 = time.monotonic()
         found = measure(
-            self.extractor, self.real, g_ema, self.latent_dim, self.num_classes, self.num,
-            self.seed, self.world.device, self.world.rank, self.world.world_size,
+            self.extractor,
+            self.real,
+            g_ema,
+            self.latent_dim,
+            self.num_classes,
+            self.num,
+            self.seed,
+            self.world.device,
+            self.world.rank,
+            self.world.world_size,
             stop=lambda: distributed.any_rank_each([stop()], self.world)[0],
-            labels_checked=self.labels_checked, keep_features=True,
-        )  # fmt: skip
+            labels_checked=self.labels_checked,
+            keep_features=True,
+        )
         if found is None:
             log.info("FID at step %d cut short by a stop request", step)
             return False
         if self.world.is_main:
             values = round_metrics(found)
-            self.history.append({
-                "step": step, "images_seen": images_seen, **values,
-                "extractor": self.extractor.name, "num_samples": self.num,
-                "num_real": self.num_real, "fid_sums": FID_SUMS,
-                "seconds": round(time.monotonic() - t0, 2),
-            })  # fmt: skip
+            self.history.append(
+                {
+                    "step": step,
+                    "images_seen": images_seen,
+                    **values,
+                    "extractor": self.extractor.name,
+                    "num_samples": self.num,
+                    "num_real": self.num_real,
+                    "fid_sums": FID_SUMS,
+                    "seconds": round(time.monotonic() - t0, 2),
+                }
+            )
             log.info("%s at step %d (%s)", summary(values), step, self.extractor.name)
             self.metrics.observe_fid(found["fid"], self.extractor.name, images_seen)
             self.metrics.observe_quality(values, self.extractor.name)

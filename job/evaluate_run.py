@@ -60,9 +60,13 @@ def real_images(settings: dict, arch: Arch, num: int, data_dir: str, endpoint: s
         cache = Path(data_dir) / "s3" / dataset.removeprefix("s3://")
         local = download_prefix(dataset, cache, endpoint)
     images = data.load_dataset(
-        dataset, data_dir, arch.image_size, bool(arch.num_classes),
-        settings.get("bad_images", "skip") == "skip", local,
-    )  # fmt: skip
+        dataset,
+        data_dir,
+        arch.image_size,
+        bool(arch.num_classes),
+        settings.get("bad_images", "skip") == "skip",
+        local,
+    )
     return data.real_images(images, num, int(settings.get("seed", 0)))[0]
 
 
@@ -126,9 +130,12 @@ def main(argv: list[str]) -> int:
             [f"--features: the run {args.run} had no FID extractor: give --features FILE"]
         )
     extractor = evaluate.load_extractor(
-        choice, arch.channels, arch.image_size, device,
+        choice,
+        arch.channels,
+        arch.image_size,
+        device,
         inception_weights=settings.get("fid_inception_weights"),
-    )  # fmt: skip
+    )
     problem = extractor.label_accuracy_problem(arch.num_classes)
     if problem and arch.num_classes:
         log.warning("no label accuracy: %s", problem)
@@ -136,14 +143,28 @@ def main(argv: list[str]) -> int:
     images = real_images(settings, arch, args.num, args.data_dir or settings["data_dir"], endpoint)
     real = evaluate.real_reference(extractor, images, device, batch=args.batch_size)
     found = evaluate.measure(
-        extractor, real, g.to(device), arch.latent_dim, arch.num_classes, args.num, seed, device,
-        batch=args.batch_size, labels_checked=problem is None,
-    )  # fmt: skip
+        extractor,
+        real,
+        g.to(device),
+        arch.latent_dim,
+        arch.num_classes,
+        args.num,
+        seed,
+        device,
+        batch=args.batch_size,
+        labels_checked=problem is None,
+    )
     values = {
-        "run": args.run, "step": step, **evaluate.round_metrics(found),
-        "extractor": extractor.name, "num_samples": args.num, "num_real": real.num,
-        "fid_sums": evaluate.FID_SUMS, "seed": seed, "seconds": round(time.monotonic() - t0, 2),
-    }  # fmt: skip
+        "run": args.run,
+        "step": step,
+        **evaluate.round_metrics(found),
+        "extractor": extractor.name,
+        "num_samples": args.num,
+        "num_real": real.num,
+        "fid_sums": evaluate.FID_SUMS,
+        "seed": seed,
+        "seconds": round(time.monotonic() - t0, 2),
+    }
     print(f"{args.run} at step {step} ({extractor.name}):")
     print(table(values))
     line = json.dumps(values)

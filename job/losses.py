@@ -30,8 +30,9 @@ def g_loss_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor,
-           smoothing: float = 0.0) -> torch.Tensor:  # fmt: skip
+def d_loss(
+    kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0
+) -> torch.Tensor:
     """D's loss of kind bce | hinge; label smoothing applies to bce only."""
     if kind == "hinge":
         return d_loss_hinge(real_logits, fake_logits)

@@ -56,23 +56,55 @@ PUSH_TIMEOUT_SECONDS = 10.0
 RECORD_GAUGES: dict[str, tuple[str, str, bool]] = {
     "step": ("gan_step", "Optimizer steps done (restored on resume)", False),
     "epoch": ("gan_epoch", "Current epoch over the training set", False),
-    "images_seen": ("gan_images_seen", "Real images seen by D, all ranks (restored on resume)", False),
-    "images_per_s": ("gan_images_per_second", "Training throughput over the last logging interval", True),
-    "step_s": ("gan_recent_step_duration_seconds", "Mean step time over the last logging interval", True),
+    "images_seen": (
+        "gan_images_seen",
+        "Real images seen by D, all ranks (restored on resume)",
+        False,
+    ),
+    "images_per_s": (
+        "gan_images_per_second",
+        "Training throughput over the last logging interval",
+        True,
+    ),
+    "step_s": (
+        "gan_recent_step_duration_seconds",
+        "Mean step time over the last logging interval",
+        True,
+    ),
     "d_loss": ("gan_discriminator_loss", "Discriminator loss, mean over ranks", True),
     "g_loss": ("gan_generator_loss", "Generator loss, mean over ranks", True),
     "d_real": ("gan_discriminator_real_probability", "Mean D(x) on real images, 0..1", True),
     "d_fake": ("gan_discriminator_fake_probability", "Mean D(G(z)) on fakes, 0..1", True),
     "grad_norm_d": ("gan_discriminator_grad_norm", "Discriminator gradient L2 norm", True),
     "grad_norm_g": ("gan_generator_grad_norm", "Generator gradient L2 norm", True),
-    "gpu_memory_bytes": ("gan_gpu_memory_allocated_bytes", "GPU memory allocated by tensors", False),
-    "gpu_memory_peak_bytes": ("gan_gpu_memory_peak_bytes", "Peak GPU memory allocated by tensors", False),
+    "gpu_memory_bytes": (
+        "gan_gpu_memory_allocated_bytes",
+        "GPU memory allocated by tensors",
+        False,
+    ),
+    "gpu_memory_peak_bytes": (
+        "gan_gpu_memory_peak_bytes",
+        "Peak GPU memory allocated by tensors",
+        False,
+    ),
     # shards datasets (job/shards.py), rank 0's
-    "data_images_per_s": ("gan_data_images_per_second", "Images the shard stream delivered per second of waiting on it", True),
-    "data_downloaded_bytes": ("gan_data_downloaded_bytes", "Shard bytes downloaded by this process so far", True),
-    "data_download_bytes_per_s": ("gan_data_download_bytes_per_second", "Shard download throughput while downloading", True),
+    "data_images_per_s": (
+        "gan_data_images_per_second",
+        "Images the shard stream delivered per second of waiting on it",
+        True,
+    ),
+    "data_downloaded_bytes": (
+        "gan_data_downloaded_bytes",
+        "Shard bytes downloaded by this process so far",
+        True,
+    ),
+    "data_download_bytes_per_s": (
+        "gan_data_download_bytes_per_second",
+        "Shard download throughput while downloading",
+        True,
+    ),
     "data_cache_bytes": ("gan_data_cache_bytes", "Bytes in this process's shard cache", True),
-}  # fmt: skip
+}
 
 # An evaluation's fields (eval.jsonl) and their gauges, labelled by extractor like gan_fid.
 QUALITY_GAUGES: dict[str, tuple[str, str]] = {
@@ -80,8 +112,11 @@ QUALITY_GAUGES: dict[str, tuple[str, str]] = {
     "kid_std": ("gan_kid_std", "Standard deviation of the latest KID over its subsets"),
     "precision": ("gan_precision", "Latest precision: share of samples on the real manifold"),
     "recall": ("gan_recall", "Latest recall: share of real images on the samples' manifold"),
-    "label_accuracy": ("gan_label_accuracy", "Latest share of conditional samples classified as their label"),
-}  # fmt: skip
+    "label_accuracy": (
+        "gan_label_accuracy",
+        "Latest share of conditional samples classified as their label",
+    ),
+}
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -130,30 +165,48 @@ class Metrics:
         self.run_info = Info(
             "gan_run", "The run: id, dataset, model, world size, job version", registry=r
         )
+        self._training_metrics(r)
+        self._quality_metrics(r)
+        self._checkpoint_metrics(r)
+
+    def _training_metrics(self, r: CollectorRegistry) -> None:
         self.gauges = {
             field: _gauge(name, doc, r, math.nan if nan else 0.0)
             for field, (name, doc, nan) in RECORD_GAUGES.items()
         }
         self.step_seconds = Histogram(
-            "gan_step_duration_seconds", "Wall time of one training step",
-            buckets=STEP_BUCKETS, registry=r,
-        )  # fmt: skip
+            "gan_step_duration_seconds",
+            "Wall time of one training step",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
         self.nonfinite = Counter(
             "gan_nonfinite_losses", "Steps whose loss was NaN or infinite", registry=r
         )
+        self.resumes = Counter(
+            "gan_resumes", "1 when this process resumed from a checkpoint", registry=r
+        )
+
+    def _quality_metrics(self, r: CollectorRegistry) -> None:
         self.fid = Gauge("gan_fid", "Latest FID (lower is better)", ["extractor"], registry=r)
         self.fid_images_seen = Gauge(
-            "gan_fid_images_seen", "Images seen when the latest FID was measured", ["extractor"],
+            "gan_fid_images_seen",
+            "Images seen when the latest FID was measured",
+            ["extractor"],
             registry=r,
-        )  # fmt: skip
+        )
         self.quality = {
             field: Gauge(name, doc, ["extractor"], registry=r)
             for field, (name, doc) in QUALITY_GAUGES.items()
         }
+
+    def _checkpoint_metrics(self, r: CollectorRegistry) -> None:
         self.checkpoint_seconds = Histogram(
-            "gan_checkpoint_duration_seconds", "Time to write and commit a checkpoint",
-            buckets=CHECKPOINT_BUCKETS, registry=r,
-        )  # fmt: skip
+            "gan_checkpoint_duration_seconds",
+            "Time to write and commit a checkpoint",
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
         self.checkpoint_last_seconds = _gauge(
             "gan_checkpoint_last_duration_seconds", "Time the latest checkpoint took", r, math.nan
         )
@@ -162,8 +215,9 @@ class Metrics:
         )
         self.checkpoint_time = _gauge(
             "gan_checkpoint_last_success_timestamp_seconds",
-            "Unix time of the latest complete checkpoint (0: none yet in this process)", r,
-        )  # fmt: skip
+            "Unix time of the latest complete checkpoint (0: none yet in this process)",
+            r,
+        )
         self.upload_failures = Counter(
             "gan_upload_failures", "Artifact uploads that failed after their retries", registry=r
         )
@@ -171,9 +225,6 @@ class Metrics:
             "gan_checkpoints_skipped",
             "Checkpoints not taken because earlier ones were still waiting to be stored",
             registry=r,
-        )
-        self.resumes = Counter(
-            "gan_resumes", "1 when this process resumed from a checkpoint", registry=r
         )
 
     @_if_enabled
@@ -371,9 +422,16 @@ class MetricsProcessor:
         eta = min((self.max_steps - record["step"]) * step_s, self.time_left())
         log.info(
             "step %d/%d | %.0f img/s | D %.3f G %.3f | D(x) %.3f D(G(z)) %.3f | epoch %d | ETA %s",
-            record["step"], self.max_steps, record["images_per_s"], record["d_loss"],
-            record["g_loss"], record["d_real"], record["d_fake"], record["epoch"], _duration(eta),
-        )  # fmt: skip
+            record["step"],
+            self.max_steps,
+            record["images_per_s"],
+            record["d_loss"],
+            record["g_loss"],
+            record["d_real"],
+            record["d_fake"],
+            record["epoch"],
+            _duration(eta),
+        )
 
     @property
     def records(self) -> list[dict]:

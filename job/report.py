@@ -217,8 +217,9 @@ def _plot_kid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
     x, y = _column(rows, "images_seen"), _column(rows, "kid")
     last = rows[-1]
     label = f"{last.get('extractor', '')} ({last.get('num_samples')} samples)"
-    ax.errorbar(x, y, yerr=_column(rows, "kid_std"), marker="o", markersize=4, capsize=3,
-                label=label)  # fmt: skip
+    ax.errorbar(
+        x, y, yerr=_column(rows, "kid_std"), marker="o", markersize=4, capsize=3, label=label
+    )
     _widen_single_x(ax, x)
     ax.legend(loc="upper right")
 

@@ -150,10 +150,11 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--num", type=int, required=True, help="number of images")
     parser.add_argument(
-        "--out", required=True,
+        "--out",
+        required=True,
         help=f"output .npy (uint8 images) or .png (a grid of at most {MAX_GRID}); "
         "a missing folder is created",
-    )  # fmt: skip
+    )
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same images")
     parser.add_argument("--label", type=int, default=None, help="class for conditional models")
     args = parser.parse_args(argv)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from webdataset import ShardWriter, autodecode, tariterators
 
-from job.data import NUM_CLASSES, ImageData, load_dataset, resize_images
+from job.data import NUM_CLASSES, ImageData, Position, load_dataset, resize_images
 from job.errors import DataError, DiskFullError, SettingsError, StorageError
 from job.settings import (
     NATIVE_SIZE,
@@ -482,6 +482,7 @@ class ShardSource:
         self,
         data: ImageData,
         batch_size: int,
+        *,
         seed: int,
         device: torch.device,
         rank: int = 0,
@@ -495,7 +496,7 @@ class ShardSource:
                 f"{data.name}: {len(self.index.shards)} shards for {world_size} processes: "
                 "write more, smaller shards (gan-job shard --shard-size)"
             )
-        self.epoch, self.batch_index = 0, 0
+        self.position = Position(batch_size * world_size)
         self._iter = None
         self._steps: dict[int, int] = {}
         self.steps_per_epoch(0)  # fails now if the shards are too small for a batch
@@ -522,21 +523,16 @@ class ShardSource:
 
     @property
     def batches_per_epoch(self) -> int:
-        return self.steps_per_epoch(self.epoch)
+        return self.steps_per_epoch(self.position.epoch)
 
     def rank_shards(self, epoch: int) -> list[int]:
         return shard_order(len(self.index.shards), self.seed, epoch)[self.rank :: self.world_size]
 
     def state_dict(self) -> dict:
-        consumed = self.batch_index * self.batch_size * self.world_size
-        return {"epoch": self.epoch, "images_consumed": consumed}
+        return self.position.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        """Under the same world size, the exact position; under another one, the step of this
-        epoch at which a run of this world size had consumed as many images."""
-        self.epoch = int(state["epoch"])
-        per_step = self.batch_size * self.world_size
-        self.batch_index = min(int(state["images_consumed"]) // per_step, self.batches_per_epoch)
+        self.position.load_state_dict(state, self.steps_per_epoch)
         self._iter = None
 
     def _samples(self, epoch: int, start: int, stop: int):
@@ -568,14 +564,15 @@ class ShardSource:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         started = time.monotonic()
-        if self.batch_index >= self.batches_per_epoch:
-            self.epoch, self.batch_index, self._iter = self.epoch + 1, 0, None
+        pos = self.position
+        if pos.next_epoch_if_done(self.batches_per_epoch):
+            self._iter = None
         if self._iter is None:
-            self._iter = self._batches(self.epoch, self.batch_index)
+            self._iter = self._batches(pos.epoch, pos.batch_index)
         x, y = next(self._iter)
         x = resize_images(x, self.data.image_size).to(self.device, non_blocking=True)
         y = y.to(self.device, non_blocking=True)
-        self.batch_index += 1
+        pos.batch_index += 1
         self.delivered += len(y)
         self.busy_seconds += time.monotonic() - started
         return x.float().div_(127.5).sub_(1.0), y

@@ -258,8 +258,10 @@ class LocalStore(Store):
         if files:
             log.info(
                 "storage: removed %d temp files of interrupted writes under %s: %d bytes freed",
-                files, self.uri, freed,
-            )  # fmt: skip
+                files,
+                self.uri,
+                freed,
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -632,8 +634,9 @@ class BackgroundWriter:
                     self.dropped.append(old.key)
                     log.warning(
                         "storage: %s dropped, not stored: uploads are behind (last error: %s)",
-                        old.key, self.last_error,
-                    )  # fmt: skip
+                        old.key,
+                        self.last_error,
+                    )
             self._items.append(item)
             self._cond.notify_all()
 
@@ -796,8 +799,12 @@ class JsonlLog:
             if len(rows) < count:
                 log.warning(
                     "%s/%s holds %d of the %d rows the checkpoint counts: the history "
-                    "(report.png) goes on from those", self.store.uri, self.key, len(rows), count,
-                )  # fmt: skip
+                    "(report.png) goes on from those",
+                    self.store.uri,
+                    self.key,
+                    len(rows),
+                    count,
+                )
             self.rows = rows[:count]
         if isinstance(self.writer, BackgroundWriter):
             self._rewrite()

@@ -193,9 +193,13 @@ class _Runner:
         start = time.monotonic()
         with self.lock:
             child = subprocess.Popen(
-                [sys.executable, "-m", "job"], env=_child_env(row), start_new_session=True,
-                stdout=subprocess.PIPE if prefix else None, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
+                [sys.executable, "-m", "job"],
+                env=_child_env(row),
+                start_new_session=True,
+                stdout=subprocess.PIPE if prefix else None,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
             self.children[row.index] = child
         if prefix:
             for line in child.stdout:
@@ -252,9 +256,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("file", help="YAML (or JSON lines) sweep file")
     parser.add_argument("--parallel", type=int, default=1, help="rows run at once (default 1)")
     parser.add_argument(
-        "--index", type=int, default=None,
+        "--index",
+        type=int,
+        default=None,
         help="run this row only, in place of this process (an Indexed Job's completion index)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.parallel < 1:
         raise SettingsError([f"--parallel {args.parallel}: expected an integer >= 1"])

@@ -38,8 +38,11 @@ log = logging.getLogger(__name__)
 class Trainer:
     def __init__(self, parts: Parts):
         self.world, self.metrics, self.lock, self.writer = (
-            parts.world, parts.metrics, parts.lock, parts.writer,
-        )  # fmt: skip
+            parts.world,
+            parts.metrics,
+            parts.lock,
+            parts.writer,
+        )
         self.source, self.nets, self.gan_step = parts.source, parts.nets, parts.gan_step
         self.budget, self.progress, self.fid = parts.budget, parts.progress, parts.fid
         self.checkpointer, self.artifacts = parts.checkpointer, parts.artifacts
@@ -87,9 +90,12 @@ class Trainer:
     def _start(self) -> None:
         meta = self.artifacts.meta
         self.metrics.set_info(
-            meta["run_id"], meta["settings"]["dataset"], meta["arch"]["model"],
-            self.world.world_size, meta["version"],
-        )  # fmt: skip
+            meta["run_id"],
+            meta["settings"]["dataset"],
+            meta["arch"]["model"],
+            self.world.world_size,
+            meta["version"],
+        )
         self.artifacts.write_config()
         self.fid.prepare()  # still before the loop takes the stop signals: they end it at once
         self.budget.start()
@@ -108,9 +114,12 @@ class Trainer:
         self.nets.scale_learning_rates(self.budget.lr_factor())
         log.warning(
             "%s: rolled back to step %d with learning rates x%g (rollback %d of %d)",
-            what, step, NONFINITE_LR_FACTOR ** (rollbacks + 1), rollbacks + 1,
+            what,
+            step,
+            NONFINITE_LR_FACTOR ** (rollbacks + 1),
+            rollbacks + 1,
             self.budget.max_rollbacks,
-        )  # fmt: skip
+        )
         return True
 
     def _record(self) -> dict:
@@ -118,7 +127,7 @@ class Trainer:
         st = self.budget.state
         record = {
             "step": st.step,
-            "epoch": self.source.epoch,
+            "epoch": self.source.position.epoch,
             "images_seen": st.images_seen,
             "skipped_images": self.source.skipped_images,
             **self.gan_step.grad_norms(),
@@ -162,8 +171,11 @@ class Trainer:
             "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%g or "
             "GAN_UPLOAD_TIMEOUT_MINUTES=%g: exit 10, a retry resumes from the last complete "
             "checkpoint; not stored: %s",
-            step, stop.grace_seconds, self.upload_timeout / 60, self.writer.describe_not_stored(),
-        )  # fmt: skip
+            step,
+            stop.grace_seconds,
+            self.upload_timeout / 60,
+            self.writer.describe_not_stored(),
+        )
         return EXIT_STOPPED_UNSAVED
 
     def close(self, timeout: float | None = None) -> bool:

@@ -159,7 +159,7 @@ def test_batches_are_scaled_to_minus_one_one_and_epochs_advance(tmp_path):
     for _ in range(3):
         x, y = src.next()
     assert x.min() >= -1 and x.max() <= 1 and x.max() == 1
-    assert src.epoch == 1 and y.dtype == torch.int64
+    assert src.position.epoch == 1 and y.dtype == torch.int64
 
 
 def test_too_small_dataset_for_one_batch_is_a_clear_error(tmp_path):

@@ -105,7 +105,7 @@ def test_shards_hold_every_image_and_label_once_and_the_index_is_written_last(
         epochs.append([(raw[i].numpy().tobytes(), int(labels[i])) for i in range(N)])
         assert sorted(epochs[-1]) == expected
     assert epochs[0] != epochs[1]  # reshuffled: shards and the samples in each
-    assert src.epoch == 1
+    assert src.position.epoch == 1
 
     # two processes: disjoint shards that together are all of them
     order = shard_order(len(index.shards), 3, 0)
@@ -167,10 +167,10 @@ def test_resume_under_another_world_size_continues_the_epoch_and_then_runs_as_a_
     steps1 = fresh.batches_per_epoch
     assert steps1 == 19 and steps2 < steps1
     expected = take(fresh, 2 * steps1)
-    assert one.batch_index == 10  # 160 images consumed = 10 steps of one process
+    assert one.position.batch_index == 10  # 160 images consumed = 10 steps of one process
     assert same(take(one, steps1 - 10), expected[10:steps1])  # the rest of epoch 0, as at W=1
     assert same(take(one, steps1), expected[steps1:])  # epoch 1: exactly a fresh run's
-    assert one.epoch == 1
+    assert one.position.epoch == 1
 
 
 # ---------------------------------------------------------------- the cache
