@@ -117,16 +117,10 @@ def _build_parts(
     budget = _budget(s, world, lock)
     rng = RngStreams(s.seed, world, lambda: budget.step)
     writer = _writer(store, metrics, world)
-    progress = MetricsProcessor(
-        metrics=metrics,
-        history=JsonlLog("metrics.jsonl", writer, store),
-        world=world,
-        log_every=s.log_every,
-        max_steps=s.max_steps,
-        time_left=budget.time_left,
-    )
+    progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
     fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images)
-    meta = run_meta(s, arch, world.world_size)
+    startup = startup_lines(s, store, images, arch, fid, world)
+    artifacts = _artifacts(s, store, writer, world, arch, startup)
     components = {
         "run": budget,
         "nets": nets,
@@ -147,23 +141,38 @@ def _build_parts(
         budget=budget,
         progress=progress,
         fid=fid,
-        checkpointer=_checkpointer(s, store, writer, world, metrics, meta, components),
-        artifacts=RunArtifacts(
-            store=store,
-            writer=writer,
-            world=world,
-            meta=meta,
-            arch=arch,
-            sample_every=s.sample_every,
-            seed=s.seed,
-            startup=startup_lines(s, store, images, arch, fid, world),
-        ),
+        checkpointer=_checkpointer(s, store, writer, world, metrics, artifacts.meta, components),
+        artifacts=artifacts,
         upload_timeout=s.upload_timeout_minutes * 60,
         wrap={
             "distributed": world.distributed,
             "sync_batchnorm": s.sync_batchnorm,
             "compile": s.compile,
         },
+    )
+
+
+def _progress(s, metrics, history, world, budget) -> MetricsProcessor:
+    return MetricsProcessor(
+        metrics=metrics,
+        history=history,
+        world=world,
+        log_every=s.log_every,
+        max_steps=s.max_steps,
+        time_left=budget.time_left,
+    )
+
+
+def _artifacts(s, store, writer, world, arch, startup) -> RunArtifacts:
+    return RunArtifacts(
+        store=store,
+        writer=writer,
+        world=world,
+        meta=run_meta(s, arch, world.world_size),
+        arch=arch,
+        sample_every=s.sample_every,
+        seed=s.seed,
+        startup=startup,
     )
 
 

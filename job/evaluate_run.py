@@ -108,8 +108,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+def _check(args: argparse.Namespace) -> None:
     problems = [f"--num {args.num}: expected an integer >= {MIN_NUM}"] if args.num < MIN_NUM else []
     if args.batch_size < 1:
         problems.append(f"--batch-size {args.batch_size}: expected an integer >= 1")
@@ -119,6 +118,22 @@ def main(argv: list[str]) -> int:
         problems.append(f"--out {args.out}: is a folder, expected a file name")
     if problems:
         raise SettingsError(problems)
+
+
+def _write(line: str, out: str | None) -> None:
+    """The result's JSON line to --out, or to stdout."""
+    if out:
+        path = Path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(line + "\n")
+        log.info("wrote %s", path)
+    else:
+        print(line)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    _check(args)
     t0 = time.monotonic()
     endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
     cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
@@ -167,12 +182,5 @@ def main(argv: list[str]) -> int:
     }
     print(f"{args.run} at step {step} ({extractor.name}):")
     print(table(values))
-    line = json.dumps(values)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(line + "\n")
-        log.info("wrote %s", out)
-    else:
-        print(line)
+    _write(json.dumps(values), args.out)
     return 0
