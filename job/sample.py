@@ -25,12 +25,24 @@ from job.storage import open_store
 BATCH = 512  # images generated and written at a time
 MAX_GRID = 1024  # images in a .png grid (32 x 32)
 EXPECTED = "gan-job checkpoint or generator export (final/generator.pt)"
+BEST_EXPORT = "best/generator.pt"  # the EMA generator of a run's best evaluation (job/best.py)
 
 
-def load_generator(path: str, endpoint_url: str | None = None) -> tuple[torch.nn.Module, Arch]:
-    """The EMA generator of a checkpoint, a final/generator.pt, or a run folder's newest checkpoint."""
+def load_generator(
+    path: str, endpoint_url: str | None = None, which: str = "final"
+) -> tuple[torch.nn.Module, Arch]:
+    """The EMA generator of a checkpoint, a generator export (final/ or best/generator.pt), or
+    a run folder: which="final", its newest checkpoint (else final/generator.pt); which="best",
+    its best/generator.pt (the best evaluated step)."""
     if path.endswith(".pt"):
         state = _load_pt(path, endpoint_url)
+    elif which == "best":
+        if not open_store(path, endpoint_url).exists(BEST_EXPORT):
+            raise CheckpointError(
+                f"--checkpoint {path}: no {BEST_EXPORT} (a run keeps one only when it is "
+                "evaluated: GAN_FID_FEATURES)"
+            )
+        return load_generator(path.rstrip("/") + "/" + BEST_EXPORT, endpoint_url)
     else:
         found = checkpoint.load_from(path, endpoint_url)
         if found is None:
