@@ -1,5 +1,6 @@
-"""One job per run id: a second live job is refused, a killed job's lock lapses, a fresh start
-never mixes with an older run. Real job processes on a local folder and on SeaweedFS."""
+"""One job per run id: a second live job is refused (whatever its own lease), a killed job's lock
+lapses, a job stopped while it takes the lock frees it, a fresh start never mixes with an older
+run. Real job processes on a local folder and on SeaweedFS."""
 
 from __future__ import annotations
 
@@ -9,14 +10,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
+from tcpproxy import TcpProxy
 
-from job.errors import EXIT_RUN_LOCKED, EXIT_SETTINGS, RunLockedError
-from job.runlock import LOCK_KEY, RunLock
+from job.errors import EXIT_RUN_LOCKED, EXIT_SETTINGS, EXIT_STOPPED_UNSAVED, RunLockedError
+from job.runlock import LOCK_KEY, RELEASE_SECONDS, RunLock
 from job.storage import open_store
 from tests.helpers import REPO, job_env, run_job, write_idx
-from tests.test_s3_job import new_bucket, s3_job_env
+from tests.test_s3_job import new_bucket, popen_job, s3_job_env
 
 LEASE = "4"
 
@@ -34,6 +37,15 @@ def wait_for(job: subprocess.Popen, marker: str, timeout: float = 120) -> str:
         if marker in line or time.monotonic() > deadline:
             break
     return "".join(lines)
+
+
+def wait_until_locked(locked: Callable[[], bool], job: subprocess.Popen) -> None:
+    """Return as soon as the job has written its lock: it then settles for 1 s."""
+    deadline = time.monotonic() + 120
+    while not locked():
+        assert job.poll() is None, "the job exited before it took the lock"
+        assert time.monotonic() < deadline, "no lock after 120 s"
+        time.sleep(0.002)
 
 
 def long_env(tmp_path, s3=None, **settings) -> dict[str, str]:
@@ -113,3 +125,79 @@ def test_fresh_start_over_an_existing_run_is_refused_and_leaves_it_intact(tmp_pa
 
     elsewhere = run_job(dict(env, GAN_RESUME="never", GAN_RUN_ID="r2"))
     assert elsewhere.returncode == 0  # a new run id starts fresh as asked
+
+
+def test_a_job_with_a_shorter_lease_honours_the_holders_and_does_not_steal_its_lock(tmp_path):
+    # the holder renews every 10 s, 1 s after its lock: a 2 s waiter that starts after the
+    # lock mostly sees none; the holder trains 30 s, longer than the waiter's start and wait
+    env = dict(long_env(tmp_path), GAN_LOG_EVERY="50", GAN_CHECKPOINT_EVERY="100",
+               GAN_MAX_MINUTES="0.5")  # fmt: skip
+    lock = tmp_path / "runs/shared" / LOCK_KEY
+    holder = popen_job(dict(env, GAN_RUN_LEASE_SECONDS="40"), tmp_path / "holder.log")
+    try:
+        wait_until_locked(lock.exists, holder)
+        started = time.monotonic()
+        intruder = run_job(dict(env, GAN_RUN_LEASE_SECONDS="2", GAN_SEED="7"), timeout=120)
+        waited = time.monotonic() - started
+        assert intruder.returncode == EXIT_RUN_LOCKED, intruder.stdout + intruder.stderr
+        assert "waiting up to 40 s (the holder's GAN_RUN_LEASE_SECONDS" in intruder.stdout
+        assert "is alive (it renews its lock)" in intruder.stdout
+        assert "lapses after GAN_RUN_LEASE_SECONDS=40" in intruder.stdout
+        assert "taking it over" not in intruder.stdout
+        assert waited < 40  # refused at the renewal, not after a whole lease
+        assert holder.poll() is None
+        assert json.loads(lock.read_text())["owner"].split(":")[-2] == str(holder.pid)
+        assert holder.wait(timeout=120) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    log = (tmp_path / "holder.log").read_text()
+    assert "took over this run's lock" not in log and "max_minutes" in log
+    config = json.loads((tmp_path / "runs/shared/config.json").read_text())
+    assert config["settings"]["seed"] != 7  # the refused job wrote nothing
+    assert not lock.exists()
+
+
+def test_sigterm_while_the_lock_settles_removes_it_so_a_rerun_starts_at_once(tmp_path):
+    env = dict(long_env(tmp_path), GAN_RUN_LEASE_SECONDS="60")
+    lock = tmp_path / "runs/shared" / LOCK_KEY
+    job = popen_job(env, tmp_path / "job.log")
+    try:
+        wait_until_locked(lock.exists, job)
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=60) == EXIT_STOPPED_UNSAVED
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert "stopped by SIGTERM during start-up" in (tmp_path / "job.log").read_text()
+    assert not lock.exists()
+    rerun = run_job(dict(env, GAN_MAX_STEPS="2"), timeout=60)  # a left lock: 60 s of waiting
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "run lock held by" not in rerun.stdout
+
+
+def test_sigterm_while_the_lock_settles_on_a_hanging_store_exits_within_the_release_wait(
+    tmp_path, s3_env
+):
+    with TcpProxy(s3_env.ports["s3"]) as proxy:
+        env = dict(long_env(tmp_path, s3_env), GAN_RUN_LEASE_SECONDS="60",
+                   GAN_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}")  # fmt: skip
+        store = open_store(env["GAN_ARTIFACT_URI"], s3_env.endpoint_url).child("shared")
+        job = popen_job(env, tmp_path / "job.log")
+        try:
+            wait_until_locked(lambda: store.exists(LOCK_KEY), job)
+            proxy.mode = "hold"  # the job's requests are accepted and never answered
+            proxy.cut()
+            signalled = time.monotonic()
+            job.send_signal(signal.SIGTERM)
+            assert job.wait(timeout=60) == EXIT_STOPPED_UNSAVED
+            assert time.monotonic() - signalled < RELEASE_SECONDS + 10
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    log = (tmp_path / "job.log").read_text()
+    assert f"could not remove the run lock in {RELEASE_SECONDS:g} s" in log
+    assert "stopped by SIGTERM during start-up" in log
