@@ -77,8 +77,8 @@ def build(settings: Settings, world: distributed.World) -> Parts:
     root = open_store(s.artifact_uri, s.s3_endpoint_url)
     store = root.child(s.resolved_run_id)
     lock = RunLock(store, s.run_lease_seconds)
-    take_lock(store, lock, world)
     try:
+        take_lock(store, lock, world)  # inside: a signal right after acquire() releases it
         return _build_parts(s, world, metrics, root, store, lock)
     except BaseException:
         lock.release()
