@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "compare": "job.compare",
     "evaluate": "job.evaluate_run",
     "shard": "job.shards",
+    "export": "job.export",
 }
 
 
