@@ -116,6 +116,15 @@ class RunArtifacts:
 
     def export_generator(self, g_ema: nn.Module, step: int) -> None:
         """final/generator.pt: the EMA generator and its architecture (gan-job sample reads it)."""
+        self.export_weights(g_ema.state_dict(), step)
+
+    def export_weights(
+        self, weights: dict, step: int, which: str = "final", scores: dict | None = None
+    ) -> None:
+        """<which>/generator.pt (final or best): the EMA generator's weights, its architecture
+        and step, and for the best its evaluation's scores."""
         if self.world.is_main:
-            export = {"arch": self.arch.to_dict(), "g_ema": g_ema.state_dict(), "step": step}
-            self.writer.submit("final/generator.pt", data=serialize(export))
+            export = {"arch": self.arch.to_dict(), "g_ema": weights, "step": step}
+            if scores is not None:
+                export["scores"] = scores
+            self.writer.submit(f"{which}/generator.pt", data=serialize(export))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from job import data, distributed, evaluate, shards
 from job.artifacts import RunArtifacts
+from job.best import BestGenerator
 from job.budget import Budget
 from job.checkpoint import Checkpointer
 from job.errors import JobError, RunLockedError
@@ -118,9 +119,10 @@ def _build_parts(
     rng = RngStreams(s.seed, world, lambda: budget.step)
     writer = _writer(store, metrics, world)
     progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
-    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images)
-    startup = startup_lines(s, store, images, arch, fid, world)
+    startup = startup_lines(s, store, images, arch, extractor, world)
     artifacts = _artifacts(s, store, writer, world, arch, startup)
+    best = _best(s, world, artifacts, metrics)
+    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images, best)
     components = {
         "run": budget,
         "nets": nets,
@@ -128,6 +130,7 @@ def _build_parts(
         "rng": rng,
         "records": progress,
         "evals": fid,
+        "best": best,
     }
     return Parts(
         world=world,
@@ -313,7 +316,21 @@ def _writer(store: Store, metrics: Metrics, world: distributed.World):
     return BackgroundWriter(store, on_failure=lambda exc: metrics.inc_upload_failures())
 
 
-def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> evaluate.FidEvaluator:
+def _best(s, world, artifacts, metrics) -> BestGenerator:
+    return BestGenerator(
+        world=world,
+        artifacts=artifacts,
+        metrics=metrics,
+        patience=s.early_stop_patience,
+        min_delta=s.early_stop_min_delta,
+        target_fid=s.target_fid,
+        target_kid=s.target_kid,
+    )
+
+
+def _fid(
+    s, world, metrics, root, writer, store, extractor, arch, images, best
+) -> evaluate.FidEvaluator:
     key = (
         evaluate.stats_key(s.dataset, arch.image_size, extractor, _fid_num(s, world), s.seed)
         if extractor
@@ -332,6 +349,7 @@ def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> eva
         cache=root.child("fid-stats"),
         cache_key=key,
         real_images=lambda n: data.real_images(images, n, s.seed)[0],
+        best=best,
     )
 
 
@@ -344,13 +362,14 @@ def startup_lines(
     store: Store,
     images: data.ImageData,
     arch: Arch,
-    fid: evaluate.FidEvaluator,
+    extractor: evaluate.Extractor | None,
     world: distributed.World,
 ) -> list[str]:
     """The start-up block (RunArtifacts.announce) but for where the run starts."""
     filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
-    if fid.extractor is not None:
-        fid_line = f"{fid.extractor.name}, {fid.num} samples, every {s.fid_every} steps"
+    if extractor is not None:
+        num = _fid_num(s, world)
+        fid_line = f"{extractor.name}, {num} samples, every {s.fid_every} steps"
     elif s.fid_features == "none":
         fid_line = "off (GAN_FID_FEATURES=none)"
     else:

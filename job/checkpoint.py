@@ -375,6 +375,9 @@ class Checkpointer:
         where = f"{self.store.uri}: checkpoint at step {step}"
         check_compatible(state["meta"], self.meta, self.compatible, where)
         for name, c in self.components.items():
+            if name not in state and hasattr(c, "start_fresh"):  # newer than the checkpoint
+                c.start_fresh()
+                continue
             try:
                 c.load_state_dict(state[name])
             except CheckpointError as e:

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,9 @@ from job import distributed
 from job.errors import FIDError
 from job.metrics import Metrics
 from job.storage import JsonlLog, Store
+
+if TYPE_CHECKING:
+    from job.best import BestGenerator
 
 log = logging.getLogger(__name__)
 
@@ -701,14 +705,17 @@ class FidEvaluator:
         cache: Store | None = None,
         cache_key: str = "",
         real_images: Callable[[int], torch.Tensor] | None = None,
+        best: BestGenerator | None = None,
     ):
         self.extractor, self.history, self.metrics, self.world = extractor, history, metrics, world
         self.every, self.num, self.seed = every, num, seed
         self.latent_dim, self.num_classes = latent_dim, num_classes
         self.cache, self.cache_key, self.real_images = cache, cache_key, real_images
+        self.best = best  # judges each result: best/generator.pt, early stopping
         self.real: RealReference | None = None
         self.num_real = 0  # real images behind the reference
         self.labels_checked = False
+        self.evaluated: int | None = None  # the last step evaluated, the same on every rank
 
     @property
     def real_state(self) -> dict[str, torch.Tensor] | None:
@@ -781,51 +788,62 @@ class FidEvaluator:
         if self.extractor is None:
             return False
         if last:
-            return not any(row["step"] == step for row in self.history.rows)
+            return step != self.evaluated
         return bool(self.every) and step % self.every == 0
 
     def evaluate(
         self, g_ema: nn.Module, step: int, images_seen: int, stop: Callable[[], bool]
     ) -> bool:
         """One evaluation; False when a stop request cut it short (then nothing is recorded)."""
-        t0 = time.monotonic()
-        found = measure(
+        t0, w = time.monotonic(), self.world
+        sampling = {
+            "num": self.num,
+            "num_classes": self.num_classes,
+            "seed": self.seed,
+            "device": w.device,
+            "rank": w.rank,
+            "world_size": w.world_size,
+        }
+        fakes = generate_features(
             self.extractor,
             self.real,
             g_ema,
-            self.latent_dim,
-            self.num_classes,
-            self.num,
-            self.seed,
-            self.world.device,
-            self.world.rank,
-            self.world.world_size,
-            stop=lambda: distributed.any_rank_each([stop()], self.world)[0],
-            labels_checked=self.labels_checked,
-            keep_features=True,
+            latent_dim=self.latent_dim,
+            keep=True,
+            stop=lambda: distributed.any_rank_each([stop()], w)[0],
+            classify=self.labels_checked,
+            **sampling,
         )
-        if found is None:
+        if fakes is None:
             log.info("FID at step %d cut short by a stop request", step)
             return False
-        if self.world.is_main:
-            values = round_metrics(found)
-            self.history.append(
-                {
-                    "step": step,
-                    "images_seen": images_seen,
-                    **values,
-                    "extractor": self.extractor.name,
-                    "num_samples": self.num,
-                    "num_real": self.num_real,
-                    "fid_sums": FID_SUMS,
-                    "seconds": round(time.monotonic() - t0, 2),
-                }
-            )
-            log.info("%s at step %d (%s)", summary(values), step, self.extractor.name)
-            self.metrics.observe_fid(found["fid"], self.extractor.name, images_seen)
-            self.metrics.observe_quality(values, self.extractor.name)
-            self.history.sync()
+        found, self.evaluated = score(fakes, self.real, **sampling), step
+        if w.is_main:
+            self._record(step, images_seen, found, time.monotonic() - t0, g_ema)
         return True
+
+    def _record(
+        self, step: int, images_seen: int, found: dict, seconds: float, g_ema: nn.Module
+    ) -> None:
+        """Rank 0: a row of eval.jsonl (with the best step so far), the log line, the gauges."""
+        values = round_metrics(found)
+        row = {
+            "step": step,
+            "images_seen": images_seen,
+            **values,
+            "extractor": self.extractor.name,
+            "num_samples": self.num,
+            "num_real": self.num_real,
+            "fid_sums": FID_SUMS,
+            "seconds": round(seconds, 2),
+        }
+        log.info("%s at step %d (%s)", summary(values), step, self.extractor.name)
+        if self.best is not None:
+            row |= self.best.judge(step, row, g_ema)
+        self.history.append(row)
+        self.metrics.observe_fid(found["fid"], self.extractor.name, images_seen)
+        self.metrics.observe_quality(values, self.extractor.name)
+        self.history.sync()
 
     @property
     def records(self) -> list[dict]:
@@ -836,9 +854,11 @@ class FidEvaluator:
 
     def load_state_dict(self, state: dict) -> None:
         self.history.load_state_dict(state)
+        self.evaluated = self.history.rows[-1]["step"] if self.history.rows else None
 
     def start_fresh(self) -> None:
         self.history.start_fresh()
+        self.evaluated = None
 
     def sync(self) -> None:
         self.history.sync()

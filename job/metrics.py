@@ -199,6 +199,12 @@ class Metrics:
             field: Gauge(name, doc, ["extractor"], registry=r)
             for field, (name, doc) in QUALITY_GAUGES.items()
         }
+        self.best_step = _gauge(
+            "gan_best_step", "Step of the best evaluation so far (best/generator.pt)", r, math.nan
+        )
+        self.best_value = Gauge(
+            "gan_best_score", "The best evaluation's score (lower is better)", ["score"], registry=r
+        )
 
     def _checkpoint_metrics(self, r: CollectorRegistry) -> None:
         self.checkpoint_seconds = Histogram(
@@ -290,6 +296,11 @@ class Metrics:
         for field, value in values.items():
             if field in self.quality:
                 self.quality[field].labels(extractor).set(value)
+
+    @_if_enabled
+    def observe_best(self, step: int, value: float, score: str) -> None:
+        self.best_step.set(step)
+        self.best_value.labels(score).set(value)
 
     @_if_enabled
     def observe_checkpoint(self, seconds: float, step: int) -> None:

@@ -216,6 +216,11 @@ class Settings(BaseSettings):
         description="auto (newest complete checkpoint, if any), never (a fresh run: refused "
         "where this run id already has artifacts), or a checkpoint path",
     )
+    dry_run: bool = Field(
+        False,
+        description="print what the run would do (start-up block) and exit without training, "
+        "writing or locking",
+    )
     run_lease_seconds: float = Field(
         60.0,
         ge=2,
@@ -248,6 +253,32 @@ class Settings(BaseSettings):
     )
     fid_inception_weights: str | None = Field(
         None, description="InceptionV3 weights file; unset: the torch hub cache"
+    )
+    early_stop_patience: int = Field(
+        0,
+        ge=0,
+        le=1_000_000,
+        description="evaluations without an improvement of the best score of at least "
+        "GAN_EARLY_STOP_MIN_DELTA after which training stops (reason plateau); 0: never",
+    )
+    early_stop_min_delta: float = Field(
+        0.0,
+        ge=0,
+        le=1e6,
+        description="the smallest fall of the best score (KID, or FID where there is no KID) "
+        "that counts as an improvement",
+    )
+    target_fid: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="stop once an evaluation's FID is at most this (reason target)",
+    )
+    target_kid: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="stop once an evaluation's KID is at most this (reason target)",
     )
 
     # cluster
@@ -384,6 +415,15 @@ class Settings(BaseSettings):
             )
         if self.node_rank >= self.nnodes:
             problems.append(f"GAN_NODE_RANK={self.node_rank} is not below GAN_NNODES={self.nnodes}")
+        stops = [
+            f"GAN_{name.upper()}={getattr(self, name)}"
+            for name in ("early_stop_patience", "target_fid", "target_kid")
+            if getattr(self, name)
+        ]
+        if stops and self.fid_features == "none":
+            problems.append(
+                f"{' and '.join(stops)} needs evaluations: GAN_FID_FEATURES=none turns them off"
+            )
         if self.r1_gamma > 0 and self.compile:
             problems.append(
                 f"GAN_R1_GAMMA={self.r1_gamma} needs GAN_COMPILE=false "

@@ -82,7 +82,7 @@ class Trainer:
                 self.progress.log(self._record(), stats)
             self.artifacts.maybe_sample(step, self.nets.g_ema)
             if self.fid.due(step):
-                self._fid(step)
+                reason = self._fid(step, reason)
             if reason is None:
                 self.checkpointer.maybe_save(step)
         return self._finish(reason)
@@ -138,10 +138,14 @@ class Trainer:
             record["gpu_memory_peak_bytes"] = torch.cuda.max_memory_allocated()
         return record
 
-    def _fid(self, step: int) -> None:
+    def _fid(self, step: int, reason: str | None) -> str | None:
+        """An evaluation; the stop reason: the one given, else plateau or target (early
+        stopping, agreed by all ranks) or None."""
         images_seen = self.budget.state.images_seen
         if self.fid.evaluate(self.nets.g_ema, step, images_seen, stop=lambda: self.budget.stop.set):
             self.artifacts.report(self.progress.records, self.fid.records)
+            reason = reason or self.fid.best.stop_reason()
+        return reason
 
     def _finish(self, reason: str) -> int:
         step = self.budget.step
@@ -149,7 +153,7 @@ class Trainer:
         if reason != "signal":
             self.artifacts.maybe_sample(step, self.nets.g_ema, last=True)
             if self.fid.due(step, last=True):
-                self._fid(step)
+                self._fid(step, reason)
         self.checkpointer.maybe_save(step, last=True)
         if reason == "signal":
             return self._stored_for_retry(step)
