@@ -84,6 +84,20 @@ class Run:
         return np.array(out, dtype=float)
 
 
+def best_evaluation(run: Run) -> tuple[int | str, str]:
+    """(step, "score=value") of the run's best evaluation: as training recorded it (best_step
+    in eval.jsonl), or for runs from before, their lowest KID (FID where there is no KID)."""
+    rows = run.fids()
+    if not rows:
+        return "", ""
+    last = rows[-1]
+    if "best_step" in last:
+        return last["best_step"], f"{last['best_score']}={last['best_value']:.4g}"
+    score = "kid" if "kid" in last else "fid"
+    row = min((e for e in rows if score in e), key=lambda e: float(e[score]))
+    return row["step"], f"{score}={float(row[score]):.4g}"
+
+
 def _fid_kind(row: dict) -> tuple:
     return row.get("extractor"), row.get("num_samples"), fid_sums(row)
 
@@ -149,6 +163,7 @@ def table(runs: Sequence[Run]) -> list[dict[str, Any]]:
         fids = [float(e["fid"]) for e in r.fids()]
         last = r.fids()[-1] if fids else {}
         wall = r.wall_seconds()
+        best_step, best_score = best_evaluation(r)
         rows.append(
             {
                 "run": r.name,
@@ -158,6 +173,8 @@ def table(runs: Sequence[Run]) -> list[dict[str, Any]]:
                 "wall_s": round(float(wall[-1]), 1) if len(wall) else "",
                 "last_fid": fids[-1] if fids else "",
                 "best_fid": min(fids) if fids else "",
+                "best_step": best_step,
+                "best_score": best_score,
                 **{col: _value(last.get(k)) for k, col in QUALITY_COLUMNS.items() if k in measured},
                 **{k: _value(r.settings.get(k)) for k in differing(runs)},
             }

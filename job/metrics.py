@@ -199,8 +199,11 @@ class Metrics:
             field: Gauge(name, doc, ["extractor"], registry=r)
             for field, (name, doc) in QUALITY_GAUGES.items()
         }
-        self.best_step = _gauge(
-            "gan_best_step", "Step of the best evaluation so far (best/generator.pt)", r, math.nan
+        self.best_step = Gauge(
+            "gan_best_step",
+            "Step of the best evaluation so far (best/generator.pt)",
+            ["score"],
+            registry=r,
         )
         self.best_value = Gauge(
             "gan_best_score", "The best evaluation's score (lower is better)", ["score"], registry=r
@@ -299,7 +302,7 @@ class Metrics:
 
     @_if_enabled
     def observe_best(self, step: int, value: float, score: str) -> None:
-        self.best_step.set(step)
+        self.best_step.labels(score).set(step)
         self.best_value.labels(score).set(value)
 
     @_if_enabled

@@ -191,6 +191,16 @@ def panels() -> list[Json]:
         "Latest FID", f"max by (run_id, extractor) (gan_fid{{{RUN}}})", legend="{{extractor}}"
     )
     grid.add(fid, 3, 4)
+    best = stat(
+        "Best score (best/generator.pt)",
+        f"max by (run_id, score) (gan_best_score{{{RUN}}})",
+        legend="{{score}}",
+    )
+    grid.add(best, 3, 4)
+    best_step = stat(
+        "Best step", f"max by (run_id, score) (gan_best_step{{{RUN}}})", legend="{{score}} at"
+    )
+    grid.add(best_step, 3, 4)
 
     grid.add(
         timeseries(

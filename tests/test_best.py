@@ -44,7 +44,7 @@ def test_the_best_kid_is_kept_with_its_step_scores_and_weights(tmp_path):
     assert fields[-1] == {"best_step": 20, "best_score": "kid", "best_value": 0.2}
     saved = export(store)
     assert saved["step"] == 20 and saved["scores"] == {"fid": 5.0, "kid": 0.2}
-    assert "gan_best_step 20.0" in metrics.render().decode()
+    assert 'gan_best_step{score="kid"} 20.0' in metrics.render().decode()
     assert 'gan_best_score{score="kid"} 0.2' in metrics.render().decode()
 
 

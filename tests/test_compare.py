@@ -60,8 +60,10 @@ def test_compare_tables_and_plots_a_local_and_an_s3_run(two_runs):
         rows = list(csv.DictReader(f))
     assert [r["run"] for r in rows] == ["local-run", "s3-run"]
     assert [r["uri"] for r in rows] == [str(tmp / "runs" / "local-run"), s3_run]
-    # the last evaluation's KID, precision and recall, then the settings that differ, nothing else
-    assert list(rows[0])[7:] == ["last_kid", "kid_std", "precision", "recall", "lr_g", "seed"]
+    # the best evaluation, the last one's KID, precision and recall, then the settings that
+    # differ, nothing else
+    assert list(rows[0])[7:] == ["best_step", "best_score", "last_kid", "kid_std", "precision",
+                                 "recall", "lr_g", "seed"]  # fmt: skip
     assert [(r["lr_g"], r["seed"]) for r in rows] == [("0.0004", "1"), ("0.001", "2")]
     for r in rows:
         assert (r["steps"], r["images_seen"]) == ("4", "64")
@@ -72,9 +74,11 @@ def test_compare_tables_and_plots_a_local_and_an_s3_run(two_runs):
     assert float(rows[0]["best_fid"]) == min(e["fid"] for e in evals)
     assert float(rows[0]["last_kid"]) == evals[-1]["kid"]
     assert float(rows[0]["recall"]) == evals[-1]["recall"]
+    assert rows[0]["best_step"] == str(evals[-1]["best_step"])
+    assert rows[0]["best_score"] == f"kid={evals[-1]['best_value']:.4g}"
 
     header, *lines = result.stdout.splitlines()[:3]
-    assert header.split() == ["run", "steps", "images_seen", "wall_s", "last_fid", "best_fid", "last_kid", "kid_std", "precision", "recall", "lr_g", "seed"]  # fmt: skip
+    assert header.split() == ["run", "steps", "images_seen", "wall_s", "last_fid", "best_fid", "best_step", "best_score", "last_kid", "kid_std", "precision", "recall", "lr_g", "seed"]  # fmt: skip
     assert lines[1].split()[0] == "s3-run" and lines[1].split()[-2:] == ["0.001", "2"]
 
     png = Image.open(out / "compare.png")

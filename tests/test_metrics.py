@@ -71,6 +71,7 @@ def feed(metrics: Metrics, i: int) -> None:
         metrics.observe_fid(300.0 / (1 + i), extractor="cnn28", images_seen=640 * i)
         quality = {"kid": 30.0 / (1 + i), "kid_std": 2.0, "precision": 0.6, "recall": 0.5}
         metrics.observe_quality(quality | {"label_accuracy": 0.9}, extractor="cnn28")
+        metrics.observe_best(10 * i, 30.0 / (1 + i), "kid")
         metrics.observe_checkpoint(0.5, step=10 * i)
     if i % 7 == 3:
         metrics.inc_nonfinite()
