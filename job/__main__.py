@@ -1,5 +1,6 @@
 """Entry point: `python -m job` / `gan-job` trains (over torchrun when GAN_NPROC_PER_NODE > 1 or
-GAN_NNODES > 1); `gan-job sample|features|sweep|compare|evaluate|shard ...` are the subcommands."""
+GAN_NNODES > 1); `gan-job --dry-run` (or GAN_DRY_RUN=true) only says what it would do;
+`gan-job sample|features|sweep|compare|evaluate|shard ...` are the subcommands."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ SUBCOMMANDS = {
     "shard": "job.shards",
     "export": "job.export",
 }
+DRY_RUN_FLAG = "--dry-run"
 
 
 def _setup_logging() -> None:
@@ -48,7 +50,7 @@ def _stop_at_once(signum, frame) -> None:
     )
 
 
-def _train() -> int:
+def _train(dry_run: bool = False) -> int:
     # until the training loop takes SIGTERM/SIGINT over (StopFlag): stop at once, nothing to save
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_at_once)
@@ -56,6 +58,10 @@ def _train() -> int:
     from job.settings import load_settings
 
     settings = load_settings()
+    if dry_run or settings.dry_run:  # before torchrun: one process, no process group
+        from job.dryrun import dry_run as report
+
+        return report(settings)
     if (settings.nproc_per_node > 1 or settings.nnodes > 1) and not launcher.under_torchrun():
         logging.info("starting %d processes on this node", settings.nproc_per_node)
         options = launcher.torchrun_options(
@@ -99,11 +105,12 @@ def _run(argv: list[str]) -> int:
         if argv and argv[0] in SUBCOMMANDS:
             command = importlib.import_module(SUBCOMMANDS[argv[0]])
             return command.main(argv[1:])
-        if argv:
+        dry_run = argv == [DRY_RUN_FLAG]
+        if argv and not dry_run:
             raise SettingsError(
                 [f"unknown arguments {argv}: settings are GAN_* variables, see --help"]
             )
-        return _train()
+        return _train(dry_run)
     except Stopped as exc:
         log.warning("%s", exc)
         return exc.exit_code
