@@ -4,6 +4,7 @@ GAN_NNODES > 1); `gan-job --dry-run` (or GAN_DRY_RUN=true) only says what it wou
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
@@ -43,17 +44,36 @@ def _setup_logging() -> None:
     redact_logs()
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_startup_signals: list[int] = []  # taken by _stop_at_once: the first one stops the job
+
+
 def _stop_at_once(signum, frame) -> None:
-    raise Stopped(
-        f"stopped by {signal.Signals(signum).name} during start-up, before training: nothing new "
-        "to save; a retry starts from the last complete checkpoint"
-    )
+    _startup_signals.append(signum)
+    name = signal.Signals(signum).name
+    if len(_startup_signals) == 1:
+        raise Stopped(
+            f"stopped by {name} during start-up, before training: nothing new to save; a retry "
+            "starts from the last complete checkpoint"
+        )
+    if len(_startup_signals) == 2:
+        logging.getLogger("job").warning("%s again: ignored, the job is already stopping", name)
+
+
+def _ignore_stop_signals() -> None:
+    """Interpreter shutdown puts the default handlers back, under which a late SIGTERM would turn
+    the exit status the job decided on into 143 (SIGINT: 130)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _train(dry_run: bool = False) -> int:
     # until the training loop takes SIGTERM/SIGINT over (StopFlag): stop at once, nothing to save
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    _startup_signals.clear()
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _stop_at_once)
+    atexit.unregister(_ignore_stop_signals)
+    atexit.register(_ignore_stop_signals)
     launcher.record_status(None)  # a worker of gan-job's launcher: started
     from job.settings import load_settings
 

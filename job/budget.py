@@ -7,6 +7,7 @@ rollback after a non-finite loss, times the decay over the budget (job/schedule.
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import time
@@ -45,12 +46,14 @@ class RunState:
 class StopFlag:
     """Set by a stop signal once the loop runs; the loop finishes its step and checkpoints, with
     grace_seconds from the signal on to store that checkpoint before it exits for a retry.
-    Later signals change nothing: the exit status the job decided on stands."""
+    Later signals change nothing (the first of them is logged): the exit status the job decided
+    on stands."""
 
     def __init__(self, grace_seconds: float):
         self.grace_seconds = grace_seconds
         self.signal: int | None = None
         self.received: float | None = None  # time.monotonic() of the first signal
+        self.repeated = False
 
     def install(self) -> None:
         for sig in STOP_SIGNALS:
@@ -59,6 +62,11 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if self.signal is None:
             self.signal, self.received = signum, time.monotonic()
+        elif not self.repeated:
+            self.repeated = True
+            logging.getLogger(__name__).warning(
+                "%s again: ignored, the job is already stopping", signal.Signals(signum).name
+            )
 
     @property
     def set(self) -> bool:

@@ -91,7 +91,8 @@ def torchrun_argv(torchrun_args: list[str], grace_seconds: int) -> list[str]:
 
 
 def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
-    """Run torchrun, pass SIGTERM/SIGINT on to it, and return the job's exit status."""
+    """Run torchrun, pass the first SIGTERM/SIGINT on to it (the workers ignore later ones too),
+    and return the job's exit status."""
     with tempfile.TemporaryDirectory(prefix="gan-job-status-") as folder:
         argv = torchrun_argv(torchrun_args, grace_seconds)
         received: list[int] = []
@@ -99,6 +100,11 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
 
         def forward(signum, frame):
             received.append(signum)
+            if len(received) > 1:  # a second signal breaks torchrun's wait for its workers
+                if len(received) == 2:
+                    name = signal.Signals(signum).name
+                    log.warning("%s again: ignored, the workers are already stopping", name)
+                return
             if child is not None:
                 child.send_signal(signum)
 

@@ -121,10 +121,16 @@ def read_until(job: subprocess.Popen, marker: str, timeout: float = 120) -> str:
 
 
 def stop(job: subprocess.Popen, seen: str, timeout: float = 60) -> tuple[int, str, float]:
-    """SIGTERM the job: (exit status, whole output, seconds it took to exit)."""
+    """SIGTERM the job: (exit status, whole output, seconds it took to exit); killed and an
+    AssertionError when it runs on for timeout seconds."""
     t0 = time.monotonic()
     job.send_signal(signal.SIGTERM)
-    rest, _ = job.communicate(timeout=timeout)
+    try:
+        rest, _ = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        rest, _ = job.communicate()
+        raise AssertionError(f"still running {timeout} s after SIGTERM:\n{seen}{rest}") from None
     return job.returncode, seen + rest, time.monotonic() - t0
 
 
@@ -291,3 +297,64 @@ def test_sigterm_while_loading_data_exits_10_saying_so(tmp_path, store, nproc):
     assert code == 10, output
     assert "stopped by SIGTERM during start-up, before training: nothing new to save" in output
     assert "unexpected failure" not in output
+
+
+def write_slow_extractor(path: Path) -> Path:
+    """A TorchScript extractor (N x 1 x H x W -> N x 128) that takes about 10 ms an image on
+    one CPU thread: real-image statistics of thousands of images take tens of seconds."""
+    nn = torch.nn
+    convs = [nn.Conv2d(1, 128, 3, padding=1), nn.Conv2d(128, 128, 3, padding=1)]
+    convs.append(nn.Conv2d(128, 128, 3, padding=1))
+    torch.jit.script(nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten())).save(str(path))
+    return path
+
+
+def test_sigterm_while_computing_real_fid_statistics_exits_10_at_once(tmp_path):
+    write_idx(tmp_path / "data", n=3000)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_FID_NUM_SAMPLES=10000,
+                  GAN_FID_FEATURES=write_slow_extractor(tmp_path / "slow.pt"),
+                  GAN_GRACE_SECONDS=15)  # fmt: skip
+    job = start_job(env)
+    seen = read_until(job, "computing real-image statistics")
+    code, output, _ = stop(job, seen, timeout=10)  # the statistics alone take 30 s
+    assert code == 10, output
+    assert "stopped by SIGTERM during start-up, before training: nothing new to save" in output
+
+
+def signal_until_exit(job: subprocess.Popen, every: float = 0.02) -> int:
+    """SIGTERM the job every so many seconds until it exits: how many were sent."""
+    sent = 0
+    while job.poll() is None:
+        job.send_signal(signal.SIGTERM)
+        sent += 1
+        time.sleep(every)
+    return sent
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_again_while_stopping_is_ignored_and_the_job_still_exits_75(tmp_path, nproc):
+    write_idx(tmp_path / "data", n=512)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_NPROC_PER_NODE=nproc,
+                  GAN_MAX_STEPS=100000, GAN_LOG_EVERY=10, GAN_CHECKPOINT_EVERY=100000,
+                  GAN_SAMPLE_EVERY=100000)  # fmt: skip
+    job = start_job(env)
+    seen = read_until(job, "step 10/")
+    job.send_signal(signal.SIGTERM)
+    seen += read_until(job, "stopping at step")
+    sent = signal_until_exit(job)  # while it stores the checkpoint, and until the process is gone
+    output = seen + job.stdout.read()
+    assert job.returncode == 75, output
+    assert sent > 1 and output.count("SIGTERM again: ignored, the ") == 1, output
+
+
+def test_sigterm_again_during_start_up_is_ignored_and_the_job_still_exits_10(tmp_path):
+    write_idx(tmp_path / "data", n=3000)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_FID_NUM_SAMPLES=10000,
+                  GAN_FID_FEATURES=write_slow_extractor(tmp_path / "slow.pt"))  # fmt: skip
+    job = start_job(env)
+    seen = read_until(job, "computing real-image statistics")
+    sent = signal_until_exit(job)  # the first stops it; the others come while it cleans up, exits
+    output = seen + job.stdout.read()
+    assert job.returncode == 10, output
+    assert "stopped by SIGTERM during start-up" in output and "Traceback" not in output
+    assert sent > 1 and output.count("SIGTERM again: ignored, the job") == 1, output

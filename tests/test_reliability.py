@@ -224,3 +224,22 @@ def test_retention_never_deletes_the_checkpoint_just_stored(tmp_path):
             checkpoint.save(writer, step, {"step": step}, keep=2)
         checkpoint.save(writer, 50, {"step": 50}, keep=2)  # a run sent back to an earlier state
     assert checkpoint.complete_steps(store) == [50, 300]
+
+
+def test_a_disk_that_fills_up_only_at_the_end_of_a_run_exits_8_at_once(tmp_path):
+    """Training writes fit; the last checkpoint and final/generator.pt do not."""
+    write_idx(tmp_path / "data", n=256)
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=10, GAN_CHECKPOINT_EVERY=1000,
+                  GAN_SAMPLE_EVERY=1000, GAN_WIDTH=32, GAN_ARTIFACT_URI=disk, GAN_RUN_ID="full",
+                  GAN_UPLOAD_TIMEOUT_MINUTES=5)  # fmt: skip
+    script = f'mount -t tmpfs -o size=96k tmpfs "{disk}" || exit 99; exec "{sys.executable}" -m job'
+    t0 = time.monotonic()
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    seconds, output = time.monotonic() - t0, result.stdout + result.stderr
+    assert result.returncode == 8, output
+    last = result.stdout.strip().splitlines()[-1]
+    assert "No space left on device" in last and "GAN_UPLOAD_TIMEOUT_MINUTES" not in last, output
+    assert "step 10/10" in output and seconds < 60  # GAN_UPLOAD_TIMEOUT_MINUTES: 300 s
