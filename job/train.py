@@ -171,6 +171,11 @@ class Trainer:
         if stored:
             log.info("checkpoint of step %d stored: exit 75, a retry resumes here", step)
             return EXIT_PREEMPTED
+        if self.writer.disk_full is not None:
+            raise DiskFullError(
+                f"{self.writer.store.uri}: checkpoint of step {step} not stored, no space left on "
+                f"its disk ({self.writer.disk_full}): not stored: {self.writer.describe_not_stored()}"
+            )
         log.warning(
             "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%g or "
             "GAN_UPLOAD_TIMEOUT_MINUTES=%g: exit 10, a retry resumes from the last complete "

@@ -243,3 +243,21 @@ def test_a_disk_that_fills_up_only_at_the_end_of_a_run_exits_8_at_once(tmp_path)
     last = result.stdout.strip().splitlines()[-1]
     assert "No space left on device" in last and "GAN_UPLOAD_TIMEOUT_MINUTES" not in last, output
     assert "step 10/10" in output and seconds < 60  # GAN_UPLOAD_TIMEOUT_MINUTES: 300 s
+
+
+def test_sigterm_on_a_full_disk_exits_8_saying_the_disk_is_full(tmp_path):
+    """The checkpoint of the stop step does not fit: not a grace period that ran out (10)."""
+    write_idx(tmp_path / "data", n=256)
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=100000, GAN_CHECKPOINT_EVERY=100000,
+                  GAN_SAMPLE_EVERY=100000, GAN_WIDTH=32, GAN_ARTIFACT_URI=disk, GAN_RUN_ID="full",
+                  GAN_LOG_EVERY=5, GAN_GRACE_SECONDS=60)  # fmt: skip
+    script = f'mount -t tmpfs -o size=96k tmpfs "{disk}" || exit 99; exec "{sys.executable}" -m job'
+    job = subprocess.Popen(["unshare", "-rm", "sh", "-c", script], env=dict(env, PYTHONUNBUFFERED="1"),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    code, output = terminate_after(job, "step 10/")
+    last = output.strip().splitlines()[-1]
+    assert code == 8, output
+    assert "checkpoint of step" in last and "No space left on device" in last, output
+    assert "GAN_GRACE_SECONDS" not in last
