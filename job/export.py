@@ -1,6 +1,6 @@
 """`gan-job export`: a trained EMA generator as one file that a Python with only torch loads and
-runs (TorchScript .pt, torch.export .pt2; ONNX .onnx with the onnx extra), and a model card
-beside it (.card.json and .card.md, the same facts)."""
+runs (TorchScript .pt, torch.export .pt2; ONNX .onnx with onnx and onnxscript installed), and a
+model card beside it (FILE.card.json and FILE.card.md, the same facts)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import logging
 import os
 import re
 import warnings
@@ -80,7 +81,9 @@ def _read_pt(uri: str, endpoint_url: str | None) -> dict:
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{uri}: unreadable ({why}): expected a {EXPECTED}") from exc
     if not isinstance(state, dict):
-        raise CheckpointError(f"{uri}: a saved {type(state).__name__}, not a {EXPECTED}")
+        what = "a TorchScript module" if isinstance(state, torch.jit.ScriptModule) else None
+        what = what or f"a saved {type(state).__name__}"
+        raise CheckpointError(f"{uri}: {what}, not a {EXPECTED}")
     return state
 
 
@@ -165,12 +168,16 @@ def _torch_export(module: nn.Module, example: tuple, names: list[str]) -> bytes:
 
 
 def _onnx(module: nn.Module, example: tuple, names: list[str]) -> bytes:
+    for name in ("onnxscript", "onnx_ir"):  # their optimizer's INFO lines
+        logging.getLogger(name).setLevel(logging.WARNING)
+    batch = torch.export.Dim("batch")
+    warnings.filterwarnings("ignore", "# The axis name: batch will not be used", UserWarning)
     program = torch.onnx.export(
         module,
         example,
         input_names=names,
         output_names=["images"],
-        dynamic_shapes={n: {0: "batch"} for n in names},
+        dynamic_shapes={n: {0: batch} for n in names},
         dynamo=True,
         verbose=False,
     )
@@ -284,7 +291,7 @@ def card_markdown(facts: dict) -> str:
     rows += [("output", facts["output"])]
     rows += [(k, facts[k]) for k in ("gan_job_version", "trained_with", "torch_version")]
     lines = [f"# {facts['run_id'] or facts['file']}: generator", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | `{json.dumps(v)}` |" for k, v in rows]
+    lines += [f"| {k} | {_cell(v)} |" for k, v in rows]
     lines += ["", "## Load", "", "```python", facts["load"].rstrip(), "```", ""]
     lines += ["## Architecture", "", *_table(facts["architecture"]), ""]
     lines += ["## Scores", "", *_scores(facts["scores"]), ""]
@@ -301,11 +308,16 @@ def _scores(row: dict | None) -> list[str]:
 
 
 def _table(values: dict) -> list[str]:
-    return ["| | |", "| --- | --- |", *(f"| {k} | `{json.dumps(v)}` |" for k, v in values.items())]
+    return ["| | |", "| --- | --- |", *(f"| {k} | {_cell(v)} |" for k, v in values.items())]
+
+
+def _cell(value: object) -> str:
+    return f"`{value if isinstance(value, str) else json.dumps(value)}`".replace("|", "\\|")
 
 
 def card_paths(out: Path) -> tuple[Path, Path]:
-    return out.with_suffix(CARD_SUFFIXES[0]), out.with_suffix(CARD_SUFFIXES[1])
+    """FILE.card.json, FILE.card.md: g.pt and g.pt2 in one folder keep a card each."""
+    return tuple(out.with_name(out.name + suffix) for suffix in CARD_SUFFIXES)
 
 
 def check_out(out: Path) -> list[str]:
@@ -317,8 +329,8 @@ def check_out(out: Path) -> list[str]:
     missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
     if out.suffix == ".onnx" and missing:
         return [
-            f"--out {out}: ONNX needs the {' and '.join(missing)} package(s): "
-            "pip install 'gan-job[onnx]', or write a .pt (TorchScript) or .pt2 (torch.export)"
+            f"--out {out}: ONNX needs the {' and '.join(missing)} package(s), not installed: "
+            f"pip install {' '.join(missing)}, or write a .pt (TorchScript) or .pt2 (torch.export)"
         ]
     folder = next(p for p in out.absolute().parents if p.exists())
     if not folder.is_dir():
@@ -360,7 +372,7 @@ def main(argv: list[str]) -> int:
         "--out",
         required=True,
         help="the file: .pt (TorchScript), .pt2 (torch.export) or .onnx; "
-        "its card beside it: .card.json, .card.md",
+        "its card beside it: FILE.card.json, FILE.card.md",
     )
     parser.add_argument(
         "--which",
