@@ -49,6 +49,7 @@ run: install $(FEATURES)  ## a real Fashion-MNIST run, offline: installs what it
 	echo "  $$run/report.png          losses, D outputs, the FID curve and the samples over time"; \
 	echo "  $$run/samples/            a sample grid every $(GAN_SAMPLE_EVERY) steps"; \
 	echo "  $$run/final/generator.pt  the final (EMA) generator"; \
+	echo "  $$run/best/generator.pt   the EMA generator of the best evaluation (eval.jsonl: best_step)"; \
 	echo "Sample from it:"; \
 	echo "  $(PYTHON) -m job sample --checkpoint $$run/final/generator.pt --num 64 --out grid.png"; \
 	echo "Train longer: make run again resumes this run for $(GAN_MAX_MINUTES) more minutes;" \
