@@ -1,10 +1,10 @@
 """`gan-job evaluate RUN`: FID, KID, precision/recall and (conditional models) label accuracy
-of a run's newest complete checkpoint (its EMA generator), read-only: nothing is written to the
-run, its eval.jsonl stays as it is.
+of a run's newest complete checkpoint (its EMA generator), or with --which best of its
+best/generator.pt, read-only: nothing is written to the run, its eval.jsonl stays as it is.
 
-N generated samples (noise from --seed, labels cycling through the classes) are compared with
-N real images of the run's dataset (the fixed subset its training-time FID used), on the
-features of --features or of the run's own GAN_FID_FEATURES.
+N generated samples (noise from --seed, truncated by --truncation, labels cycling through the
+classes) are compared with N real images of the run's dataset (the fixed subset its
+training-time FID used), on the features of --features or of the run's own GAN_FID_FEATURES.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from job import checkpoint, data, evaluate
 from job.errors import CheckpointError, SettingsError
 from job.models import Arch, build_generator
-from job.sample import load_generator
+from job.sample import BEST_EXPORT, TRUNCATION_HELP, Truncated, load_generator
 from job.storage import download_prefix, open_store
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,13 @@ log = logging.getLogger(__name__)
 MIN_NUM = 10
 
 
-def load_run(uri: str, endpoint_url: str | None) -> tuple[torch.nn.Module, Arch, dict, int | None]:
-    """(EMA generator, arch, the run's settings, step) of a run's newest complete checkpoint,
-    or of its final/generator.pt when it has none left."""
-    found = checkpoint.load_from(uri, endpoint_url)
+def load_run(
+    uri: str, endpoint_url: str | None, which: str = "final"
+) -> tuple[torch.nn.Module, Arch, dict, int | None]:
+    """(EMA generator, arch, the run's settings, step) of a run's newest complete checkpoint, or
+    of its final/generator.pt when it has none left; which="best": of its best/generator.pt
+    (the step of its best evaluation)."""
+    found = checkpoint.load_from(uri, endpoint_url) if which == "final" else None
     if found is not None:
         step, state = found
         arch_dict, weights = checkpoint.generator_state(state)
@@ -41,15 +44,19 @@ def load_run(uri: str, endpoint_url: str | None) -> tuple[torch.nn.Module, Arch,
         g = build_generator(arch)
         g.load_state_dict(weights)
         return g.eval(), arch, state["meta"]["settings"], step
-    g, arch = load_generator(uri, endpoint_url)  # final/generator.pt, or a clear error
     store = open_store(uri, endpoint_url)
+    export = BEST_EXPORT if which == "best" else "final/generator.pt"
+    if which == "best" and not store.exists(BEST_EXPORT):
+        raise CheckpointError(
+            f"{uri}: no {BEST_EXPORT} (a run keeps one only when it is evaluated: "
+            "GAN_FID_FEATURES); --which final measures its newest checkpoint"
+        )
+    g, arch = load_generator(uri, endpoint_url, which)  # the export, or a clear error
     if not store.exists("config.json"):
-        raise CheckpointError(f"{uri}: no config.json beside final/generator.pt: not a run")
+        raise CheckpointError(f"{uri}: no config.json beside {export}: not a run")
     settings = json.loads(store.get_bytes("config.json"))["settings"]
-    export = torch.load(
-        io.BytesIO(store.get_bytes("final/generator.pt")), map_location="cpu", weights_only=False
-    )
-    return g, arch, settings, export.get("step")
+    saved = torch.load(io.BytesIO(store.get_bytes(export)), map_location="cpu", weights_only=False)
+    return g, arch, settings, saved.get("step")
 
 
 def real_images(settings: dict, arch: Arch, num: int, data_dir: str, endpoint: str | None):
@@ -91,6 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder or s3:// run prefix (or a checkpoint)")
     p.add_argument("--num", type=int, default=10_000, help="samples and real images (10000)")
     p.add_argument(
+        "--which",
+        choices=("final", "best"),
+        default="final",
+        help="final (the newest checkpoint, else final/generator.pt; the default) or best "
+        "(best/generator.pt: the generator of the run's best evaluation)",
+    )
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help=TRUNCATION_HELP)
+    p.add_argument(
         "--features",
         default=None,
         help="TorchScript extractor (`gan-job features`), or inception; default: the run's "
@@ -112,6 +127,8 @@ def _check(args: argparse.Namespace) -> None:
     problems = [f"--num {args.num}: expected an integer >= {MIN_NUM}"] if args.num < MIN_NUM else []
     if args.batch_size < 1:
         problems.append(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if not 0 < args.truncation <= 1:
+        problems.append(f"--truncation {args.truncation}: expected 0 < PSI <= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device available")
     if args.out and Path(args.out).is_dir():
@@ -131,6 +148,24 @@ def _write(line: str, out: str | None) -> None:
         print(line)
 
 
+def _extractor(
+    args: argparse.Namespace, arch: Arch, settings: dict, device: torch.device
+) -> evaluate.Extractor:
+    """--features, else the run's own GAN_FID_FEATURES."""
+    choice = args.features or settings.get("fid_features") or "none"
+    if choice == "none":
+        raise SettingsError(
+            [f"--features: the run {args.run} had no FID extractor: give --features FILE"]
+        )
+    return evaluate.load_extractor(
+        choice,
+        arch.channels,
+        arch.image_size,
+        device,
+        inception_weights=settings.get("fid_inception_weights"),
+    )
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     _check(args)
@@ -138,19 +173,8 @@ def main(argv: list[str]) -> int:
     endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
     cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    g, arch, settings, step = load_run(args.run, endpoint)
-    choice = args.features or settings.get("fid_features") or "none"
-    if choice == "none":
-        raise SettingsError(
-            [f"--features: the run {args.run} had no FID extractor: give --features FILE"]
-        )
-    extractor = evaluate.load_extractor(
-        choice,
-        arch.channels,
-        arch.image_size,
-        device,
-        inception_weights=settings.get("fid_inception_weights"),
-    )
+    g, arch, settings, step = load_run(args.run, endpoint, args.which)
+    extractor = _extractor(args, arch, settings, device)
     problem = extractor.label_accuracy_problem(arch.num_classes)
     if problem and arch.num_classes:
         log.warning("no label accuracy: %s", problem)
@@ -160,7 +184,7 @@ def main(argv: list[str]) -> int:
     found = evaluate.measure(
         extractor,
         real,
-        g.to(device),
+        Truncated(g, args.truncation).to(device),
         arch.latent_dim,
         arch.num_classes,
         args.num,
@@ -172,6 +196,8 @@ def main(argv: list[str]) -> int:
     values = {
         "run": args.run,
         "step": step,
+        "which": args.which,
+        "truncation": args.truncation,
         **evaluate.round_metrics(found),
         "extractor": extractor.name,
         "num_samples": args.num,
@@ -180,7 +206,8 @@ def main(argv: list[str]) -> int:
         "seed": seed,
         "seconds": round(time.monotonic() - t0, 2),
     }
-    print(f"{args.run} at step {step} ({extractor.name}):")
+    truncated = f", truncation {args.truncation}" if args.truncation < 1 else ""
+    print(f"{args.run}, {args.which}, at step {step} ({extractor.name}{truncated}):")
     print(table(values))
     _write(json.dumps(values), args.out)
     return 0
