@@ -12,20 +12,20 @@ if (
 ) or "POISON_FILE" in os.environ:
     import torch
 
-    from job.train import Trainer
+    from job.step import GanStep
 
-    _step = Trainer.train_step
+    _train = GanStep.train
 
     def _due(step: int) -> bool:
         if "POISON_FILE" in os.environ:
             return os.path.exists(os.environ["POISON_FILE"])
         return step == int(os.environ["POISON_STEP"])
 
-    def _poisoned_step(self, real, labels):
-        stats = _step(self, real, labels)
-        if _due(self.run_state.step + 1):
+    def _poisoned_step(self, real, labels, step):
+        stats = _train(self, real, labels, step)
+        if _due(step + 1):
             with torch.no_grad():
                 next(self.nets.d.parameters()).fill_(float("nan"))
         return stats
 
-    Trainer.train_step = _poisoned_step
+    GanStep.train = _poisoned_step
