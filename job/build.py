@@ -10,7 +10,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import data, distributed, evaluate, shards
+from job import data, distributed, evaluate, shards, watchdog
 from job.artifacts import RunArtifacts
 from job.best import BestGenerator
 from job.budget import Budget
@@ -110,7 +110,8 @@ def _build_parts(
     store: Store,
     lock: RunLock,
 ) -> Parts:
-    images = load_data(s, world.rank)
+    with watchdog.waiting("loading the data", None):  # bounded by its store's timeouts
+        images = load_data(s, world.rank)
     arch = _arch(s, images)
     extractor = _extractor(s, images, world)
     nets = _networks(s, arch, world)

@@ -13,15 +13,35 @@ import logging
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from job import watchdog
 from job.errors import DeviceError
 
 log = logging.getLogger(__name__)
-# how a collective reports that a peer process is gone (gloo raises a plain RuntimeError)
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+# how a collective reports that a peer process is gone or silent: gloo raises a plain
+# RuntimeError for some of them; NCCL's watchdog and communicator errors name NCCL
+_PEER_GONE = (
+    "Connection closed by peer",
+    "Connection reset",
+    "Connection refused",
+    "Connection timed out",
+    "Broken pipe",
+    "Timed out waiting",
+    "Connect timeout",
+    "Socket Timeout",
+    "No route to host",
+    "Network is unreachable",
+    "NCCL communicator",
+    "NCCL error",
+    "ncclRemoteError",
+    "ncclSystemError",
+    "Watchdog caught collective operation timeout",
+    "Some NCCL operations have failed or timed out",
+)
 _joined = False  # this process joined a process group (setup): it ends through leave()
 
 
@@ -158,16 +178,23 @@ def describe_device(device: torch.device) -> str:
     )
 
 
-def setup(device_setting: str) -> World:
+def setup(device_setting: str, timeout_seconds: float = 600.0) -> World:
+    """Join the process group, if any: its collectives give up after timeout_seconds (torch's
+    default is 30 minutes on gloo, 10 on NCCL)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_setting, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=timedelta(seconds=timeout_seconds),
+            device_id=device if device.type == "cuda" else None,
+        )
         global _joined
         _joined = True
+        watchdog.beat("process group joined")
     log.info("rank %d of world size %d on %s", rank, world_size, describe_device(device))
     return World(rank, world_size, local_rank, device)
 
@@ -176,7 +203,7 @@ def peer_lost(exc: BaseException) -> bool:
     """Whether exc is a collective that failed because another process of the job is gone."""
     if isinstance(exc, dist.DistError):
         return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _PEER_GONE)
+    return isinstance(exc, (RuntimeError, OSError)) and any(s in str(exc) for s in _PEER_GONE)
 
 
 def teardown() -> None:

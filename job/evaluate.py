@@ -26,7 +26,7 @@ with warnings.catch_warnings():  # torcheval still calls the deprecated torch.ji
 
 import torch.distributed as dist
 
-from job import distributed
+from job import distributed, watchdog
 from job.errors import FIDError
 from job.metrics import Metrics
 from job.storage import JsonlLog, Store
@@ -810,7 +810,7 @@ class FidEvaluator:
             g_ema,
             latent_dim=self.latent_dim,
             keep=True,
-            stop=lambda: distributed.any_rank_each([stop()], w)[0],
+            stop=lambda: _batch_done(stop, w),
             classify=self.labels_checked,
             **sampling,
         )
@@ -873,3 +873,9 @@ def summary(values: dict) -> str:
     if "label_accuracy" in values:
         parts.append(f"label accuracy {values['label_accuracy']:.3f}")
     return ", ".join(parts)
+
+
+def _batch_done(stop: Callable[[], bool], world: distributed.World) -> bool:
+    """Before each FID batch: progress for the watchdog; whether any rank was asked to stop."""
+    watchdog.beat("FID evaluation")
+    return distributed.any_rank_each([stop()], world)[0]

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STATUS_DIR_ENV = "GANJOB_STATUS_DIR"  # not GAN_*: that namespace is the user's settings
 SHUTDOWN_MARGIN = 5  # s between the workers' own deadline and torchrun's SIGKILL
+KILL_MARGIN = 3  # s after torchrun's SIGKILL is due, when this launcher kills torchrun and workers
 _STOPPED = (EXIT_STOPPED_UNSAVED, EXIT_PREEMPTED)
 
 
@@ -43,6 +44,7 @@ class WorkerStatus:
     restart: int  # TORCHELASTIC_RESTART_COUNT: torchrun's attempt
     code: int | None  # None: started and never reported (killed: SIGKILL, OOM killer...)
     time: float
+    pid: int = 0  # the worker's process, which torchrun starts in a session of its own
 
 
 def torchrun_options(
@@ -96,10 +98,12 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
     with tempfile.TemporaryDirectory(prefix="gan-job-status-") as folder:
         argv = torchrun_argv(torchrun_args, grace_seconds)
         received: list[int] = []
+        signalled_at: list[float] = []
         child: subprocess.Popen | None = None
 
         def forward(signum, frame):
             received.append(signum)
+            signalled_at.append(time.monotonic())
             if len(received) > 1:  # a second signal breaks torchrun's wait for its workers
                 if len(received) == 2:
                     name = signal.Signals(signum).name
@@ -113,15 +117,48 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
         log.info("starting torchrun: %s", " ".join(argv))
         error_file = os.path.join(folder, "torchrun.error")  # the agent's failure (JSON)
         env = {**os.environ, STATUS_DIR_ENV: folder, "TORCHELASTIC_ERROR_FILE": error_file}
-        child = subprocess.Popen(argv, env=env)
+        child = subprocess.Popen(argv, env=env, start_new_session=True)
         if received:  # signalled while torchrun was being started
             child.send_signal(received[0])
-        torchrun_code = child.wait()
+        deadline = grace_seconds + SHUTDOWN_MARGIN + KILL_MARGIN
+        torchrun_code = wait_or_kill(child, signalled_at, deadline, Path(folder))
         statuses = read_statuses(Path(folder))
         rendezvous_broke = rendezvous_failed(error_file)
     code, why = job_status(torchrun_code, statuses, bool(received), rendezvous_broke)
     log.log(logging.INFO if code == EXIT_OK else logging.WARNING, "exit %d: %s", code, why)
     return code
+
+
+def wait_or_kill(
+    child: subprocess.Popen, signalled_at: list[float], deadline: float, folder: Path
+) -> int:
+    """torchrun's exit status; still running deadline seconds after the first signal (an agent
+    hung on a store or a peer that is gone), torchrun and every worker are killed."""
+    while True:
+        try:
+            return child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            if signalled_at and time.monotonic() - signalled_at[0] > deadline:
+                break
+    log.warning(
+        "torchrun still running %g s after the signal (GAN_GRACE_SECONDS + %d s): killing it "
+        "and its workers",
+        deadline,
+        SHUTDOWN_MARGIN + KILL_MARGIN,
+    )
+    kill_group(child.pid)
+    for status in read_statuses(folder):
+        if status.code is None and status.pid:
+            kill_group(status.pid)
+    return child.wait()
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL to the process group pid leads (a process started in a session of its own)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def job_status(
@@ -183,6 +220,7 @@ def record_status(code: int | None) -> None:
         restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         code=code,
         time=time.time(),
+        pid=os.getpid(),
     )
     path = Path(folder, f"attempt-{status.restart:03d}-rank-{status.rank:05d}.json")
     tmp = path.with_suffix(".tmp")

@@ -41,7 +41,7 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from job import distributed
+from job import distributed, watchdog
 from job.errors import SettingsError
 from job.settings import redact
 from job.storage import JsonlLog
@@ -408,6 +408,7 @@ class MetricsProcessor:
         self.window_start, self.window_steps, self.window_images = time.monotonic(), 0, 0
 
     def step_done(self, images: int, seconds: float) -> None:
+        watchdog.beat("training")
         self.window_steps += 1
         self.window_images += images
         self.metrics.observe_step_seconds(seconds)

@@ -22,6 +22,7 @@ import threading
 import time
 import uuid
 
+from job import watchdog
 from job.errors import RunLockedError, StorageError
 from job.storage import Store
 
@@ -114,6 +115,11 @@ class RunLock:
     def _heartbeat(self) -> None:
         failing = False
         while not self._stop.wait(self.lease / 4):
+            if watchdog.stalled():
+                log.error(
+                    "no progress (GAN_STALL_TIMEOUT_SECONDS): the run lock is no longer renewed"
+                )
+                return
             try:
                 held = self._read()
                 if held is not None and held["owner"] != self.owner:

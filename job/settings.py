@@ -314,6 +314,14 @@ class Settings(BaseSettings):
         description="how long nodes wait for each other, at the start and for node 0's store "
         "(pods can start minutes apart: image pulls, scheduling)",
     )
+    stall_timeout_seconds: int = Field(
+        600,
+        ge=5,
+        le=86400,
+        description="a rank that makes no progress (no step, FID batch or stored checkpoint part) "
+        "for this long logs where it waits and exits 10; also the process group's timeout. Above "
+        "the longest pause (a first torch.compile), under the stall alert (15 min)",
+    )
     sync_batchnorm: bool = Field(
         False,
         description="SyncBatchNorm across ranks (GPU only); false: each rank keeps its own BN statistics",

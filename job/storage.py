@@ -36,6 +36,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from job import watchdog
 from job.errors import DiskFullError, StorageError
 from job.settings import s3_uri_problem
 
@@ -649,6 +650,7 @@ class BackgroundWriter:
                     return
                 item = self._current = self._items.popleft()
             self._run_with_retry(item.run)
+            watchdog.beat("storing artifacts")
             with self._cond:
                 self._current = None
                 self._cond.notify_all()
@@ -684,7 +686,7 @@ class BackgroundWriter:
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is stored; False on timeout, or at once when the
         disk is full (waiting would not make room)."""
-        with self._cond:
+        with watchdog.waiting("waiting for the uploads", timeout), self._cond:
             self._cond.wait_for(
                 lambda: (not self._items and not self._current) or self.disk_full, timeout
             )

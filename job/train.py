@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from job import distributed
+from job import distributed, watchdog
 from job.budget import NONFINITE_LR_FACTOR
 from job.build import Parts, build
 from job.errors import (
@@ -197,8 +197,9 @@ class Trainer:
 
 def train(settings: Settings) -> int:
     """The whole job for one process: returns its exit status."""
+    watchdog.start(settings.stall_timeout_seconds)
     try:
-        parts = build(settings, distributed.setup(settings.device))
+        parts = build(settings, distributed.setup(settings.device, settings.stall_timeout_seconds))
         return _run_trainer(parts, settings.pushgateway_url)
     except JobError:
         raise
@@ -210,6 +211,7 @@ def train(settings: Settings) -> int:
             ) from exc
         raise
     finally:
+        watchdog.stop()
         distributed.teardown()
 
 
