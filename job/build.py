@@ -117,7 +117,6 @@ def _build_parts(
     nets = _networks(s, arch, world)
     source = batch_source(s, images, world)
     budget = _budget(s, world, lock)
-    rng = RngStreams(s.seed, world, lambda: budget.step)
     writer = _writer(store, metrics, world)
     progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
     startup = startup_lines(s, store, images, arch, extractor, world)
@@ -128,7 +127,7 @@ def _build_parts(
         "run": budget,
         "nets": nets,
         "data": source,
-        "rng": rng,
+        "rng": RngStreams(s.seed, world, lambda: budget.step),
         "records": progress,
         "evals": fid,
         "best": best,
@@ -148,12 +147,17 @@ def _build_parts(
         checkpointer=_checkpointer(s, store, writer, world, metrics, artifacts.meta, components),
         artifacts=artifacts,
         upload_timeout=s.upload_timeout_minutes * 60,
-        wrap={
-            "distributed": world.distributed,
-            "sync_batchnorm": s.sync_batchnorm,
-            "compile": s.compile,
-        },
+        wrap=_wrap(s, world),
     )
+
+
+def _wrap(s: Settings, world: distributed.World) -> dict:
+    """Networks.wrap's keywords: DDP when distributed, SyncBatchNorm, torch.compile."""
+    return {
+        "distributed": world.distributed,
+        "sync_batchnorm": s.sync_batchnorm,
+        "compile": s.compile,
+    }
 
 
 def _progress(s, metrics, history, world, budget) -> MetricsProcessor:

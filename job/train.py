@@ -37,12 +37,8 @@ log = logging.getLogger(__name__)
 
 class Trainer:
     def __init__(self, parts: Parts):
-        self.world, self.metrics, self.lock, self.writer = (
-            parts.world,
-            parts.metrics,
-            parts.lock,
-            parts.writer,
-        )
+        self.world, self.metrics = parts.world, parts.metrics
+        self.lock, self.writer = parts.lock, parts.writer
         self.source, self.nets, self.gan_step = parts.source, parts.nets, parts.gan_step
         self.budget, self.progress, self.fid = parts.budget, parts.progress, parts.fid
         self.checkpointer, self.artifacts = parts.checkpointer, parts.artifacts
