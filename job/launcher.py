@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 STATUS_DIR_ENV = "GANJOB_STATUS_DIR"  # not GAN_*: that namespace is the user's settings
 SHUTDOWN_MARGIN = 5  # s between the workers' own deadline and torchrun's SIGKILL
 KILL_MARGIN = 3  # s after torchrun's SIGKILL is due, when this launcher kills torchrun and workers
+AGENT_MARGIN = 10  # s torchrun may run on once every worker has ended and one of them failed
 _STOPPED = (EXIT_STOPPED_UNSAVED, EXIT_PREEMPTED)
 
 
@@ -132,25 +133,36 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
 def wait_or_kill(
     child: subprocess.Popen, signalled_at: list[float], deadline: float, folder: Path
 ) -> int:
-    """torchrun's exit status; still running deadline seconds after the first signal (an agent
-    hung on a store or a peer that is gone), torchrun and every worker are killed."""
+    """torchrun's exit status. torchrun and every worker are killed when torchrun is still
+    running deadline seconds after the first signal, or AGENT_MARGIN s after all its workers
+    ended with a failure: its agent hung on a rendezvous store or a peer that is gone."""
+    failed_at = None
     while True:
         try:
             return child.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
-            if signalled_at and time.monotonic() - signalled_at[0] > deadline:
+            now = time.monotonic()
+            if signalled_at and now - signalled_at[0] > deadline:
+                why = f"{deadline:g} s after the signal (GAN_GRACE_SECONDS + {SHUTDOWN_MARGIN + KILL_MARGIN} s)"
                 break
-    log.warning(
-        "torchrun still running %g s after the signal (GAN_GRACE_SECONDS + %d s): killing it "
-        "and its workers",
-        deadline,
-        SHUTDOWN_MARGIN + KILL_MARGIN,
-    )
+            if failed_at is None and workers_failed(read_statuses(folder)):
+                failed_at = now
+            if failed_at is not None and now - failed_at > AGENT_MARGIN:
+                why = f"{AGENT_MARGIN} s after its workers ended with a failure"
+                break
+    log.warning("torchrun still running %s: killing it and its workers", why)
     kill_group(child.pid)
     for status in read_statuses(folder):
         if status.code is None and status.pid:
             kill_group(status.pid)
     return child.wait()
+
+
+def workers_failed(statuses: list[WorkerStatus]) -> bool:
+    """Every worker that started has ended, and not all of them finished (finished, torchrun
+    waits for the other nodes to finish too)."""
+    codes = [s.code for s in statuses]
+    return bool(codes) and None not in codes and any(c != EXIT_OK for c in codes)
 
 
 def kill_group(pid: int) -> None:

@@ -18,6 +18,7 @@ from s3server import free_ports
 
 from job import watchdog
 from job.distributed import peer_lost
+from job.launcher import WorkerStatus, workers_failed
 from job.runlock import LOCK_KEY, RunLock
 from job.storage import open_store
 from tests.helpers import REPO, job_env, write_idx, write_image_folder
@@ -327,6 +328,16 @@ def test_sigterm_ends_a_hung_node_within_the_grace_period_with_10(tmp_path):
     assert code == 10, output
     assert "torchrun still running 10 s after the signal" in output
     assert 10 <= seconds < 2 + 5 + 3 + 5  # GAN_GRACE_SECONDS + SHUTDOWN + KILL margins + exiting
+
+
+def test_torchrun_is_waited_for_until_every_worker_ended_and_one_did_not_finish():
+    def ended(*codes):
+        return [WorkerStatus(rank=r, restart=0, code=c, time=r) for r, c in enumerate(codes)]
+
+    assert workers_failed(ended(10, 10)) and workers_failed(ended(0, 4))
+    assert not workers_failed(ended(10, None))  # torchrun is still stopping rank 1
+    assert not workers_failed(ended(0, 0))  # finished: torchrun waits for the other nodes
+    assert not workers_failed([])
 
 
 def kill_if_alive(pid: int) -> None:
