@@ -4,11 +4,12 @@ A collective whose peer is silent (a node that lost its network or its power) ca
 process group's timeout, or for ever where a transport ignores it; a hung data loader or store
 call has no timeout at all. Components call beat(phase) when they make progress (a step, an FID
 batch, a checkpoint part stored, the process group joined); `with waiting(phase, seconds):` holds
-a wait that has its own bound (the uploads at exit; None: loading the data, bounded by its store's
-timeouts), during which the deadline is that much later. A daemon thread checks the deadline: past it, it
-logs the phase and since when, dumps every thread's stack, records exit 10 for gan-job's launcher
-and ends the process with 10 (retryable: the restarted group resumes from the newest complete
-checkpoint). Before start() and after stop(), beat() and waiting() do nothing.
+a wait that has its own bound (the uploads at exit; None: loading the data, bounded by its
+store's timeouts), and the deadline is that much later meanwhile. A daemon thread checks the
+deadline: past it, it logs the phase and since when, dumps every thread's stack, records exit 10
+for gan-job's launcher and ends the process with 10 (retryable: the restarted group resumes from
+the newest complete checkpoint). The run lock's heartbeat asks stalled() and stops renewing.
+Before start() and after stop(), beat() and waiting() do nothing.
 
 This module imports no torch.
 """
