@@ -357,4 +357,6 @@ def test_sigterm_again_during_start_up_is_ignored_and_the_job_still_exits_10(tmp
     output = seen + job.stdout.read()
     assert job.returncode == 10, output
     assert "stopped by SIGTERM during start-up" in output and "Traceback" not in output
-    assert sent > 1 and output.count("SIGTERM again: ignored, the job") == 1, output
+    # logged once at most: the job may be gone before a second signal is handled (the first
+    # ones coalesce while torch computes, and the exit after Stopped takes milliseconds)
+    assert sent > 1 and output.count("SIGTERM again: ignored, the job") <= 1, output
