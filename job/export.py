@@ -25,7 +25,7 @@ from torch import nn
 from job import checkpoint
 from job.errors import CheckpointError, DiskFullError, SettingsError, StorageError
 from job.models import Arch, build_generator
-from job.sample import BEST_EXPORT
+from job.sample import BEST_EXPORT, read_pt, what_it_is
 from job.settings import redact
 from job.storage import Store, open_store
 
@@ -70,20 +70,9 @@ def locate(uri: str, endpoint_url: str | None, which: str) -> Source:
 
 
 def _read_pt(uri: str, endpoint_url: str | None) -> dict:
-    parent, name = uri.rsplit("/", 1) if "/" in uri else (".", uri)
-    try:
-        raw = open_store(parent, endpoint_url).get_bytes(name)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{uri}: no such file") from exc
-    try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - garbage, truncated, empty: unpickling fails anyhow
-        why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{uri}: unreadable ({why}): expected a {EXPECTED}") from exc
+    state = read_pt(uri, endpoint_url, uri, EXPECTED)
     if not isinstance(state, dict):
-        what = "a TorchScript module" if isinstance(state, torch.jit.ScriptModule) else None
-        what = what or f"a saved {type(state).__name__}"
-        raise CheckpointError(f"{uri}: {what}, not a {EXPECTED}")
+        raise CheckpointError(f"{uri}: {what_it_is(state)}, not a {EXPECTED}")
     return state
 
 

@@ -42,7 +42,7 @@ def load_generator(
     a run folder: which="final", its newest checkpoint (else final/generator.pt); which="best",
     its best/generator.pt (the best evaluated step)."""
     if path.endswith(".pt"):
-        state = _load_pt(path, endpoint_url)
+        state = read_pt(path, endpoint_url, f"--checkpoint {path}")
     elif which == "best":
         if not open_store(path, endpoint_url).exists(BEST_EXPORT):
             raise CheckpointError(
@@ -62,30 +62,29 @@ def load_generator(
         state = found[1]
     found = checkpoint.generator_state(state) if isinstance(state, dict) else None
     if found is None:
-        raise CheckpointError(f"--checkpoint {path}: {_what(state)}, not a {EXPECTED}")
+        raise CheckpointError(f"--checkpoint {path}: {what_it_is(state)}, not a {EXPECTED}")
     arch = Arch(**found[0])
     g = build_generator(arch)
     g.load_state_dict(found[1])
     return g.eval(), arch
 
 
-def _load_pt(path: str, endpoint_url: str | None) -> object:
-    """What a .pt file holds; CheckpointError naming it when it is missing or no torch.save file."""
+def read_pt(path: str, endpoint_url: str | None, label: str, expected: str = EXPECTED) -> object:
+    """What a .pt file (local or s3://) holds; CheckpointError beginning with label when it is
+    missing or no torch.save file."""
     parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
     try:
         raw = open_store(parent, endpoint_url).get_bytes(name)
     except FileNotFoundError as exc:
-        raise CheckpointError(f"--checkpoint {path}: no such file") from exc
+        raise CheckpointError(f"{label}: no such file") from exc
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - garbage, truncated or empty: unpickling fails anyhow
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(
-            f"--checkpoint {path}: unreadable ({why}): expected a {EXPECTED}"
-        ) from exc
+        raise CheckpointError(f"{label}: unreadable ({why}): expected a {expected}") from exc
 
 
-def _what(state: object) -> str:
+def what_it_is(state: object) -> str:
     if isinstance(state, torch.jit.ScriptModule):
         return "a TorchScript module"
     if isinstance(state, dict):
