@@ -25,6 +25,11 @@ SHARDS_PREFIX = "shards:"  # GAN_DATASET=shards:s3://bucket/prefix
 NATIVE_SIZE = {"mnist": 28, "kmnist": 28, "fashion-mnist": 28, "cifar10": 32}
 DCGAN_SIZES = (28, 32, 64)
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/augment.py implements them
+# upper bounds: a seed torch and numpy take (the noise streams add step offsets to it), step
+# counts far beyond any run, and time settings (minutes) that a thread's wait can hold
+MAX_SEED = 2**32 - 1
+MAX_COUNT = 10**12
+MAX_MINUTES = 525600.0  # a year
 
 # Kubernetes injects <SERVICE>_SERVICE_HOST, <SERVICE>_PORT, <SERVICE>_PORT_<n>_TCP... for every
 # Service in the namespace; a Service named gan-something must not look like a typo.
@@ -36,7 +41,8 @@ _SERVICE_LINK = re.compile(
 class Settings(BaseSettings):
     """The job's knobs. Field descriptions are the one-line docs shown by --help and README."""
 
-    model_config = SettingsConfigDict(extra="ignore", validate_default=True)
+    # inf and nan are refused for every float: an endless wait is GAN_MAX_MINUTES=0, not inf
+    model_config = SettingsConfigDict(extra="ignore", validate_default=True, allow_inf_nan=False)
     _recipe_filled: dict[str, object] = PrivateAttr(default_factory=dict)
 
     @classmethod
@@ -69,6 +75,7 @@ class Settings(BaseSettings):
     shard_cache_mb: float = Field(
         1024.0,
         gt=0,
+        le=1e9,
         description="shards datasets: the most disk each process's shard cache takes (MB; at "
         "least the largest shard); least recently used shards are deleted to stay under it",
     )
@@ -118,13 +125,14 @@ class Settings(BaseSettings):
     lr_decay_start: float = Field(
         0.0, ge=0, lt=1, description="fraction of the budget after which the decay begins"
     )
-    max_steps: int = Field(10000, ge=1, description="stop after this many D+G steps")
+    max_steps: int = Field(10000, ge=1, le=MAX_COUNT, description="stop after this many D+G steps")
     max_minutes: float = Field(
         0.0,
         ge=0,
+        le=MAX_MINUTES,
         description="wall-time budget of this process: stop cleanly, checkpoint, exit 0 (0: none)",
     )
-    seed: int = Field(0, ge=0, description="seed for weights, noise and data order")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for weights, noise and data order")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="auto picks cuda when usable; cuda without a usable GPU stops before any work (exit 9)",
@@ -224,28 +232,33 @@ class Settings(BaseSettings):
     run_lease_seconds: float = Field(
         60.0,
         ge=2,
+        le=86400,
         description="lease of the run lock that keeps a second job off this run id; a killed "
         "job's lock is taken over after this long",
     )
     upload_timeout_minutes: float = Field(
         30.0,
         gt=0,
+        le=MAX_MINUTES,
         description="how long to keep retrying queued uploads, at exit and before a "
         "rollback, before failing (exit 4)",
     )
-    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints")
+    checkpoint_every: int = Field(500, ge=1, le=MAX_COUNT, description="steps between checkpoints")
     keep_checkpoints: int = Field(
-        3, ge=1, description="complete checkpoints kept; older ones are deleted"
+        3, ge=1, le=10000, description="complete checkpoints kept; older ones are deleted"
     )
-    log_every: int = Field(50, ge=1, description="steps between progress lines")
-    sample_every: int = Field(500, ge=1, description="steps between sample grids")
+    log_every: int = Field(50, ge=1, le=MAX_COUNT, description="steps between progress lines")
+    sample_every: int = Field(500, ge=1, le=MAX_COUNT, description="steps between sample grids")
 
     # evaluation
     fid_every: int = Field(
-        1000, ge=0, description="steps between FID evaluations (0: only at the end)"
+        1000, ge=0, le=MAX_COUNT, description="steps between FID evaluations (0: only at the end)"
     )
     fid_num_samples: int = Field(
-        0, ge=0, description="generated and real images per FID; 0: 10000 on cuda, 500 on cpu"
+        0,
+        ge=0,
+        le=10_000_000,
+        description="generated and real images per FID; 0: 10000 on cuda, 500 on cpu",
     )
     fid_features: str = Field(
         "inception",
@@ -299,6 +312,7 @@ class Settings(BaseSettings):
     node_rank: int = Field(
         0,
         ge=0,
+        le=1023,
         description="this node's index, 0 to GAN_NNODES-1; node 0 hosts the rendezvous "
         "(on Kubernetes: the pod's completion index)",
     )
@@ -565,6 +579,8 @@ def _expected(error: dict) -> str:
             "less_than": "<",
         }[kind]
         return f"a number {op} {next(iter(ctx.values()))}"
+    if kind == "finite_number":
+        return "a finite number (not inf or nan)"
     if kind.startswith("int"):
         return "an integer"
     if kind.startswith("float"):
