@@ -3,6 +3,7 @@ import io
 import json
 import re
 import socket
+import threading
 import subprocess
 import time
 import urllib.request
@@ -290,3 +291,40 @@ def test_nproc_per_node_auto_is_one_process_per_visible_gpu_and_one_on_cpu():
     assert load_settings({"GAN_NPROC_PER_NODE": "3"}).nproc_per_node == 3
     (line,) = problems({"GAN_NPROC_PER_NODE": "all"})
     assert line.startswith("GAN_NPROC_PER_NODE='all': expected an integer or auto")
+
+
+@pytest.mark.parametrize(
+    "variable, value, expected",
+    [
+        ("GAN_UPLOAD_TIMEOUT_MINUTES", "inf", "a finite number"),
+        ("GAN_MAX_MINUTES", "nan", "a finite number"),
+        ("GAN_RUN_LEASE_SECONDS", "inf", "a finite number"),
+        ("GAN_SHARD_CACHE_MB", "inf", "a finite number"),
+        ("GAN_UPLOAD_TIMEOUT_MINUTES", "1e12", "a number <= 525600"),
+        ("GAN_MAX_MINUTES", "1e300", "a number <= 525600"),
+        ("GAN_RUN_LEASE_SECONDS", "1e12", "a number <= 86400"),
+        ("GAN_SEED", "100000000000000", "a number <= 4294967295"),
+        ("GAN_MAX_STEPS", str(10**19), "a number <= 1000000000000"),
+        ("GAN_CHECKPOINT_EVERY", str(10**19), "a number <= 1000000000000"),
+        ("GAN_FID_NUM_SAMPLES", str(10**9), "a number <= 10000000"),
+    ],
+)
+def test_infinite_nan_and_huge_numbers_are_refused_naming_the_bound(variable, value, expected):
+    """Each of these once reached a thread's wait (OverflowError) or torch's manual_seed
+    (ValueError) as a traceback."""
+    (line,) = problems({variable: value})
+    assert line.startswith(f"{variable}={value!r}: expected {expected}"), line
+
+
+def test_the_largest_seed_and_time_budgets_allowed_still_work():
+    s = load_settings({"GAN_SEED": "4294967295", "GAN_UPLOAD_TIMEOUT_MINUTES": "525600"})
+    torch.manual_seed(s.seed * 1_000_003 + s.max_steps * 1009 + 64)  # job/rng.py's largest
+    assert threading.Event().wait(min(s.upload_timeout_minutes * 60, 0.01)) is False
+
+
+def test_an_infinite_upload_timeout_exits_2_not_with_a_traceback(tmp_path):
+    result = run_job(job_env(tmp_path, GAN_UPLOAD_TIMEOUT_MINUTES="inf", GAN_SEED=10**14))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "GAN_UPLOAD_TIMEOUT_MINUTES='inf': expected a finite number" in result.stdout
+    assert "GAN_SEED='100000000000000': expected a number <= 4294967295" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
