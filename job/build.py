@@ -249,7 +249,8 @@ def _checkpointer(s, store, writer, world, metrics, meta, components) -> Checkpo
         metrics=metrics,
         resume=s.resume,
         endpoint_url=s.s3_endpoint_url,
-        timeout=s.upload_timeout_minutes * 60,
+        # other ranks wait for rank 0's reads and uploads in a collective: below its timeout
+        timeout=min(s.upload_timeout_minutes * 60, s.stall_timeout_seconds / 2),
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from job import distributed
+from job import distributed, watchdog
 from job.errors import CheckpointError, SettingsError, StorageError
 from job.metrics import Metrics
 from job.models import arch_changes
@@ -37,6 +37,7 @@ STATE = "state.pt"
 FORMAT = 2
 QUEUED_ITEMS = 4  # what save() queues: state.pt, the marker, on_stored, retention
 READ_SECONDS = 60.0  # how long a checkpoint that cannot be read is retried by default
+TIMEOUT_SETTINGS = "GAN_UPLOAD_TIMEOUT_MINUTES, at most half GAN_STALL_TIMEOUT_SECONDS"
 _STEP_DIR = re.compile(r"^checkpoints/step-(\d{8,})/" + re.escape(MARKER) + "$")
 
 
@@ -108,11 +109,16 @@ def prune(store: Store, keep: int, newest: int | None = None) -> None:
 def load_verified(store: Store, step: int, timeout: float = READ_SECONDS) -> dict:
     """The state of one checkpoint, after checking every part against its marker.
 
-    A part that cannot be read (the store fails or is slow) is retried for timeout seconds,
-    then StorageError: the checkpoint may be intact, so it is never skipped for that. A part
+    Parts that cannot be read (the store fails or is slow) are retried for timeout seconds in
+    all, then StorageError: the checkpoint may be intact, so it is never skipped for that. A part
     that is missing, fails its checksum or does not unpickle is damage: CheckpointError."""
-    base = step_dir(step)
-    read = lambda key: _read_retrying(store, base + key, timeout)  # noqa: E731
+    base, deadline = step_dir(step), time.monotonic() + timeout
+    read = lambda key: _read_retrying(store, base + key, deadline, timeout)  # noqa: E731
+    with watchdog.waiting(f"reading the checkpoint of step {step}", timeout):
+        return _verified(store, base, read)
+
+
+def _verified(store: Store, base: str, read: Callable[[str], bytes]) -> dict:
     try:
         marker = json.loads(read(MARKER))
         parts = {}
@@ -129,9 +135,10 @@ def load_verified(store: Store, step: int, timeout: float = READ_SECONDS) -> dic
         raise CheckpointError(f"{store.uri}/{base}: unreadable ({exc})") from exc
 
 
-def _read_retrying(store: Store, key: str, timeout: float) -> bytes:
-    """store.get_bytes(key), retried with backoff while the store fails, for timeout seconds."""
-    deadline, delay = time.monotonic() + timeout, 0.5
+def _read_retrying(store: Store, key: str, deadline: float, timeout: float) -> bytes:
+    """store.get_bytes(key), retried with backoff while the store fails, until deadline (timeout
+    seconds after the first read of the checkpoint)."""
+    delay = 0.5
     while True:
         try:
             return store.get_bytes(key)
@@ -142,7 +149,7 @@ def _read_retrying(store: Store, key: str, timeout: float) -> bytes:
             if left <= 0:
                 raise StorageError(
                     f"{store.uri}/{key}: could not be read for {timeout:g} s "
-                    f"(GAN_UPLOAD_TIMEOUT_MINUTES): {exc}. The checkpoint may be intact, so the "
+                    f"({TIMEOUT_SETTINGS}): {exc}. The checkpoint may be intact, so the "
                     "run does not start over: a retry reads it again"
                 ) from exc
             log.warning("cannot read %s/%s, retrying in %.1f s: %s", store.uri, key, delay, exc)
@@ -355,16 +362,18 @@ class Checkpointer:
     def rollback(self) -> int | None:
         """Restores this run's newest complete checkpoint, once every queued upload is stored.
 
-        A store that does not take them within timeout seconds fails the rollback (exit 4, a
-        retry resumes from the newest complete checkpoint) instead of hanging the job on it."""
+        A store that does not take them within timeout seconds fails the rollback on every rank
+        (exit 4, a retry resumes from the newest complete checkpoint) instead of hanging the job
+        on it; the other ranks wait for rank 0's uploads in a collective, so timeout stays below
+        the process group's (build.py)."""
         timeout = self.timeout
-        if not self.writer.flush(timeout):
+        stored = self.writer.flush(timeout)
+        if not distributed.broadcast_object(stored, self.world):
             raise StorageError(
                 f"rolling back needs the checkpoints queued before it: {self.writer.pending} "
-                f"uploads still not stored after {timeout / 60:g} minutes "
-                f"(GAN_UPLOAD_TIMEOUT_MINUTES; last error: {self.writer.last_error})"
+                f"uploads still not stored after {timeout:g} s ({TIMEOUT_SETTINGS}; last error: "
+                f"{self.writer.last_error})"
             )
-        distributed.barrier(self.world)
         found = load_latest(self.store, timeout)
         if found is None:
             return None

@@ -397,6 +397,9 @@ def _three_channels(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
+REFERENCE_BATCH = 100  # real images per pass of the extractor
+
+
 @dataclass
 class RealReference:
     """What every evaluation compares with: torcheval's FID state after the real images, and
@@ -411,13 +414,19 @@ class RealReference:
 
 
 def real_reference(
-    extractor: Extractor, images: torch.Tensor, device: torch.device, batch: int = 100
+    extractor: Extractor,
+    images: torch.Tensor,
+    device: torch.device,
+    batch: int = REFERENCE_BATCH,
+    each_batch: Callable[[], object] = lambda: None,
 ) -> RealReference:
-    """FID state and features of real uint8 images, in one pass of the extractor."""
+    """FID state and features of real uint8 images, in one pass of the extractor; each_batch()
+    is called before every batch."""
     tap = FeatureTap(extractor.model)
     metric = _metric(tap, extractor.dim, device)
     features = []
     for chunk in images.split(batch):
+        each_batch()
         metric.update(_three_channels(chunk.to(device).float() / 255), is_real=True)
         features.append(tap.kept.cpu())
     state = {k: v.detach().cpu() for k, v in metric.state_dict().items()}
@@ -426,7 +435,7 @@ def real_reference(
 
 
 def real_statistics(
-    extractor: Extractor, images: torch.Tensor, device: torch.device, batch: int = 100
+    extractor: Extractor, images: torch.Tensor, device: torch.device, batch: int = REFERENCE_BATCH
 ) -> dict[str, torch.Tensor]:
     """The FID state after only real uint8 images."""
     return real_reference(extractor, images, device, batch).state
@@ -726,13 +735,22 @@ class FidEvaluator:
         Rank 0 alone keeps the features: KID and precision/recall are computed there."""
         if self.extractor is None:
             return
-        real = None
+        stats, feats = f"{self.cache_key}.pt", f"{self.cache_key}-features.pt"
+        real = images = None
         if self.world.is_main:
-            real = self._load_reference(self.cache, self.cache_key, self.real_images)
+            real = self._from_cache(self.cache, stats, feats)
+            images = None if real is not None else self.real_images(self.num)
             problem = self.extractor.label_accuracy_problem(self.num_classes)
             self.labels_checked = problem is None
             if problem and self.num_classes:
                 log.warning("no label accuracy: %s", problem)
+        batches = 0 if images is None else math.ceil(len(images) / REFERENCE_BATCH)
+        batches = distributed.broadcast_object(batches, self.world)
+        if images is not None:
+            real = self._compute_reference(images, stats, feats)
+        else:
+            for _ in range(batches):  # rank 0's batches, in step with it: no rank waits alone
+                _reference_batch_done(self.world)
         state = distributed.broadcast_object(real.state if real else None, self.world)
         self.real = real if real is not None else RealReference(state)
         self.labels_checked = distributed.broadcast_object(self.labels_checked, self.world)
@@ -745,22 +763,23 @@ class FidEvaluator:
                 self.num,
             )
 
-    def _load_reference(
-        self, cache: Store, key: str, real_images: Callable[[int], torch.Tensor]
-    ) -> RealReference:
-        stats, feats = f"{key}.pt", f"{key}-features.pt"
-        if (cached := self._from_cache(cache, stats, feats)) is not None:
-            return cached
+    def _compute_reference(self, images: torch.Tensor, stats: str, feats: str) -> RealReference:
+        """The reference of these real images, cached as stats and feats (rank 0)."""
         log.info(
             "computing real-image statistics and features (%d images, %s)",
-            self.num,
+            len(images),
             self.extractor.name,
         )
-        real = real_reference(self.extractor, real_images(self.num), self.world.device)
+        real = real_reference(
+            self.extractor,
+            images,
+            self.world.device,
+            each_batch=lambda: _reference_batch_done(self.world),
+        )
         for name, obj in ((stats, real.state), (feats, real.features)):
             buf = io.BytesIO()
             torch.save(obj, buf)
-            cache.put_bytes(name, buf.getvalue())
+            self.cache.put_bytes(name, buf.getvalue())
         return real
 
     def _from_cache(self, cache: Store, stats: str, feats: str) -> RealReference | None:
@@ -873,6 +892,14 @@ def summary(values: dict) -> str:
     if "label_accuracy" in values:
         parts.append(f"label accuracy {values['label_accuracy']:.3f}")
     return ", ".join(parts)
+
+
+def _reference_batch_done(world: distributed.World) -> None:
+    """Before each batch of the real reference, which rank 0 alone computes: progress for the
+    watchdog on every rank, and a collective that ends the other ranks' wait when rank 0 is gone
+    (a wait for the whole reference could outlast GAN_STALL_TIMEOUT_SECONDS)."""
+    watchdog.beat("FID real-image statistics")
+    distributed.barrier(world)
 
 
 def _batch_done(stop: Callable[[], bool], world: distributed.World) -> bool:

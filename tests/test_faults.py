@@ -234,7 +234,7 @@ def test_a_rollback_while_the_store_is_gone_exits_4_instead_of_hanging(tmp_path)
         log = log_path.read_text()
         assert code == 4, log
         assert "rolling back needs the checkpoints queued before it" in log
-        assert f"after {UPLOAD_TIMEOUT_MINUTES:g} minutes (GAN_UPLOAD_TIMEOUT_MINUTES" in log
+        assert f"after {UPLOAD_TIMEOUT_MINUTES * 60:g} s (GAN_UPLOAD_TIMEOUT_MINUTES" in log
         assert server.secret_key not in log
 
         server.start()
@@ -282,3 +282,30 @@ def test_checkpoints_the_store_cannot_serve_at_resume_exit_4_and_the_run_is_kept
     assert result.returncode == 0, log
     assert "cannot read" in log and "resumed from step 30" in log
     assert complete_steps(bucket_objects(s3, bucket, "runs/flaky/")) == [40, 50, 60]
+
+
+def test_reads_at_resume_give_up_before_the_watchdog_ends_a_group_of_two(s3, tmp_path):
+    """Two ranks resume while the store fails every read of state.pt, with GAN_UPLOAD_TIMEOUT_
+    MINUTES longer than the stall timeout: the reads are retried for at most half the stall
+    timeout, so the job exits 4 naming the part (retried, the run kept), not 10 from a watchdog
+    that saw no progress in a read retried for a minute."""
+    write_idx(tmp_path / "data", n=256)
+    bucket = new_bucket(s3)
+    settings = dict(GAN_ARTIFACT_URI=f"s3://{bucket}/runs", GAN_RUN_ID="two",
+                    GAN_CHECKPOINT_EVERY=10, GAN_LOG_EVERY=10, GAN_UPLOAD_TIMEOUT_MINUTES=1)  # fmt: skip
+    assert run_job(s3_job_env(tmp_path, s3, GAN_MAX_STEPS=10, **settings)).returncode == 0
+    with TcpProxy(s3.ports["s3"]) as proxy:
+        proxy.reject = lambda line: line.startswith(b"GET ") and b"state.pt" in line
+        env = s3_job_env(tmp_path, s3, GAN_MAX_STEPS=20, GAN_NPROC_PER_NODE=2,
+                         GAN_STALL_TIMEOUT_SECONDS=8,
+                         GAN_S3_ENDPOINT_URL=f"http://127.0.0.1:{proxy.port}", **settings)  # fmt: skip
+        env["AWS_MAX_ATTEMPTS"] = "1"
+        t0 = time.monotonic()
+        result = run_job(env, timeout=120)
+        seconds = time.monotonic() - t0
+    log = result.stdout + result.stderr
+    assert result.returncode == errors.EXIT_STORAGE, log
+    assert "step-00000010/state.pt: could not be read for 4 s" in log
+    assert "stalled" not in log
+    assert seconds < 60, log
+    assert complete_steps(bucket_objects(s3, bucket, "runs/two/")) == [10]
