@@ -21,7 +21,7 @@ from job.distributed import peer_lost
 from job.launcher import WorkerStatus, workers_failed
 from job.runlock import LOCK_KEY, RunLock
 from job.storage import open_store
-from tests.helpers import REPO, job_env, write_idx, write_image_folder
+from tests.helpers import REPO, job_env, write_extractor, write_idx, write_image_folder
 from tests.test_launcher import read_until, start_job, worker_pid
 
 TWO = dict(GAN_NPROC_PER_NODE=2, GAN_DEVICE="cpu")
@@ -310,6 +310,24 @@ def logged_at(line: str) -> float:
     h, m, sec = (int(x) for x in line[:8].split(":"))
     midnight = time.mktime(time.localtime()[:3] + (0, 0, 0, 0, 0, -1))
     return midnight + h * 3600 + m * 60 + sec
+
+
+def test_ranks_waiting_for_rank_0s_real_fid_statistics_go_on_with_it(tmp_path):
+    """Rank 0 alone computes the real-image reference, here 10 batches of 1 s against a 5 s
+    stall timeout: every rank beats per batch, in step with rank 0, so none ends itself."""
+    write_idx(tmp_path / "data", n=1000)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=4, GAN_STALL_TIMEOUT_SECONDS=5,
+                  GAN_FID_FEATURES=write_extractor(tmp_path / "features.pt"),
+                  GAN_FID_NUM_SAMPLES=1000, GAN_RUN_ID="ref", **TWO)  # fmt: skip
+    env.update(PYTHONPATH=f"{REPO / 'tests/poison'}:{REPO}", SLOW_REFERENCE_SECONDS="1")
+    result = subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, text=True,
+                            capture_output=True, timeout=180)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "computing real-image statistics and features (1000 images" in output
+    assert "stalled" not in output
+    (row,) = [json.loads(x) for x in (tmp_path / "runs/ref/eval.jsonl").read_text().splitlines()]
+    assert row["step"] == 4 and row["fid"] > 0
 
 
 def test_sigterm_ends_a_hung_node_within_the_grace_period_with_10(tmp_path):

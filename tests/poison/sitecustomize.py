@@ -1,7 +1,8 @@
 """Imported by every Python process of a test that puts this folder first on PYTHONPATH: in a
 torchrun worker of rank POISON_RANK, D's weights turn NaN after step POISON_STEP (a non-finite
 loss on demand, in a real job). With POISON_FILE instead, in a job of one process: after every
-step once that file exists, so that a test picks the moment."""
+step once that file exists, so that a test picks the moment. With SLOW_REFERENCE_SECONDS: each
+batch of the real FID reference takes that much longer."""
 
 import os
 
@@ -29,3 +30,28 @@ if (
         return stats
 
     GanStep.train = _poisoned_step
+
+if "SLOW_REFERENCE_SECONDS" in os.environ:
+    import time
+
+    from job import evaluate
+
+    _reference, _three_channels, _in_reference = (
+        evaluate.real_reference,
+        evaluate._three_channels,
+        [],
+    )
+
+    def _slow_reference(*args, **kwargs):
+        _in_reference.append(True)
+        try:
+            return _reference(*args, **kwargs)
+        finally:
+            _in_reference.pop()
+
+    def _slow_batch(x):
+        if _in_reference:
+            time.sleep(float(os.environ["SLOW_REFERENCE_SECONDS"]))
+        return _three_channels(x)
+
+    evaluate.real_reference, evaluate._three_channels = _slow_reference, _slow_batch
