@@ -12,16 +12,29 @@
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-# Third-party dependencies only, read from pyproject.toml: this 5 GB layer is rebuilt when the
-# pins change, not when job/ does.
+# The runtime requirements are requirements.lock (every package pinned, with its hashes), once
+# checked to hold pyproject.toml's pins. Only the lock leaves this stage, so a change elsewhere in
+# pyproject.toml (a dev tool's pin, the version) leaves the 5.9 GB install below cached.
+FROM ${PYTHON_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml requirements.lock ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > pins.txt \
+ && while read -r pin; do \
+      grep -q "^$pin " requirements.lock \
+      || { echo "requirements.lock lacks $pin: update it (docs/container.md)" >&2; exit 1; }; \
+    done < pins.txt
+
+# Third-party dependencies only: this layer is rebuilt when the lock changes, not when job/ does.
+# pip.conf is an optional build secret (a private index; docker build --secret
+# id=pip.conf,src=...): mounted for the step, never stored in a layer. Without it, PyPI.
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
- && pip install --no-cache-dir -r requirements.txt
+COPY --from=requirements /src/requirements.lock ./
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    pip install --no-cache-dir --require-hashes -r requirements.lock
 
 # torchvision's ImageNet InceptionV3 (what torcheval's FID loads), put where torch hub looks
 # first, so that FID works on clusters without internet. check_hash verifies the sha256 prefix
@@ -37,8 +50,10 @@ RUN mkdir -p "$TORCH_HOME/hub/checkpoints" \
 
 # The job itself, as a wheel (no editable install, no source tree in the image).
 FROM deps AS wheel
+COPY pyproject.toml README.md ./
 COPY job/ job/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="gan-job" \
@@ -55,8 +70,11 @@ RUN groupadd --gid 10001 gan \
  && chown -R 10001:10001 /work
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=weights /opt/torch /opt/torch
-RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /wheels/*.whl
+# Copied, not bind-mounted from the stage: podman's and buildah's layer cache would keep the old
+# wheel under a bind mount (buildah issue 4522).
+COPY --from=wheel /wheels /tmp/wheels
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps --no-index /tmp/wheels/*.whl \
+ && rm -r /tmp/wheels
 
 # Relative defaults (GAN_DATA_DIR=./data, GAN_ARTIFACT_URI=./runs) land in /work. HOME must be
 # writable (matplotlib, CUDA caches); Kubernetes mounts emptyDirs on /work, /home/gan and /tmp

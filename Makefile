@@ -75,27 +75,42 @@ bench:  ## gan-job's loop against a plain tutorial loop, side by side (docs/perf
 # make image push IMAGE=registry.example.com/team/gan-job:0.1.0   (docs/container.md)
 IMAGE ?= gan-job:dev
 FETCH_INCEPTION ?= 1
+CONTAINER_ENGINE ?= docker
+# empty: the Dockerfile's base (python:3.11.14-slim-bookworm)
+PYTHON_IMAGE ?=
+# a pip.conf for a private index, given to the build as a secret (never stored in the image)
+PIP_CONF ?=
+comma := ,
+METRICS_PORT ?= 9090
+RUN_FLAGS ?=
 
-.PHONY: push compose-up compose-down
+.PHONY: push compose-up compose-down image-check
 
-image:  ## build the container image (FETCH_INCEPTION=0: without InceptionV3 weights)
-	docker build --build-arg FETCH_INCEPTION=$(FETCH_INCEPTION) -t $(IMAGE) .
+image:  ## build the container image (FETCH_INCEPTION=0: without InceptionV3 weights; CONTAINER_ENGINE=podman)
+	$(CONTAINER_ENGINE) build --build-arg FETCH_INCEPTION=$(FETCH_INCEPTION) \
+	  $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE)) \
+	  $(if $(PIP_CONF),--secret id=pip.conf$(comma)src=$(PIP_CONF)) -t $(IMAGE) .
 
 push:  ## push IMAGE to its registry
-	docker push $(IMAGE)
+	$(CONTAINER_ENGINE) push $(IMAGE)
 
-# With GPUs: all of them, one process each (GAN_NPROC_PER_NODE=auto) unless local.env says otherwise
+# With GPUs: all of them, one process each (GAN_NPROC_PER_NODE=auto) unless local.env says otherwise.
+# No --init: the image's tini is PID 1.
 run-local:  ## train in the image: settings from local.env, artifacts in ./runs, all GPUs if any
 	test -f local.env || cp local.env.example local.env
 	mkdir -p runs data
-	docker run --rm --init --shm-size=2g \
-	  $$(command -v nvidia-smi >/dev/null 2>&1 && echo --gpus all) \
+	$(CONTAINER_ENGINE) run --rm --shm-size=2g $(RUN_FLAGS) \
+	  $$(command -v nvidia-smi >/dev/null 2>&1 && echo $(if $(filter podman,$(CONTAINER_ENGINE)),--device nvidia.com/gpu=all,--gpus all)) \
 	  $$(grep -q '^GAN_NPROC_PER_NODE=' local.env || echo --env GAN_NPROC_PER_NODE=auto) \
 	  --user $$(id -u):$$(id -g) -e HOME=/tmp \
 	  --env-file local.env \
 	  -v "$(CURDIR)/runs:/work/runs" -v "$(CURDIR)/data:/work/data" \
-	  -p 127.0.0.1:9090:9090 \
+	  -p 127.0.0.1:$(METRICS_PORT):9090 \
 	  $(IMAGE)
+
+# Opt-in, not part of `make test`: root, the package mirrors, about 20 GB and 15 minutes.
+image-check:  ## build the image with buildah on a stand-in base and run it as the manifests do
+	scripts/image-check
 
 compose-up:  ## the job with MinIO, Prometheus and Grafana (docker-compose.yml)
 	IMAGE=$(IMAGE) docker compose up --build --detach

@@ -103,3 +103,76 @@ def test_final_stage_runs_as_numeric_non_root_with_writable_home():
 def test_inception_weights_are_a_build_option_on_by_default():
     args = [a for op, a in instructions() if op == "ARG" and a.startswith("FETCH_INCEPTION")]
     assert args == ["FETCH_INCEPTION=1"]
+
+
+def normalized(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def locked() -> dict[str, tuple[str, int]]:
+    """requirements.lock: normalized name -> (version, number of hashes)."""
+    entries: dict[str, tuple[str, int]] = {}
+    name = ""
+    for line in (ROOT / "requirements.lock").read_text().splitlines():
+        if m := re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==(\S+) \\$", line):
+            name = normalized(m[1])
+            entries[name] = (m[2], 0)
+        elif line.strip().startswith("--hash=sha256:") and name:
+            version, hashes = entries[name]
+            entries[name] = (version, hashes + 1)
+    return entries
+
+
+def test_lock_file_pins_pyprojects_runtime_dependencies_at_their_versions():
+    lock = locked()
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dependency in dependencies:
+        name, pinned, version = dependency.partition("==")
+        assert pinned, f"{dependency}: runtime dependencies are pinned with =="
+        assert lock.get(normalized(name), ("missing",))[0] == version, (
+            f"requirements.lock does not pin {dependency}: update it (docs/container.md)"
+        )
+    assert len(lock) > len(dependencies)  # their dependencies are locked too
+    assert all(hashes for _, hashes in lock.values()), "an entry without --hash"
+
+
+def stage(name: str) -> list[tuple[str, str]]:
+    steps = instructions()
+    start = next(i for i, (op, a) in enumerate(steps) if op == "FROM" and a.endswith(f" AS {name}"))
+    end = next((i for i in range(start + 1, len(steps)) if steps[i][0] == "FROM"), len(steps))
+    return steps[start:end]
+
+
+def test_dependencies_install_from_the_lock_alone():
+    deps = stage("deps")
+    copies = [a for op, a in deps if op == "COPY"]
+    # only the lock, from the small stage that checked it: other pyproject.toml edits stay cached
+    assert copies == ["--from=requirements /src/requirements.lock ./"], copies
+    (install,) = [a for op, a in deps if op == "RUN" and "pip install" in a]
+    assert "--require-hashes -r requirements.lock" in install
+    # a private index's pip.conf as an optional build secret, never a layer or a build arg
+    assert "--mount=type=secret,id=pip.conf,target=/etc/pip.conf" in install
+
+
+def test_final_stage_copies_the_wheel_instead_of_bind_mounting_it():
+    # podman/buildah cache a RUN whose bind mount changed (buildah issue 4522): old code
+    stage = final_stage()
+    assert not any("--mount=type=bind" in a for op, a in stage if op == "RUN")
+    assert any(op == "COPY" and a.startswith("--from=wheel ") for op, a in stage)
+
+
+def test_run_local_takes_the_engine_and_lets_tini_be_pid_1():
+    make = shutil.which("make")
+    if not make:
+        pytest.skip("make not installed")
+    result = subprocess.run(
+        [make, "-n", "run-local", "image", "CONTAINER_ENGINE=podman", "PYTHON_IMAGE=base:1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "podman run --rm" in result.stdout and "podman build" in result.stdout
+    assert "--build-arg PYTHON_IMAGE=base:1" in result.stdout
+    assert "--init" not in result.stdout
