@@ -89,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=at_least(1), help="default: $GAN_BATCH_SIZE or 64")
     p.add_argument("--dataset", help="default: $GAN_DATASET or fashion-mnist")
     p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        help="torch.compile G and D in gan-job's loop (default: $GAN_COMPILE, else off); the "
+        "first window's warm-up holds the compilation",
+    )
+    p.add_argument(
         "--fid-samples",
         type=at_least(2),
         help="generated images of the FID timing (default: $GAN_FID_NUM_SAMPLES, or the job's "
@@ -112,6 +118,8 @@ def load_bench_settings(args: argparse.Namespace, artifacts: Path) -> tuple[Sett
     for name, default in DEFAULTS.items():
         var, value = f"GAN_{name.upper()}", getattr(args, name)
         env[var] = str(value) if value is not None else env.get(var, default)
+    if args.compile is not None:
+        env["GAN_COMPILE"] = str(args.compile).lower()
     quiet = {
         "GAN_ARTIFACT_URI": str(artifacts),
         "GAN_RUN_ID": "bench",
@@ -326,10 +334,13 @@ class RefLoop:
 
 
 def timed_window(loop, args: argparse.Namespace, device: torch.device) -> dict:
-    """args.warmup untimed steps, then args.steps timed with the device synchronised at both ends."""
+    """args.warmup steps (their time apart), then args.steps timed with the device synchronised
+    at both ends."""
+    t0 = time.perf_counter()
     for _ in range(args.warmup):
         loop.step()
     sync(device)
+    warmup = time.perf_counter() - t0
     loop.data_seconds, images = 0.0, 0
     with PeakMemory(device) as memory:
         cpu0, t0 = cpu_seconds(), time.perf_counter()
@@ -338,7 +349,8 @@ def timed_window(loop, args: argparse.Namespace, device: torch.device) -> dict:
         sync(device)
         seconds, cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
     return {"images": images, "seconds": seconds, "data_seconds": loop.data_seconds,
-            "cpu_seconds": cpu, "peak": memory.peak, "start": memory.start}  # fmt: skip
+            "cpu_seconds": cpu, "peak": memory.peak, "start": memory.start,
+            "warmup_seconds": warmup}  # fmt: skip
 
 
 def side_by_side(loops: list, args: argparse.Namespace, device: torch.device) -> dict:
@@ -376,6 +388,7 @@ def summarize(windows: list[dict]) -> dict:
             w["data_seconds"] / w["seconds"] for w in windows
         ),
         "cpu_seconds": each("cpu_seconds", 3),
+        "warmup_seconds": each("warmup_seconds", 3),
         "images_per_cpu_s_median": statistics.median(per_cpu_s),
         "cores_used": [round(w["cpu_seconds"] / w["seconds"], 2) for w in windows],
         "peak_memory_mib": round(max(w["peak"] for w in windows) / 2**20, 1),
@@ -539,6 +552,7 @@ ROWS = [  # label, figure of each loop, format
     ("getting batches, s/window (median)", "data_seconds_median", ".3f"),
     ("getting batches, share of time", "data_fraction_median", ".1%"),
     ("CPU cores busy (each window)", "cores_used", ".2f"),
+    ("warm-up seconds (each window)", "warmup_seconds", ".2f"),
     ("images per CPU-second (median)", "images_per_cpu_s_median", ".2f"),
     ("peak memory, MiB", "peak_memory_mib", ".1f"),
     ("memory at window start, MiB", "memory_at_window_start_mib", ".1f"),
