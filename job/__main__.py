@@ -5,6 +5,7 @@ GAN_NNODES > 1); `gan-job --dry-run` (or GAN_DRY_RUN=true) only says what it wou
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import importlib
 import logging
 import os
@@ -44,7 +45,7 @@ def _setup_logging() -> None:
     redact_logs()
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+STOP_SIGNALS = launcher.STOP_SIGNALS
 _startup_signals: list[int] = []  # taken by _stop_at_once: the first one stops the job
 
 
@@ -62,7 +63,7 @@ def _stop_at_once(signum, frame) -> None:
 
 def _ignore_stop_signals() -> None:
     """Interpreter shutdown puts the default handlers back, under which a late SIGTERM would turn
-    the exit status the job decided on into 143 (SIGINT: 130)."""
+    the exit status the job decided on into 143 (SIGINT: 130, SIGHUP: 129)."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -113,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         print(help_text())
         return 0
     _setup_logging()
+    # kill -QUIT: every thread's stack to stderr (the log), from C, even while the main thread
+    # waits in a collective or a C call; the process goes on
+    faulthandler.register(signal.SIGQUIT, file=sys.stderr, all_threads=True, chain=False)
     code = _run(argv)
     launcher.record_status(code)  # a worker of gan-job's launcher: how it ended
     distributed = sys.modules.get("job.distributed")  # not imported: no process group joined

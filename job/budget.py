@@ -1,7 +1,7 @@
 """The run's budget: where it stands, when it stops and why, and its learning-rate factor.
 
-GAN_MAX_STEPS and GAN_MAX_MINUTES end a run; SIGTERM/SIGINT end it early for a retry; a lost
-run lock ends it at once. The learning rates follow from the same position: halved once per
+GAN_MAX_STEPS and GAN_MAX_MINUTES end a run; SIGTERM/SIGINT/SIGHUP end it early for a retry; a
+lost run lock ends it at once. The learning rates follow from the same position: halved once per
 rollback after a non-finite loss, times the decay over the budget (job/schedule.py).
 """
 
@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 
 from job import distributed, schedule
 from job.errors import NonFiniteLossError, RunLockedError
+from job.launcher import STOP_SIGNALS
 
 STOP_CHECK_EVERY = 10  # steps between agreements on stopping when distributed
 NONFINITE_LR_FACTOR = 0.5
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass

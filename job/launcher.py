@@ -35,6 +35,9 @@ SHUTDOWN_MARGIN = 5  # s between the workers' own deadline and torchrun's SIGKIL
 KILL_MARGIN = 3  # s after torchrun's SIGKILL is due, when this launcher kills torchrun and workers
 AGENT_MARGIN = 10  # s torchrun may run on once every worker has ended and one of them failed
 _STOPPED = (EXIT_STOPPED_UNSAVED, EXIT_PREEMPTED)
+# the signals that stop the job like a preemption (checkpoint, exit 75): SIGHUP is a terminal or
+# SSH session that dropped. SIGQUIT does not stop it: each worker writes every thread's stack.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,8 @@ def torchrun_argv(torchrun_args: list[str], grace_seconds: int) -> list[str]:
 
 
 def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
-    """Run torchrun, pass the first SIGTERM/SIGINT on to it (the workers ignore later ones too),
-    and return the job's exit status."""
+    """Run torchrun, pass the first stop signal (STOP_SIGNALS) on to it (the workers ignore later
+    ones too) and SIGQUIT to its workers, and return the job's exit status."""
     with tempfile.TemporaryDirectory(prefix="gan-job-status-") as folder:
         argv = torchrun_argv(torchrun_args, grace_seconds)
         received: list[int] = []
@@ -113,8 +116,9 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
             if child is not None:
                 child.send_signal(signum)
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, forward)
+        signal.signal(signal.SIGQUIT, lambda signum, frame: dump_workers(Path(folder)))
         log.info("starting torchrun: %s", " ".join(argv))
         error_file = os.path.join(folder, "torchrun.error")  # the agent's failure (JSON)
         env = {**os.environ, STATUS_DIR_ENV: folder, "TORCHELASTIC_ERROR_FILE": error_file}
@@ -156,6 +160,18 @@ def wait_or_kill(
         if status.code is None and status.pid:
             kill_group(status.pid)
     return child.wait()
+
+
+def dump_workers(folder: Path) -> None:
+    """SIGQUIT to every running worker, which writes its threads' stacks (faulthandler). Not to
+    torchrun: its agent takes SIGQUIT as a death signal and kills the workers with it."""
+    pids = [s.pid for s in read_statuses(folder) if s.code is None and s.pid]
+    log.warning("SIGQUIT: passed on to the workers %s, which write every thread's stack", pids)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGQUIT)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def workers_failed(statuses: list[WorkerStatus]) -> bool:

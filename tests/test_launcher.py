@@ -360,3 +360,58 @@ def test_sigterm_again_during_start_up_is_ignored_and_the_job_still_exits_10(tmp
     # logged once at most: the job may be gone before a second signal is handled (the first
     # ones coalesce while torch computes, and the exit after Stopped takes milliseconds)
     assert sent > 1 and output.count("SIGTERM again: ignored, the job") <= 1, output
+
+
+def training_job(tmp_path: Path, nproc: int, **settings) -> subprocess.Popen:
+    """A job that trains until it is stopped, logging every 10 steps."""
+    write_idx(tmp_path / "data", n=512)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_NPROC_PER_NODE=nproc,
+                  GAN_MAX_STEPS=100000, GAN_LOG_EVERY=10, GAN_CHECKPOINT_EVERY=100000,
+                  GAN_SAMPLE_EVERY=100000, **settings)  # fmt: skip
+    return start_job(env)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sighup_stops_like_sigterm_with_a_checkpoint_and_75(tmp_path, nproc):
+    """A terminal or SSH session that drops: once ignored (a run went on for 200 s)."""
+    job = training_job(tmp_path, nproc)
+    seen = read_until(job, "step 10/")
+    job.send_signal(signal.SIGHUP)
+    try:
+        rest, _ = job.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        raise AssertionError(f"still running 60 s after SIGHUP:\n{seen}{job.stdout.read()}")
+    output = seen + rest
+    assert job.returncode == 75, output
+    assert "stopping at step" in output and "signal" in output
+    assert "stored: exit 75, a retry resumes here" in output
+
+
+def test_sighup_during_start_up_exits_10_saying_so(tmp_path):
+    write_idx(tmp_path / "data", n=3000)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_FID_NUM_SAMPLES=10000,
+                  GAN_FID_FEATURES=write_slow_extractor(tmp_path / "slow.pt"))  # fmt: skip
+    job = start_job(env)
+    seen = read_until(job, "computing real-image statistics")
+    job.send_signal(signal.SIGHUP)
+    rest, _ = job.communicate(timeout=30)
+    assert job.returncode == 10, seen + rest
+    assert "stopped by SIGHUP during start-up, before training" in rest
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigquit_writes_every_threads_stack_and_the_run_goes_on(tmp_path, nproc):
+    """What an operator wants from a job that looks stuck; under gan-job's launcher the
+    workers get it (torchrun would take it as a death signal)."""
+    job = training_job(tmp_path, nproc)
+    seen = read_until(job, "step 10/")
+    job.send_signal(signal.SIGQUIT)
+    seen += read_until(job, "step 40/")  # still training
+    stacks = seen.count("most recent call first")
+    assert stacks >= 2 * nproc, seen  # the main thread and the run lock's (on rank 0) at least
+    assert 'job/train.py", line' in seen and "Current thread" in seen, seen
+    code, output, _ = stop(job, seen)
+    assert code == 75, output
+    if nproc > 1:
+        assert "SIGQUIT: passed on to the workers" in output
