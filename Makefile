@@ -29,15 +29,14 @@ $(FEATURES): | $(INSTALLED)
 	$(PYTHON) -m job features --dataset fashion-mnist --epochs 1 --out $@
 
 # `make run` trains by time, not steps; run it again to train longer (it resumes), or set any
-# GAN_* variable: GAN_MAX_MINUTES=10 make run. One thread: a small model on a shared 2-core CPU
-# runs several times faster on one thread than on two fighting for the cores.
+# GAN_* variable: GAN_MAX_MINUTES=10 make run. Threads: the job's default (the CPUs this process
+# may use); on a machine shared with other work, OMP_NUM_THREADS=1 make run (or GAN_NUM_THREADS).
 run: export GAN_MAX_MINUTES ?= 2
 run: export GAN_MAX_STEPS ?= 1000000
 run: export GAN_FID_FEATURES ?= $(FEATURES)
 run: export GAN_FID_EVERY ?= 250
 run: export GAN_SAMPLE_EVERY ?= 500
 run: export GAN_METRICS_PORT ?= 0
-run: export OMP_NUM_THREADS ?= 1
 run: install $(FEATURES)  ## a real Fashion-MNIST run, offline: installs what it needs, trains 2 minutes
 	@scripts/apt-install $(DEBIAN_RUN)
 	@echo "training for $(GAN_MAX_MINUTES) minutes (GAN_MAX_MINUTES), FID every $(GAN_FID_EVERY) steps"

@@ -93,6 +93,12 @@ def _train(dry_run: bool = False) -> int:
             settings.resolved_run_id,
             settings.rdzv_timeout_seconds,
         )
+        from job import threads  # torchrun would give each worker OMP_NUM_THREADS=1
+
+        os.environ.setdefault(
+            "OMP_NUM_THREADS",
+            str(threads.choose(settings.num_threads, settings.nproc_per_node).count),
+        )
         return launcher.run_torchrun(options, settings.grace_seconds)
     if launcher.under_torchrun() and not launcher.started_by_launcher():
         if os.environ.get("RANK", "0") == "0":

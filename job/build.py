@@ -10,7 +10,7 @@ import importlib.metadata
 from dataclasses import dataclass
 from pathlib import Path
 
-from job import data, distributed, evaluate, shards, watchdog
+from job import batching, data, distributed, evaluate, shards, threads, watchdog
 from job.artifacts import RunArtifacts
 from job.best import BestGenerator
 from job.budget import Budget
@@ -110,22 +110,28 @@ def _build_parts(
     store: Store,
     lock: RunLock,
 ) -> Parts:
+    used = threads.apply(s.num_threads, distributed.local_world_size())
+    plan = _batch_plan(s, world)
     with watchdog.waiting("loading the data", None):  # bounded by its store's timeouts
         images = load_data(s, world.rank)
     arch = _arch(s, images)
     extractor = _extractor(s, images, world)
     nets = _networks(s, arch, world)
-    source = batch_source(s, images, world)
+    source = batch_source(s, images, world, plan.per_process, _loader_workers(s, used))
+    gan_step = GanStep(
+        nets, _recipe(s, world), device=world.device, micro_batches=plan.accumulation
+    )
     budget = _budget(s, world, lock)
     writer = _writer(store, metrics, world)
     progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
-    startup = startup_lines(s, store, images, arch, extractor, world)
+    startup = startup_lines(s, store, images, arch, extractor, world, plan, used)
     artifacts = _artifacts(s, store, writer, world, arch, startup)
     best = _best(s, world, artifacts, metrics)
     fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images, best)
     components = {
         "run": budget,
         "nets": nets,
+        "batch": _global_batch(s, world, plan, source, gan_step, startup),  # before "data"
         "data": source,
         "rng": RngStreams(s.seed, world, lambda: budget.step),
         "records": progress,
@@ -140,7 +146,7 @@ def _build_parts(
         writer=writer,
         source=source,
         nets=nets,
-        gan_step=GanStep(nets, _recipe(s, world), device=world.device),
+        gan_step=gan_step,
         budget=budget,
         progress=progress,
         fid=fid,
@@ -149,6 +155,36 @@ def _build_parts(
         upload_timeout=s.upload_timeout_minutes * 60,
         wrap=_wrap(s, world),
     )
+
+
+def _batch_plan(s: Settings, world: distributed.World) -> batching.BatchPlan:
+    given = "batch_size" in s.model_fields_set and "batch_size" not in s.recipe_filled
+    return batching.plan_from_settings(
+        s.batch_size, given, s.global_batch_size, world.world_size, s.micro_batch_size
+    )
+
+
+def _global_batch(s, world, plan, source, gan_step, startup) -> batching.GlobalBatch:
+    """The checkpoint's `batch`: a plan adopted on resume resizes the source and the step, and
+    the start-up block's batch line says so."""
+
+    def apply(adopted: batching.BatchPlan) -> None:
+        source.resize(adopted.per_process)
+        gan_step.micro_batches = adopted.accumulation
+        startup[:] = [_with_batch(line, adopted) for line in startup]
+
+    return batching.GlobalBatch(
+        plan,
+        batch_size=s.batch_size,
+        global_given=s.global_batch_size is not None,
+        micro_limit=s.micro_batch_size,
+        apply=apply,
+        is_main=world.is_main,
+    )
+
+
+def _loader_workers(s: Settings, used: threads.Threads) -> int:
+    return s.num_workers if s.num_workers is not None else threads.loader_workers(used.count)
 
 
 def _wrap(s: Settings, world: distributed.World) -> dict:
@@ -286,18 +322,22 @@ def load_data(s: Settings, rank: int) -> data.ImageData:
 
 
 def batch_source(
-    s: Settings, images: data.ImageData, world: distributed.World
+    s: Settings,
+    images: data.ImageData,
+    world: distributed.World,
+    batch_size: int,
+    num_workers: int,
 ) -> data.BatchSource | shards.ShardSource:
     """The one place that picks how batches are read: from shards, or from memory/a folder."""
     where = {"device": world.device, "rank": world.rank, "world_size": world.world_size}
     if images.shards is not None:
-        return shards.ShardSource(images, s.batch_size, seed=s.seed, **where)
+        return shards.ShardSource(images, batch_size, seed=s.seed, **where)
     return data.BatchSource(
         images,
-        s.batch_size,
+        batch_size,
         seed=s.seed,
         **where,
-        num_workers=s.num_workers,
+        num_workers=num_workers,
         on_device=s.data_on_device,
     )
 
@@ -370,6 +410,8 @@ def startup_lines(
     arch: Arch,
     extractor: evaluate.Extractor | None,
     world: distributed.World,
+    plan: batching.BatchPlan,
+    used: threads.Threads,
 ) -> list[str]:
     """The start-up block (RunArtifacts.announce) but for where the run starts."""
     filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
@@ -386,9 +428,17 @@ def startup_lines(
         f"data: {s.dataset} from {images.source}: {len(images)} images, "
         f"{images.classes_found} classes, {images.channels}x{images.image_size}x{images.image_size}",
         f"device: {distributed.describe_device(world.device)} x {world.world_size} "
-        f"process(es), batch {s.batch_size} per process",
+        f"process(es), {plan.describe()}",
+        f"threads: {used.count} per process ({used.why})",
         f"model: {arch.model}, width {arch.width}, latent {arch.latent_dim}"
         + (", class-conditional" if arch.num_classes else ""),
         f"recipe: {s.recipe} (filled in: {filled})",
         f"FID: {fid_line}",
     ]
+
+
+def _with_batch(line: str, plan: batching.BatchPlan) -> str:
+    """The start-up block's device line with another batch plan."""
+    if not line.startswith("device: "):
+        return line
+    return line[: line.index(" process(es), ") + len(" process(es), ")] + plan.describe()

@@ -524,23 +524,31 @@ class BatchSource:
         num_workers: int = 0,
         on_device: bool = True,
     ):
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+        self.data, self.seed = data, seed
         self.device, self.rank, self.world_size = device, rank, world_size
         self.num_workers = num_workers
         self.per_rank = len(data) // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"{data.name}: {len(data)} images are fewer than one batch per process "
-                f"(GAN_BATCH_SIZE={batch_size} x {world_size} processes)"
-            )
         self.position = Position(batch_size * world_size)
+        self.resize(batch_size)
         self.in_memory = data.images is not None
         if self.in_memory:
             home = device if on_device else torch.device("cpu")
             self.images, self.labels = data.images.to(home), data.labels.to(home)
             if home.type == "cpu" and device.type == "cuda":
                 self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
+        self._iter = None
+
+    def resize(self, batch_size: int) -> None:
+        """Batches of batch_size per process from the next one on (a resumed run that keeps
+        its checkpoint's global batch under another world size; before its position loads)."""
+        self.batch_size = batch_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"{self.data.name}: {len(self.data)} images are fewer than one batch per process "
+                f"({batch_size} per process x {self.world_size} processes)"
+            )
+        self.position.images_per_step = batch_size * self.world_size
         self._iter = None
 
     @property

@@ -178,6 +178,11 @@ def describe_device(device: torch.device) -> str:
     )
 
 
+def local_world_size() -> int:
+    """The processes of this node (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def setup(device_setting: str, timeout_seconds: float = 600.0) -> World:
     """Join the process group, if any: its collectives give up after timeout_seconds (torch's
     default is 30 minutes on gloo, 10 on NCCL)."""

@@ -71,7 +71,13 @@ class Settings(BaseSettings):
         le=512,
         description="pixels per side; unset: the dataset's own (28, 32; 64 for folders)",
     )
-    num_workers: int = Field(2, ge=0, le=64, description="DataLoader workers for image folders")
+    num_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="DataLoader workers for image folders; unset: half the process's threads "
+        "(GAN_NUM_THREADS), 1 to 4",
+    )
     shard_cache_mb: float = Field(
         1024.0,
         gt=0,
@@ -104,6 +110,21 @@ class Settings(BaseSettings):
 
     # optimisation
     batch_size: int = Field(64, ge=1, le=65536, description="images per step per process")
+    global_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=1048576,
+        description="images per step over all processes: each takes GAN_GLOBAL_BATCH_SIZE / world "
+        "size (GAN_BATCH_SIZE, if set, must equal that); unset: GAN_BATCH_SIZE x world size, "
+        "and a resumed run keeps its checkpoint's global batch",
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="the most images a process puts through G and D at once: a larger batch per "
+        "process accumulates gradients over equal micro-batches (unset: no limit)",
+    )
     lr_g: float = Field(2e-4, gt=0, le=1, description="generator Adam learning rate")
     lr_d: float = Field(2e-4, gt=0, le=1, description="discriminator Adam learning rate")
     beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 for both optimizers")
@@ -207,6 +228,13 @@ class Settings(BaseSettings):
     fused_adam: bool = Field(True, description="fused Adam on GPU (foreach on CPU)")
     compile: bool = Field(
         False, description="torch.compile G and D (slow first steps; no gain on CPU)"
+    )
+    num_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="torch threads per process; unset: OMP_NUM_THREADS if set, else the CPUs the "
+        "process may use (affinity, cgroup CPU quota) over the processes of the node, at least 1",
     )
 
     # artifacts
@@ -453,6 +481,27 @@ class Settings(BaseSettings):
             )
         if problems:
             raise ValueError("\n".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _check_global_batch(self) -> Settings:
+        """GAN_GLOBAL_BATCH_SIZE over the world gan-job's launcher starts (build() checks it
+        again against the world that joined)."""
+        if self.global_batch_size is None:
+            return self
+        from job.batching import plan_from_settings
+
+        try:
+            given = "batch_size" in self.model_fields_set
+            plan_from_settings(
+                self.batch_size,
+                given,
+                self.global_batch_size,
+                self.nproc_per_node * self.nnodes,
+                self.micro_batch_size,
+            )
+        except SettingsError as e:
+            raise ValueError("\n".join(e.problems)) from None
         return self
 
     @property

@@ -521,6 +521,12 @@ class ShardSource:
             self._steps = {epoch: steps}  # one epoch at a time is asked for
         return self._steps[epoch]
 
+    def resize(self, batch_size: int) -> None:
+        """BatchSource.resize: batches of batch_size per process from the next one on."""
+        self.batch_size, self._steps, self._iter = batch_size, {}, None
+        self.position.images_per_step = batch_size * self.world_size
+        self.steps_per_epoch(self.position.epoch)
+
     @property
     def batches_per_epoch(self) -> int:
         return self.steps_per_epoch(self.position.epoch)

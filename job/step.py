@@ -7,6 +7,7 @@ inside the step and read only where the loop syncs anyway, so no step waits on t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -29,56 +30,95 @@ class Recipe:
 
 
 class GanStep:
-    def __init__(self, nets: Networks, recipe: Recipe, *, device: torch.device):
+    """micro_batches: how many equal parts of a process's batch go through G and D at once;
+    each optimizer step accumulates their gradients (job/batching.py sets it). Micro-batch i
+    of n takes every n-th real image from the i-th, as rank i of n processes would from the
+    epoch's order: BatchNorm groups the images as n processes would."""
+
+    def __init__(
+        self, nets: Networks, recipe: Recipe, *, device: torch.device, micro_batches: int = 1
+    ):
         self.nets, self.recipe, self.device = nets, recipe, device
+        self.micro_batches = micro_batches
         self.latent_dim, self.num_classes = nets.arch.latent_dim, nets.arch.num_classes
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
 
     def train(self, real: torch.Tensor, labels: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """One D and one G update on a batch of real images at the run's step; the losses and
-        D's outputs, still on the device."""
-        r, nets, b = self.recipe, self.nets, real.shape[0]
-        g, d = nets.g, nets.d
-        if nets.channels_last:
+        D's outputs (means over the batch), still on the device."""
+        b = real.shape[0]
+        if self.nets.channels_last:
             real = real.contiguous(memory_format=torch.channels_last)
         z = torch.randn(b, self.latent_dim, device=self.device)
         fake_labels = self._random_labels(b)
+        n = self.micro_batches
+        parts = [
+            _Micro(
+                real[i::n],
+                labels[i::n] if self.num_classes else None,
+                z.chunk(n)[i],
+                None if fake_labels is None else fake_labels.chunk(n)[i],
+            )
+            for i in range(n)
+        ]
+        d_stats = self._d_step(parts, step)
+        loss_g = self._g_step(parts)
+        self.nets.update_ema(step)
+        self.nonfinite |= ~(torch.isfinite(d_stats["d_loss"]) & torch.isfinite(loss_g))
+        return {**d_stats, "g_loss": loss_g}
+
+    def _d_step(self, parts: list[_Micro], step: int) -> dict[str, torch.Tensor]:
+        """D's update, its gradients summed over the micro-batches (averaged over ranks on the
+        last one only). With one micro-batch G's graph is kept for G's step; with more, G's
+        step draws the same fakes again rather than hold every micro-batch's graph."""
+        r, nets, n = self.recipe, self.nets, len(parts)
+        g, d = nets.g, nets.d
         # lazy R1 (StyleGAN2): every r1_every steps, scaled by the interval; in this same
         # backward, so that DDP sees one backward per set of forwards
         r1_now = r.r1_gamma > 0 and step % r.r1_every == 0
-        with self._autocast():
-            fake = g(z, fake_labels)
-            real_in = augment.diff_augment(real, r.diffaugment)
-            if r1_now:
-                real_in = real_in.detach().requires_grad_(True)
-            d_real = d(real_in, labels if self.num_classes else None)
-            d_fake = d(augment.diff_augment(fake.detach(), r.diffaugment), fake_labels)
-            loss_d = losses.d_loss(r.loss, d_real, d_fake, r.label_smoothing)
-            if r1_now:
-                loss_d = loss_d + r.r1_every * losses.r1_penalty(d_real, real_in, r.r1_gamma)
         nets.opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
+        sums = {"d_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
+        for i, m in enumerate(parts):
+            with _sync_on_last(d, i, n):
+                with self._autocast():
+                    with torch.set_grad_enabled(n == 1):
+                        m.fake = g(m.z, m.fake_labels)
+                    real_in = augment.diff_augment(m.real, r.diffaugment)
+                    if r1_now:
+                        real_in = real_in.detach().requires_grad_(True)
+                    d_real = d(real_in, m.labels)
+                    fake_in = augment.diff_augment(m.fake.detach(), r.diffaugment)
+                    d_fake = d(fake_in, m.fake_labels)
+                    loss_d = losses.d_loss(r.loss, d_real, d_fake, r.label_smoothing)
+                    if r1_now:
+                        r1 = losses.r1_penalty(d_real, real_in, r.r1_gamma)
+                        loss_d = loss_d + r.r1_every * r1
+                (loss_d / n).backward()
+            sums["d_loss"] = sums["d_loss"] + loss_d.detach() / n
+            sums["d_real"] = sums["d_real"] + torch.sigmoid(d_real.detach()).mean() / n
+            sums["d_fake"] = sums["d_fake"] + torch.sigmoid(d_fake.detach()).mean() / n
         nets.opt_d.step()
+        return sums
 
-        # G's step needs gradients through D but not D's own (half of D's backward), and
-        # must not average D's gradients over ranks
-        d.requires_grad_(False)
-        with no_sync(d), self._autocast():
-            loss_g = losses.g_loss(
-                r.loss, d(augment.diff_augment(fake, r.diffaugment), fake_labels)
-            )
+    def _g_step(self, parts: list[_Micro]) -> torch.Tensor:
+        """G's update: gradients through D but not D's own (half of D's backward), and D's
+        never averaged over ranks."""
+        r, nets, n = self.recipe, self.nets, len(parts)
+        g, d = nets.g, nets.d
         nets.opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
+        d.requires_grad_(False)
+        total = 0.0
+        for i, m in enumerate(parts):
+            with _sync_on_last(g, i, n), no_sync(d):
+                with self._autocast():
+                    fake = m.fake if n == 1 else g(m.z, m.fake_labels)
+                    d_out = d(augment.diff_augment(fake, r.diffaugment), m.fake_labels)
+                    loss_g = losses.g_loss(r.loss, d_out)
+                (loss_g / n).backward()
+            total = total + loss_g.detach() / n
         d.requires_grad_(True)
         nets.opt_g.step()
-        nets.update_ema(step)
-        self.nonfinite |= ~(torch.isfinite(loss_d) & torch.isfinite(loss_g))
-        return {
-            "d_loss": loss_d.detach(),
-            "g_loss": loss_g.detach(),
-            "d_real": torch.sigmoid(d_real.detach()).mean(),
-            "d_fake": torch.sigmoid(d_fake.detach()).mean(),
-        }
+        return total
 
     def nonfinite_on_any_rank(self, world: distributed.World) -> bool:
         """Whether a loss was NaN or infinite on any rank since the last call (a collective;
@@ -101,6 +141,22 @@ class GanStep:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.recipe.amp)
+
+
+@dataclass
+class _Micro:
+    """One micro-batch: real images and labels, noise and the fake labels drawn for it."""
+
+    real: torch.Tensor
+    labels: torch.Tensor | None
+    z: torch.Tensor
+    fake_labels: torch.Tensor | None
+    fake: torch.Tensor | None = None
+
+
+def _sync_on_last(module: nn.Module, i: int, n: int):
+    """DDP averages gradients over ranks in the backward of the last micro-batch only."""
+    return no_sync(module) if i < n - 1 else contextlib.nullcontext()
 
 
 def amp_enabled(setting: str, device: torch.device) -> bool:
