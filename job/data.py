@@ -311,7 +311,7 @@ class FolderDataset(Dataset):
             try:
                 with Image.open(self.files[j]) as img:
                     img = _resize_center_crop(_to_rgb(img), self.image_size)
-            except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+            except UNREADABLE as exc:
                 met.append((j, f"unreadable image ({exc})"))
                 if not self.skip_bad:
                     break
@@ -370,6 +370,17 @@ def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, lis
     return torch.stack(images), torch.tensor(labels), met
 
 
+# what PIL raises for a file that is no image it can decode; DecompressionBombError: more than
+# twice Image.MAX_IMAGE_PIXELS (a 30,000 x 30,000 PNG), refused before any memory is taken
+UNREADABLE = (
+    OSError,
+    UnidentifiedImageError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+)
+
+
 def _header_problem(path: Path) -> str | None:
     """Why a file is no image, from its size and header alone (no decoding); None if it is."""
     try:
@@ -377,7 +388,7 @@ def _header_problem(path: Path) -> str | None:
             return "empty image file"
         with Image.open(path):
             return None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except UNREADABLE as exc:
         return f"unreadable image ({exc})"
 
 
