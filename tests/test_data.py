@@ -1,6 +1,8 @@
 import json
 import pickle
 import struct
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,3 +256,39 @@ def test_fid_records_the_real_images_it_used(tmp_path):
     rows = [json.loads(r) for r in (tmp_path / "runs/mnist-dcgan/eval.jsonl").open()]
     assert [(r["num_samples"], r["num_real"]) for r in rows] == [(100, 64), (100, 64)]
     assert result.stdout.count("real statistics from all 64 images of the dataset") == 1
+
+
+def bomb_png(path: Path, side: int = 30000) -> Path:
+    """A PNG header of side x side 8-bit gray pixels (900 megapixels for 30,000): PIL refuses
+    it at open, before decoding, with DecompressionBombError."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_a_decompression_bomb_is_a_bad_image_skipped_and_counted(tmp_path):
+    root = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=6)
+    bomb_png(root / "a" / "huge.png")
+    data = load(tmp_path, dataset=f"folder:{root}", image_size=16, model="mlp")
+    assert len(data) == 6 and data.folder.skipped == 1
+
+
+def test_a_decompression_bomb_fails_a_run_with_exit_3_naming_it(tmp_path):
+    """Once a DecompressionBombError traceback, exit 1."""
+    root = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=16)
+    bomb = bomb_png(root / "a" / "huge.png")
+    env = job_env(tmp_path, GAN_DATASET=f"folder:{root}", GAN_MODEL="mlp", GAN_IMAGE_SIZE=16,
+                  GAN_BATCH_SIZE=8, GAN_MAX_STEPS=10, GAN_BAD_IMAGES="fail")  # fmt: skip
+    result = run_job(env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert f"{bomb}: unreadable image (Image size (900000000 pixels) exceeds limit" in result.stdout
+    assert "set GAN_BAD_IMAGES=skip" in result.stdout
