@@ -53,8 +53,13 @@ class Link:
         for ns in self.ns:  # ip netns exec mounts /etc/netns/NS/hosts on /etc/hosts
             Path("/etc/netns", ns).mkdir(parents=True, exist_ok=True)
             Path("/etc/netns", ns, "hosts").write_text(f"127.0.0.1 localhost\n{hosts}")
+            # no name server inside: a lookup torch makes fails at once, not after 20 s
+            Path("/etc/netns", ns, "resolv.conf").write_text("nameserver 127.0.0.1\n")
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
+        self.connect()
+
+    def connect(self) -> None:
         ip("link", "add", self.ends[0], "netns", self.ns[0], "type", "veth",
            "peer", "name", self.ends[1], "netns", self.ns[1])  # fmt: skip
         for ns, end, address in zip(self.ns, self.ends, self.addresses, strict=True):
@@ -67,15 +72,60 @@ class Link:
     def restore(self) -> None:
         ip("-n", self.ns[0], "link", "set", self.ends[0], "up")
 
+    def give_up_after_retries(self, retries: int) -> None:
+        """net.ipv4.tcp_retries2 in both namespaces: TCP's give-up on a silent peer (15 by
+        default: about 15 minutes)."""
+        for ns in self.ns:
+            subprocess.run(["ip", "netns", "exec", ns, "sh", "-c",
+                            f"echo {retries} > /proc/sys/net/ipv4/tcp_retries2"], check=True)  # fmt: skip
+
     def remove(self) -> None:
         for ns in self.ns:  # deleting a namespace deletes its end of the veth pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
             shutil.rmtree(Path("/etc/netns", ns), ignore_errors=True)
 
 
+class SilentLink(Link):
+    """The two namespaces joined by a TUN device each and tests/tunrelay.py copying packets
+    between them; cut() drops every packet without a word to either kernel."""
+
+    relay: subprocess.Popen | None = None
+
+    def connect(self) -> None:
+        self.relay = subprocess.Popen(
+            [sys.executable, str(REPO / "tests/tunrelay.py"), self.ns[0], self.ends[0],
+             self.ns[1], self.ends[1]], stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.relay.stdout.readline().strip() == "ready"
+        for i, (ns, end) in enumerate(zip(self.ns, self.ends, strict=True)):
+            ip("-n", ns, "addr", "add", self.addresses[i], "peer", self.addresses[1 - i],
+               "dev", end)  # fmt: skip
+            ip("-n", ns, "link", "set", end, "up")
+
+    def cut(self) -> None:
+        self.relay.send_signal(signal.SIGUSR1)
+
+    def restore(self) -> None:
+        self.relay.send_signal(signal.SIGUSR2)
+
+    def remove(self) -> None:
+        if self.relay is not None:  # its devices go with it
+            self.relay.kill()
+            self.relay.wait()
+        super().remove()
+
+
 @pytest.fixture
 def link() -> Iterator[Link]:
-    link = Link()
+    yield from made(Link())
+
+
+@pytest.fixture
+def silent_link() -> Iterator[Link]:
+    yield from made(SilentLink())
+
+
+def made(link: Link) -> Iterator[Link]:
     try:
         link.create()
         yield link
@@ -84,9 +134,10 @@ def link() -> Iterator[Link]:
 
 
 class Node:
-    """One pod: gan-job in its namespace, in a session of its own (killed as a whole)."""
+    """One pod: gan-job in its own network namespace."""
 
     def __init__(self, tmp: Path, link: Link, index: int, **settings: object):
+        self.ns = link.ns[index]
         settings = {"GAN_STALL_TIMEOUT_SECONDS": STALL, **settings}
         env = job_env(tmp, GAN_DATASET="mnist", GAN_RUN_ID="net", GAN_CHECKPOINT_EVERY=10,
                       GAN_LOG_EVERY=10, GAN_GRACE_SECONDS=3, GAN_RUN_LEASE_SECONDS=4,
@@ -107,10 +158,14 @@ class Node:
         return self.log.read_text()
 
     def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        """SIGKILL the whole pod: every process in its namespace (gan-job's launcher starts
+        torchrun and the workers in sessions of their own)."""
+        found = subprocess.run(["ip", "netns", "pids", self.ns], capture_output=True, text=True)
+        for pid in [self.proc.pid, *map(int, found.stdout.split())]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.proc.wait()
 
 
@@ -136,31 +191,61 @@ def pair(tmp: Path, link: Link, **settings: object) -> list[Node]:
     return [Node(tmp, link, i, **settings) for i in (0, 1)]
 
 
-def test_a_cut_link_ends_both_nodes_with_10_and_the_restarted_pair_resumes(tmp_path, link):
-    write_idx(tmp_path / "data", n=512)
-    nodes = pair(tmp_path, link, GAN_MAX_STEPS=100000)
+def fault_then_resume(tmp: Path, link: Link, fault) -> tuple[list[int], list[str]]:
+    """Train the pair past step 30 and call fault(nodes): both nodes must end within BOUND,
+    none as an unexpected failure (1), leaving a complete checkpoint that a restarted pair
+    resumes from. Returns the nodes' exit statuses and output after the fault."""
+    write_idx(tmp / "data", n=512)
+    nodes = pair(tmp, link, GAN_MAX_STEPS=100000)
     try:
         wait_for("step 30/", nodes)
-        link.cut()
+        fault(nodes)
         codes, seconds = exit_codes(nodes, timeout=BOUND + 30)
     finally:
         for n in nodes:
             n.kill()
     outputs = [n.output() for n in nodes]
-    assert codes == [10, 10], outputs
     assert seconds < BOUND, outputs
-    assert all("unexpected failure" not in o for o in outputs)
-    steps = complete_steps(tmp_path / "runs" / "net")
+    assert all("unexpected failure" not in o for o in outputs), outputs
+    steps = complete_steps(tmp / "runs" / "net")
     assert steps and steps[-1] >= 30
     link.restore()
-    nodes = pair(tmp_path, link, GAN_MAX_STEPS=steps[-1] + 10)
+    nodes = pair(tmp, link, GAN_MAX_STEPS=steps[-1] + 10)
     try:
-        codes, _ = exit_codes(nodes, timeout=240)
+        again, _ = exit_codes(nodes, timeout=240)
     finally:
         for n in nodes:
             n.kill()
-    assert codes == [0, 0], [n.output()[-3000:] for n in nodes]
+    assert again == [0, 0], [n.output()[-3000:] for n in nodes]
     assert any(f"resumed from step {steps[-1]}" in n.output() for n in nodes)
+    return codes, outputs
+
+
+def test_a_cut_link_ends_both_nodes_with_10_and_the_restarted_pair_resumes(tmp_path, link):
+    codes, outputs = fault_then_resume(tmp_path, link, lambda nodes: link.cut())
+    assert codes == [10, 10], outputs
+
+
+@pytest.mark.parametrize("tcp_retries2", [None, 3], ids=["tcp-default", "tcp_retries2=3"])
+def test_a_network_that_drops_every_packet_ends_both_nodes_with_10_and_the_pair_resumes(
+    tmp_path, silent_link, tcp_retries2
+):
+    """No reset, no unreachable route: the hosts hear nothing. With TCP's default give-up
+    (about 15 minutes) the process group's timeout and the watchdog end the wait; with
+    tcp_retries2=3 gloo's sockets fail first ("Connection timed out"): a lost peer too, not 1."""
+    if tcp_retries2 is not None:
+        silent_link.give_up_after_retries(tcp_retries2)
+    codes, outputs = fault_then_resume(tmp_path, silent_link, lambda nodes: silent_link.cut())
+    assert codes == [10, 10], outputs
+    if tcp_retries2 is not None:
+        assert any("Connection timed out" in o for o in outputs), outputs
+
+
+def test_a_killed_node_ends_the_other_with_10_and_the_pair_resumes(tmp_path, link):
+    """Node 1's whole process tree SIGKILLed (its host stays up and resets the connections)."""
+    codes, outputs = fault_then_resume(tmp_path, link, lambda nodes: nodes[1].kill())
+    assert codes == [10, -signal.SIGKILL], outputs
+    assert "another process of the job failed or is gone" in outputs[0] or "exit 10" in outputs[0]
 
 
 def test_a_link_cut_for_20_seconds_and_restored_goes_on_training(tmp_path, link):
