@@ -70,6 +70,21 @@ BENCH_ARGS ?=
 bench:  ## gan-job's loop against a plain tutorial loop, side by side (docs/performance.md)
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 
+# The GPU check (docs/performance.md, "Checking on a GPU"): GPU tests, the benchmark and a 5-minute
+# run, each part bounded, in 8 minutes; the folder GPU_BUNDLE is what a lent GPU machine lacks.
+GPU_BUNDLE ?= runs/gpu-bundle
+.PHONY: gpu-bundle gpu-check gpu-check-dry
+
+gpu-bundle: $(FEATURES)  ## the folder a lent GPU machine needs: wheels it lacks, Fashion-MNIST, the extractor
+	$(PYTHON) scripts/gpu_check.py --prepare $(GPU_BUNDLE) --features $(FEATURES)
+
+gpu-check: install $(FEATURES)  ## on a GPU: the GPU check into runs/gpu-check (summary.md: tables for docs/performance.md)
+	$(PYTHON) scripts/gpu_check.py --features $(FEATURES)
+
+gpu-check-dry: install $(FEATURES)  ## the GPU check end to end on the CPU at tiny sizes, into runs/gpu-check-dry
+	rm -rf runs/gpu-check-dry
+	$(PYTHON) scripts/gpu_check.py --dry --features $(FEATURES)
+
 # --- container --------------------------------------------------------------------------------
 # make image push IMAGE=registry.example.com/team/gan-job:0.1.0   (docs/container.md)
 IMAGE ?= gan-job:dev
