@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -14,11 +15,14 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, LogFormatter, MaxNLocator
+from matplotlib.transforms import offset_copy
 from PIL import Image
 
 WIDTH_IN = 16.0
 PLOTS_HEIGHT_IN = 4.2
 SMOOTH_ABOVE = 200  # points; noisier loss curves get a moving average drawn over them
+LEGEND_BELOW_PT = 34  # from the axes' bottom: below its tick labels and x label
+LEGEND_CHAR_PT = 4.8  # the mean width of a character of a small legend label
 
 
 def write_report(
@@ -118,6 +122,23 @@ def _widen_single_x(ax: Axes, x: np.ndarray) -> None:
         ax.set_xlim(x[0] - pad, x[0] + pad)
 
 
+def _legend(ax: Axes) -> None:
+    """Below the axes, under its x label: a legend inside would cover curves, and a long one
+    the title or the next plot. Labels wrap to the axes' width."""
+    handles, labels = ax.get_legend_handles_labels()
+    width = max(int(ax.get_position().width * WIDTH_IN * 72 / LEGEND_CHAR_PT), 12)
+    below = offset_copy(ax.transAxes, fig=ax.figure, y=-LEGEND_BELOW_PT, units="points")
+    ax.legend(
+        handles,
+        [textwrap.fill(label, width) for label in labels],
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.0),
+        bbox_transform=below,
+        fontsize="small",
+        frameon=False,
+    )
+
+
 def _no_data(ax: Axes) -> None:
     ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
@@ -140,7 +161,7 @@ def _plot_losses(ax: Axes, records: Sequence[Mapping[str, Any]]) -> None:
     _plot_series(ax, x, _column(records, "d_loss"), "D loss", "tab:blue")
     _plot_series(ax, x, _column(records, "g_loss"), "G loss", "tab:orange")
     _widen_single_x(ax, x)
-    ax.legend(loc="upper right")
+    _legend(ax)
 
 
 def _plot_outputs(ax: Axes, records: Sequence[Mapping[str, Any]]) -> None:
@@ -153,7 +174,7 @@ def _plot_outputs(ax: Axes, records: Sequence[Mapping[str, Any]]) -> None:
     _plot_series(ax, x, _column(records, "d_real"), "D(x) real", "tab:green")
     _plot_series(ax, x, _column(records, "d_fake"), "D(G(z)) fake", "tab:red")
     _widen_single_x(ax, x)
-    ax.legend(loc="upper right")
+    _legend(ax)
 
 
 def fid_sums(row: Mapping[str, Any]) -> str:
@@ -195,7 +216,7 @@ def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
         ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
-    ax.legend(loc="upper right")
+    _legend(ax)
 
 
 def _last_extractor_rows(evals: Sequence[Mapping[str, Any]], key: str) -> list[Mapping[str, Any]]:
@@ -221,7 +242,7 @@ def _plot_kid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
         x, y, yerr=_column(rows, "kid_std"), marker="o", markersize=4, capsize=3, label=label
     )
     _widen_single_x(ax, x)
-    ax.legend(loc="upper right")
+    _legend(ax)
 
 
 def _plot_scores(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
@@ -241,7 +262,7 @@ def _plot_scores(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
     if not drawn:
         return _no_data(ax)
     ax.set_ylim(-0.02, 1.02)
-    ax.legend(loc="lower right")
+    _legend(ax)
 
 
 def _images_seen_by_step(records: Sequence[Mapping[str, Any]]) -> dict[int, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from matplotlib.text import Text
 from PIL import Image
 
 from job.report import report_figure, write_report
@@ -44,3 +45,38 @@ def test_report_of_fid_only_evaluations_keeps_its_three_plots():
            for e in evals(False)]  # fmt: skip
     assert len(report_figure([], old, []).axes) == 3
     assert len(report_figure([], evals(False), []).axes) == 5
+
+
+def resumed_evals() -> list[dict]:
+    """A run resumed by a newer gan-job: float32 FID sums, then float64 ones (two series)."""
+    rows = evals(conditional=True) + [
+        {**e, "step": e["step"] + 300, "images_seen": e["images_seen"] + 19200, "fid_sums": "float64"}
+        for e in evals(conditional=True)
+    ]  # fmt: skip
+    return [{**r, "extractor": "fashion-mnist-cnn-features"} for r in rows]
+
+
+def overlaps(a, b) -> bool:
+    return a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1
+
+
+def test_legends_cover_no_title_no_plot_and_stay_inside_the_picture():
+    records = [{"step": s, "images_seen": 64 * s, "d_loss": 1.0 + (s % 7) / 10, "g_loss": 0.7,
+                "d_real": 0.6, "d_fake": 0.4} for s in range(0, 601, 2)]  # fmt: skip
+    for rows in (evals(conditional=False)[:1], resumed_evals()):
+        fig = report_figure(records, rows, [], title="fashion-mnist-dcgan")
+        renderer = fig.canvas.get_renderer()
+        fig.draw(renderer)
+        legends = [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        assert len(legends) == len(fig.axes)
+        page = fig.bbox
+        (suptitle,) = [t for t in fig.findobj(Text) if t.get_text() == "fashion-mnist-dcgan"]
+        covered = [suptitle.get_window_extent(renderer)]
+        covered += [ax.title.get_window_extent(renderer) for ax in fig.axes]
+        covered += [ax.patch.get_window_extent(renderer) for ax in fig.axes]
+        for legend in legends:
+            box = legend.get_window_extent(renderer)
+            assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0, box
+            assert not any(overlaps(box, other) for other in covered), box
+            assert not any(overlaps(box, other.get_window_extent(renderer))
+                           for other in legends if other is not legend)  # fmt: skip
