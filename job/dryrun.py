@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from job import build, distributed, evaluate
+from job import batching, build, distributed, evaluate
 from job.checkpoint import complete_steps, step_dir
 from job.errors import EXIT_OK, CheckpointError, SettingsError, StorageError
 from job.models import Arch, build_discriminator, build_generator
@@ -186,11 +186,20 @@ def _store_lines(s: Settings, store: Store | None) -> list[str]:
 
 def _device_line(s: Settings, device: torch.device) -> str:
     world = s.nproc_per_node * s.nnodes
+    given = "batch_size" in s.model_fields_set
+    plan = batching.plan_from_settings(
+        s.batch_size, given, s.global_batch_size, world, s.micro_batch_size
+    )
     how = "no process group started" if world == 1 else "torchrun would start them"
     return (
         f"device: {distributed.describe_device(device)} x {world} process(es) "
         f"({PREFIX}NPROC_PER_NODE={s.nproc_per_node} x {PREFIX}NNODES={s.nnodes}; {how}), "
-        f"batch {s.batch_size} per process, {s.batch_size * world} per step"
+        f"batch {plan.per_process} per process, {plan.global_batch} per step"
+        + (
+            f" ({plan.accumulation} micro-batches of {plan.micro_batch})"
+            if plan.accumulation > 1
+            else ""
+        )
     )
 
 
