@@ -116,7 +116,7 @@ DRY = Plan(
         "GAN_FID_NUM_SAMPLES": "48",
     },
     evaluate_num=48,
-    timeouts={"tests": 120, "train": 120, "evaluate": 60, "bench": 60, "bench-compile": 60},
+    timeouts={"tests": 180, "train": 180, "evaluate": 180, "bench": 180, "bench-compile": 180},
     env={"OMP_NUM_THREADS": "1", "GAN_WIDTH": "8", "GAN_LATENT_DIM": "16"},
 )
 
@@ -221,6 +221,15 @@ class Check:
             result["status"] = "failed" if result["status"] == "ok" else result["status"]
         self.results[part.name] = result
         self.clock.say(f"{part.name}: {result['status']} in {result['seconds']} s")
+        self.save()
+
+    def save(self, finished: bool = False) -> dict:
+        """The summary so far, written and exported: a check killed as a whole keeps it."""
+        mode = "dry, CPU" if self.plan is DRY else "GPU"
+        summary = summarize(self.results, self.plan, mode, time.monotonic() - self.clock.t0)
+        summary["finished"] = finished
+        write_outputs(summary, self.out, self.args.export)
+        return summary
 
     def finish_together(self, *pending: tuple[Part | None, object]) -> None:
         """finish() parts running side by side, each as soon as it is done."""
@@ -630,20 +639,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    plan, mode = (DRY, "dry, CPU") if args.dry else (GPU, "GPU")
+    plan = DRY if args.dry else GPU
     clock = Clock(args.budget_minutes * 60, args.out / "gpu-check.log")
-    clock.say(
-        f"GPU check ({mode}): parts {', '.join(p for p in PARTS if p in parts)}; out {args.out}"
-    )
+    clock.say(f"GPU check ({'dry, CPU' if args.dry else 'GPU'}): parts "
+              f"{', '.join(p for p in PARTS if p in parts)}; out {args.out}")  # fmt: skip
     site = install_wheels(args.bundle, args.out, clock)
     check = Check(plan, args, clock, child_env(plan, site))
     previous = args.out / "summary.json"
     if args.only and previous.is_file():
         check.results = json.loads(previous.read_text())["parts"]
     check.run(parts)
-    summary = summarize(check.results, plan, mode, time.monotonic() - clock.t0)
     clock.say(f"summary: {args.out / 'summary.md'}")
-    write_outputs(summary, args.out, args.export)
+    summary = check.save(finished=True)
     print(markdown(summary), flush=True)
     return 0 if summary["ok"] else 1
 

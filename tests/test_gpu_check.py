@@ -39,7 +39,9 @@ def test_the_dry_gpu_check_runs_every_part_on_the_cpu_and_writes_its_summary(tmp
     summary = json.loads((out / "summary.json").read_text())
     parts = summary["parts"]
     assert set(parts) == {"tests", "train", "evaluate", "bench-16-eager"}
-    assert all(p["status"] == "ok" for p in parts.values()) and summary["ok"]
+    assert (
+        all(p["status"] == "ok" for p in parts.values()) and summary["ok"] and summary["finished"]
+    )
     tests = parts["tests"]
     assert tests["passed"] >= 3 and tests["failed"] == 0 and not tests["failures"]
     assert parts["train"]["steps"] == 12 and parts["train"]["recipe"] == "fast28"
