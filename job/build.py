@@ -6,7 +6,9 @@ seconds, not after loading its data), then builds every component with plain val
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,13 +17,13 @@ from job.artifacts import RunArtifacts
 from job.best import BestGenerator
 from job.budget import Budget
 from job.checkpoint import Checkpointer
-from job.errors import JobError, RunLockedError
+from job.errors import JobError, RunLockedError, SettingsError
 from job.metrics import Metrics, MetricsProcessor
 from job.models import Arch
 from job.networks import Networks
 from job.rng import RngStreams
 from job.runlock import RunLock
-from job.settings import Settings, public_dict
+from job.settings import PER_NODE_SETTINGS, PREFIX, Settings, public_dict, redact
 from job.step import GanStep, Recipe, amp_enabled
 from job.storage import BackgroundWriter, JsonlLog, NullWriter, Store, download_prefix, open_store
 
@@ -73,6 +75,7 @@ def build(settings: Settings, world: distributed.World) -> Parts:
     """Every component of the run, once this job holds the run's lock (released again if
     building fails)."""
     s = settings
+    agree_settings(s, world)
     metrics = Metrics(enabled=world.is_main and (s.metrics_port > 0 or bool(s.pushgateway_url)))
     metrics.serve(s.metrics_port)  # before any work: a port in use is a settings error
     root = open_store(s.artifact_uri, s.s3_endpoint_url)
@@ -84,6 +87,47 @@ def build(settings: Settings, world: distributed.World) -> Parts:
     except BaseException:
         lock.release()
         raise
+
+
+def agree_settings(s: Settings, world: distributed.World) -> None:
+    """SettingsError (exit 2) on every rank, before any work, when the nodes of the run were
+    started with different settings (a ConfigMap edited between two pods' starts): each
+    setting that differs, with the node ranks holding each value; a value that holds a secret
+    (redact() finds one) is compared by its digest and not shown."""
+    values = {
+        name: _comparable(value)
+        for name, value in s.model_dump(mode="json").items()
+        if name not in PER_NODE_SETTINGS
+    }
+    differ = distributed.differing(values, s.node_rank, world)
+    if differ:
+        problems = [_disagreement(PREFIX + name.upper(), held) for name, held in differ.items()]
+        problems.append(
+            "every node of a run needs the same GAN_* settings, but for "
+            + ", ".join(PREFIX + n.upper() for n in sorted(PER_NODE_SETTINGS))
+        )
+        raise SettingsError(problems)
+
+
+_SECRET = "secret:"
+
+
+def _comparable(value: object) -> str:
+    text = json.dumps(value)
+    if redact(text) != text:
+        return _SECRET + hashlib.sha256(text.encode()).hexdigest()
+    return text
+
+
+def _disagreement(variable: str, held: dict[str, list[int]]) -> str:
+    def nodes(ranks: list[int]) -> str:
+        return ("node " if len(ranks) == 1 else "nodes ") + ", ".join(map(str, ranks))
+
+    if any(value.startswith(_SECRET) for value in held):
+        groups = "; ".join(nodes(ranks) for ranks in held.values())
+        return f"{variable} differs between the nodes ({groups}): it holds a secret, not shown"
+    where = ", ".join(f"{value} on {nodes(ranks)}" for value, ranks in held.items())
+    return f"{variable} differs between the nodes: {where}"
 
 
 def take_lock(store: Store, lock: RunLock, world: distributed.World) -> None:

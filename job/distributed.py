@@ -9,6 +9,8 @@ than train on the CPU or fail later with a traceback.
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -263,6 +265,34 @@ def gather_objects(obj, world: World) -> list:
         return [obj]
     out = [None] * world.world_size
     dist.all_gather_object(out, obj)
+    return out
+
+
+def differing(values: dict[str, str], label: int, world: World) -> dict[str, dict[str, list[int]]]:
+    """The values that are not the same on every rank, as {name: {value: labels holding it}}
+    (label: the rank's node, say). One all-gather of a digest when every rank agrees; of the
+    values themselves only when they do not."""
+    if not world.distributed:
+        return {}
+    digest = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+    if len(set(gather_objects(digest, world))) == 1:
+        return {}
+    return value_holders(gather_objects((label, values), world))
+
+
+def value_holders(held: list[tuple[int, dict[str, str]]]) -> dict[str, dict[str, list[int]]]:
+    """For each name whose value is not the same in every (label, values) pair: each value and
+    the sorted labels that hold it, lowest label first (a name missing from a pair counts as the
+    value "<unset>")."""
+    names = sorted({name for _, values in held for name in values})
+    out = {}
+    for name in names:
+        holders: dict[str, set[int]] = {}
+        for label, values in held:
+            holders.setdefault(values.get(name, "<unset>"), set()).add(label)
+        if len(holders) > 1:
+            ordered = sorted(holders.items(), key=lambda item: min(item[1]))
+            out[name] = {value: sorted(labels) for value, labels in ordered}
     return out
 
 

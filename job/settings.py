@@ -530,6 +530,25 @@ class Settings(BaseSettings):
 
 TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")  # what pydantic reads as a true bool
 
+# settings that may differ between the nodes of one run: where a node keeps its own files, its
+# processes, threads and DataLoader workers, its metrics port and how long it waits for the
+# others. Every other setting must be the same on every node (build.agree_settings).
+PER_NODE_SETTINGS = frozenset(
+    {
+        "node_rank",
+        "nproc_per_node",
+        "num_workers",
+        "num_threads",
+        "metrics_port",
+        "data_dir",
+        "shard_cache_dir",
+        "shard_cache_mb",
+        "fid_inception_weights",
+        "rdzv_timeout_seconds",
+        "dry_run",
+    }
+)
+
 # GAN_RECIPE presets: the values a recipe gives the settings that were not set explicitly
 RECIPES: dict[str, dict[str, object]] = {
     "seed": {
