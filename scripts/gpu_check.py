@@ -94,7 +94,7 @@ GPU = Plan(
         "GAN_CHECKPOINT_EVERY": "5000",
     },
     evaluate_num=10_000,
-    timeouts={"tests": 300, "train": 420, "evaluate": 120, "bench": 90, "bench-compile": 180},
+    timeouts={"tests": 360, "train": 420, "evaluate": 120, "bench": 90, "bench-compile": 180},
 )
 DRY = Plan(
     device="cpu",
