@@ -46,6 +46,28 @@ MiB = 1024 * 1024
 CHECK_SECONDS = 60.0  # the whole start-up check of an S3 store
 T = TypeVar("T")
 _TMP_SUFFIX = ".partial"  # local temp files: ".<name>.<hex>.partial", never listed
+# a folder that refuses writes (remounted read-only, permissions taken away): retrying is no use
+_REFUSED = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+class WritesRefused(StorageError):
+    """The artifact folder refuses writes: a storage failure (exit 4) that waiting cannot end."""
+
+
+def refused(folder: str, key: str, exc: OSError) -> WritesRefused:
+    return WritesRefused(
+        f"{folder}: cannot write {key}: {exc.strerror} (the folder refuses writes)"
+    )
+
+
+def _refusals_raised(folder: str, key: str, write: Callable[[], T]) -> T:
+    """write(), with an OSError of a folder that refuses writes raised as WritesRefused."""
+    try:
+        return write()
+    except OSError as e:
+        if e.errno in _REFUSED:
+            raise refused(folder, key, e) from e
+        raise
 
 
 def _clean_key(key: str) -> str:
@@ -190,13 +212,18 @@ class LocalStore(Store):
         return self._path(key)
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        _atomic_write(self._path(key), lambda tmp: tmp.write_bytes(data))
+        dest = self._path(key)
+        _refusals_raised(
+            self.uri, key, lambda: _atomic_write(dest, lambda tmp: tmp.write_bytes(data))
+        )
 
     def put_file(self, key: str, path: str | Path) -> None:
         dest = self._path(key)
         if dest.exists() and dest.samefile(path):
             return
-        _atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+        _refusals_raised(
+            self.uri, key, lambda: _atomic_write(dest, lambda tmp: shutil.copyfile(path, tmp))
+        )
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -230,7 +257,7 @@ class LocalStore(Store):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        path.unlink(missing_ok=True)
+        _refusals_raised(self.uri, key, lambda: path.unlink(missing_ok=True))
         # prune folders left empty (e.g. a retired checkpoint), never the root itself
         for parent in path.parents:
             if parent == self.root or not parent.is_relative_to(self.root):
@@ -561,6 +588,7 @@ class BackgroundWriter:
         self.dropped: list[str] = []  # droppable keys given up to make room
         self.not_stored: list[str] = []  # keys still waiting when close() gave up
         self.disk_full: OSError | None = None  # ENOSPC: flush() and close() wait no longer
+        self.refused: WritesRefused | None = None  # a read-only folder: neither do they
         self._items: deque[_Item] = deque()
         self._current: _Item | None = None  # the item being stored (or retried)
         self._cond = threading.Condition()
@@ -668,6 +696,10 @@ class BackgroundWriter:
                     with self._cond:
                         self.disk_full = e
                         self._cond.notify_all()
+                if isinstance(e, WritesRefused):
+                    with self._cond:
+                        self.refused = e
+                        self._cond.notify_all()
                 log.warning(
                     "storage write failed (attempt %d), retrying in %.1fs: %s",
                     self.failures,
@@ -685,10 +717,11 @@ class BackgroundWriter:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is stored; False on timeout, or at once when the
-        disk is full (waiting would not make room)."""
+        disk is full or the folder refuses writes (waiting would not change that)."""
         with watchdog.waiting("waiting for the uploads", timeout), self._cond:
             self._cond.wait_for(
-                lambda: (not self._items and not self._current) or self.disk_full, timeout
+                lambda: (not self._items and not self._current) or self.disk_full or self.refused,
+                timeout,
             )
             return not self._items and not self._current
 
@@ -709,7 +742,13 @@ class BackgroundWriter:
             self._stopping = True
             self._cond.notify_all()
         if not ok:
-            why = "the disk is full" if self.disk_full else f"{timeout} s"
+            why = (
+                "the disk is full"
+                if self.disk_full
+                else "the folder refuses writes"
+                if self.refused
+                else f"{timeout} s"
+            )
             log.error("storage: giving up after %s: %s", why, self.describe_not_stored())
         self._thread.join(None if ok else 1.0)  # a call stuck past its deadline dies with us
         return ok
@@ -731,6 +770,7 @@ class NullWriter:
     pending = 0
     last_error = None
     disk_full = None
+    refused = None
     dropped: list[str] = []
     not_stored: list[str] = []
 
@@ -777,6 +817,8 @@ class JsonlLog:
             except OSError as e:
                 if e.errno == errno.ENOSPC:
                     raise DiskFullError(f"{self.path}: {e}") from e
+                if e.errno in _REFUSED:
+                    raise refused(self.store.uri, self.key, e) from e
                 raise
 
     def _text(self) -> bytes:

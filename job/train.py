@@ -68,6 +68,8 @@ class Trainer:
             self.progress.step_done(images, time.monotonic() - t0)
             if self.writer.disk_full is not None:
                 raise DiskFullError(f"{self.writer.store.uri}: {self.writer.disk_full}")
+            if self.writer.refused is not None:
+                raise self.writer.refused
             step, reason = self.budget.step, self.budget.stop_reason()
             self.nets.scale_learning_rates(self.budget.lr_factor())
             log_now = self.progress.due(step, last=reason is not None)
@@ -172,6 +174,8 @@ class Trainer:
                 f"{self.writer.store.uri}: checkpoint of step {step} not stored, no space left on "
                 f"its disk ({self.writer.disk_full}): not stored: {self.writer.describe_not_stored()}"
             )
+        if self.writer.refused is not None:
+            raise self.writer.refused
         log.warning(
             "checkpoint of step %d not stored within GAN_GRACE_SECONDS=%g or "
             "GAN_UPLOAD_TIMEOUT_MINUTES=%g: exit 10, a retry resumes from the last complete "
@@ -228,6 +232,8 @@ def _run_trainer(parts: Parts, pushgateway_url: str | None) -> int:
             f"{writer.store.uri}: no space left on its disk ({writer.disk_full}): "
             f"not stored: {writer.describe_not_stored()}"
         )
+    if code == EXIT_OK and writer.refused is not None:
+        raise writer.refused
     if not uploaded and code == EXIT_OK:
         raise StorageError(
             f"{writer.store.uri}: not stored after "

@@ -72,3 +72,58 @@ def test_nodes_started_with_different_settings_both_exit_2_naming_them(tmp_path)
             assert per_node_setting not in output
         assert "step 1/" not in output  # refused before any step
     assert not (tmp_path / "runs" / "mn" / "lock.json").exists()
+
+
+# the checkpoints a run left complete, each read back and verified, in the namespace that holds
+# its tmpfs
+VERIFY = """
+import sys
+from job import checkpoint
+from job.storage import LocalStore
+store = LocalStore(sys.argv[1])
+steps = checkpoint.complete_steps(store)
+for step in steps:
+    checkpoint.load_verified(store, step)
+print("verified", *steps)
+"""
+
+
+def test_an_artifact_folder_turning_read_only_mid_run_exits_4_naming_it(tmp_path):
+    """Once an OSError traceback (exit 1) from appending metrics.jsonl; the checkpoints stored
+    before stay complete, and the job does not wait GAN_UPLOAD_TIMEOUT_MINUTES for writes that
+    cannot succeed."""
+    write_idx(tmp_path / "data", n=256)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=100000, GAN_CHECKPOINT_EVERY=10,
+                  GAN_SAMPLE_EVERY=100000, GAN_ARTIFACT_URI=disk, GAN_RUN_ID="ro")  # fmt: skip
+    run = disk / "ro"
+    script = f"""
+        mount -t tmpfs -o size=16m tmpfs "{disk}" || exit 99
+        "{sys.executable}" -m job & job=$!
+        i=0
+        until ls "{run}"/checkpoints/*/COMPLETE.json >/dev/null 2>&1; do
+            i=$((i + 1)); [ $i -lt 1200 ] || {{ kill $job; exit 98; }}; sleep 0.1
+        done
+        until mount -o remount,ro "{disk}"; do sleep 0.05; done  # busy while a file is written
+        echo "remounted read-only at $(date +%s.%N)"
+        wait $job; code=$?
+        echo "exited at $(date +%s.%N)"
+        "{sys.executable}" -c '{VERIFY}' "{run}"
+        exit $code
+    """
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 4, output
+    assert "Traceback" not in output, output
+    errors = [line for line in result.stdout.splitlines() if " ERROR " in line]
+    assert errors and f"{run}: cannot write " in errors[-1], output
+    assert "Read-only file system (the folder refuses writes)" in errors[-1]
+    remounted, exited = (float(line.split()[-1]) for line in result.stdout.splitlines()
+                         if line.startswith(("remounted read-only at", "exited at")))  # fmt: skip
+    assert exited - remounted < 60, output  # not GAN_UPLOAD_TIMEOUT_MINUTES (30)
+    (verified,) = [
+        line.split()[1:] for line in result.stdout.splitlines() if line.startswith("verified")
+    ]
+    assert verified and "10" in verified, output
