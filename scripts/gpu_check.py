@@ -40,7 +40,7 @@ FEATURES = REPO / "runs/fid-features/fashion-mnist.pt"  # `make features`
 DATA_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")
 RUN_ID = "gpu-check"
 KILL_GRACE_S = 20  # after SIGTERM on a timeout: the job checkpoints and exits, else SIGKILL
-MIN_PART_S = 15  # a part is not started with less of the budget left
+MIN_PART_S = 30  # a part is not started with less of the budget left
 EXPORTED = ("summary.json", "summary.md", "gpu-check.log", "outputs.tar.gz")
 # what the tar of outputs leaves out: weights and checkpoints (megabytes, and not for reading)
 NOT_EXPORTED = re.compile(r"(^|/)(site|checkpoints|final|best)(/|$)|\.pt$")
@@ -66,7 +66,8 @@ class Plan:
     bench_image_size: int
     bench_batches: tuple[int, ...]
     bench_compile: tuple[bool, ...]
-    bench_window_images: int  # timed steps per window: this many images, at least 2 steps
+    bench_window_images: int  # timed steps per window: this many images,
+    bench_min_steps: int  # and at least this many steps
     bench_warmup: int
     bench_repeats: int
     bench_fid_samples: int  # FID timed in the first benchmark process only
@@ -83,6 +84,7 @@ GPU = Plan(
     bench_batches=(64, 256, 1024),
     bench_compile=(False, True),
     bench_window_images=8192,
+    bench_min_steps=20,
     bench_warmup=5,
     bench_repeats=3,
     bench_fid_samples=10_000,
@@ -103,6 +105,7 @@ DRY = Plan(
     bench_batches=(16,),
     bench_compile=(False,),  # torch.compile on a CPU takes minutes: GPU only
     bench_window_images=16,
+    bench_min_steps=2,
     bench_warmup=1,
     bench_repeats=2,
     bench_fid_samples=32,
@@ -332,7 +335,7 @@ class Check:
 
     def bench_argv(self, batch: int, compiled: bool, time_fid: bool) -> list[str]:
         p, name = self.plan, f"bench-{batch}-{'compile' if compiled else 'eager'}"
-        steps = max(2, p.bench_window_images // batch)
+        steps = max(p.bench_min_steps, p.bench_window_images // batch)
         fid = ["--fid-samples", str(p.bench_fid_samples)] if time_fid else ["--skip-fid"]
         return [sys.executable, "benchmarks/bench.py", "--model", "dcgan", "--dataset",
                 "fashion-mnist", "--image-size", str(p.bench_image_size), "--batch-size",
@@ -396,16 +399,18 @@ VERBOSE_OUTCOME = {"PASSED": "passed", "FAILED": "failed", "ERROR": "failed", "X
 
 
 def verbose_counts(log: Path) -> dict:
-    """pytest -v's outcome lines, and the test that was running when it was killed."""
+    """pytest -v's outcome lines, and the test that was running when it was killed (-v names
+    each test as it starts, its outcome when it ends)."""
     counts = {"passed": 0, "failed": 0, "skipped": 0, "xfailed": 0}
-    failures, last = [], None
+    failures, running = [], "no test"
     for line in log.read_text(errors="replace").splitlines():
         if m := VERBOSE_LINE.match(line):
             counts[VERBOSE_OUTCOME[m.group(2)]] += 1
             failures += [m.group(1)] if VERBOSE_OUTCOME[m.group(2)] == "failed" else []
-            last = m.group(1)
-    stopped = f"killed after {last}" if last else "killed before any test ended"
-    return counts | {"failures": [*failures, stopped], "skip_reasons": {}}
+            running = "no test"
+        elif "::" in line and not line.startswith(" "):
+            running = line.split()[0]
+    return counts | {"failures": [*failures, f"killed while running {running}"], "skip_reasons": {}}
 
 
 def bench_figures(path: Path) -> dict:

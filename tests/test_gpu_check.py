@@ -68,3 +68,22 @@ def test_a_part_that_hangs_is_killed_at_its_timeout(tmp_path):
     assert part.wait()["status"] == "timeout" and time.monotonic() - t0 < 15
     assert part.proc.poll() is not None
     assert quick.wait()["status"] == "ok" and "done" in (tmp_path / "quick.log").read_text()
+
+
+def test_a_killed_test_run_is_counted_from_its_verbose_lines(tmp_path):
+    log = tmp_path / "tests.log"
+    log.write_text(
+        "tests/test_gpu.py::test_a[cuda] PASSED                [ 10%]\n"
+        "tests/test_gpu.py::test_b[cuda] XFAIL (reason)        [ 20%]\n"
+        "tests/test_gpu.py::test_c[cuda] FAILED                [ 30%]\n"
+        "tests/test_gpu.py::test_d[cpu] SKIPPED (no CUDA)      [ 40%]\n"
+        "tests/test_gpu.py::test_e[cuda] \n"
+    )
+    found = gpu_check_module().verbose_counts(log)
+    assert {k: found[k] for k in ("passed", "failed", "skipped", "xfailed")} == {
+        "passed": 1, "failed": 1, "skipped": 1, "xfailed": 1,
+    }  # fmt: skip
+    assert found["failures"] == [
+        "tests/test_gpu.py::test_c[cuda]",
+        "killed while running tests/test_gpu.py::test_e[cuda]",
+    ]
