@@ -78,9 +78,10 @@ def test_checkpoint_of_two_processes_resumes_in_one_and_back(tmp_path):
     env.update(GAN_NPROC_PER_NODE="2", GAN_MAX_STEPS="10")
     third = run_job(env)
     assert third.returncode == 0, third.stdout + third.stderr
-    assert "resumed from step 8 (192 images seen)" in third.stdout
+    # one process kept the global batch of 2 x 16: 4 steps of 32 images
+    assert "resumed from step 8 (256 images seen)" in third.stdout
     state = torch.load(tmp_path / "runs/elastic/checkpoints/step-00000010/state.pt",
                        weights_only=False)  # fmt: skip
-    assert state["meta"]["world_size"] == 2 and state["run"]["images_seen"] == 192 + 2 * 2 * 16
-    assert state["data"] == {"epoch": 0, "images_consumed": 256}
+    assert state["meta"]["world_size"] == 2 and state["run"]["images_seen"] == 256 + 2 * 2 * 16
+    assert state["data"] == {"epoch": 0, "images_consumed": 320}
     assert len(state["rng"]) == 2

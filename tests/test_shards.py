@@ -314,7 +314,8 @@ def test_a_checkpoint_of_two_processes_resumes_in_one_at_the_same_images_consume
 
     # one process: 192 images consumed = its step 12 of 19 in epoch 0; 7 steps end the
     # epoch, 7 more are epoch 1's first (a restart of the epoch would be at its step 14)
-    one = dict(two, GAN_MAX_STEPS="20", GAN_NPROC_PER_NODE="1")
+    # (told to train on 16 images a step: it would keep the checkpoint's global batch of 32)
+    one = dict(two, GAN_MAX_STEPS="20", GAN_NPROC_PER_NODE="1", GAN_GLOBAL_BATCH_SIZE="16")
     result = run_job(one, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "resumed from step 6" in result.stdout
