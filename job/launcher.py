@@ -47,7 +47,7 @@ class WorkerStatus:
     rank: int
     restart: int  # TORCHELASTIC_RESTART_COUNT: torchrun's attempt
     code: int | None  # None: started and never reported (killed: SIGKILL, OOM killer...)
-    time: float
+    time: float  # time.monotonic(): one clock for the node, which a wall-clock jump leaves alone
     pid: int = 0  # the worker's process, which torchrun starts in a session of its own
 
 
@@ -247,7 +247,7 @@ def record_status(code: int | None) -> None:
         rank=int(os.environ["RANK"]),
         restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         code=code,
-        time=time.time(),
+        time=time.monotonic(),
         pid=os.getpid(),
     )
     path = Path(folder, f"attempt-{status.restart:03d}-rank-{status.rank:05d}.json")

@@ -381,7 +381,7 @@ def test_sighup_stops_like_sigterm_with_a_checkpoint_and_75(tmp_path, nproc):
         rest, _ = job.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         job.kill()
-        raise AssertionError(f"still running 60 s after SIGHUP:\n{seen}{job.stdout.read()}")
+        raise AssertionError(f"still running 60 s after SIGHUP:\n{seen}{job.stdout.read()}") from None
     output = seen + rest
     assert job.returncode == 75, output
     assert "stopping at step" in output and "signal" in output
@@ -415,3 +415,18 @@ def test_sigquit_writes_every_threads_stack_and_the_run_goes_on(tmp_path, nproc)
     assert code == 75, output
     if nproc > 1:
         assert "SIGQUIT: passed on to the workers" in output
+
+
+def test_the_first_failure_stays_first_across_a_wall_clock_jump_back(tmp_path, monkeypatch):
+    """Workers order their failures by a clock that a jump of the wall clock (NTP, a VM
+    resumed) does not move: rank 0 fails, the clock goes back a day, rank 1 fails after it."""
+    from job.launcher import STATUS_DIR_ENV, read_statuses, record_status
+
+    monkeypatch.setenv(STATUS_DIR_ENV, str(tmp_path))
+    wall = iter([time.time(), time.time() - 86400])
+    monkeypatch.setattr(time, "time", lambda: next(wall))
+    for rank, code in ((0, 3), (1, 7)):
+        monkeypatch.setenv("RANK", str(rank))
+        record_status(code)
+        time.sleep(0.01)
+    assert job_status(1, read_statuses(tmp_path), signalled=False)[0] == 3

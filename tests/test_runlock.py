@@ -201,3 +201,27 @@ def test_sigterm_while_the_lock_settles_on_a_hanging_store_exits_within_the_rele
     log = (tmp_path / "job.log").read_text()
     assert f"could not remove the run lock in {RELEASE_SECONDS:g} s" in log
     assert "stopped by SIGTERM during start-up" in log
+
+
+def test_wall_clock_jumps_of_days_change_no_wait_of_the_lock(tmp_path, monkeypatch):
+    """A silent holder's lock is taken over one lease later, however the wall clock jumps
+    meanwhile (days forward, then back): the lock measures time on the monotonic clock and
+    never sleeps a negative length. (libfaketime cannot show it: under it Python's own
+    time.sleep fails with EINVAL once the monotonic clock is left real.)"""
+    store = open_store(str(tmp_path / "run"))
+    store.put_bytes(
+        LOCK_KEY, json.dumps({"owner": "gone:1:x", "renewals": 1, "lease_seconds": 2}).encode()
+    )
+    jumps = iter(lambda: time.monotonic() % 2, None)  # alternately days ahead and days behind
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + (3 if next(jumps) < 1 else -3) * 86400)
+    lock = RunLock(store, lease_seconds=2, settle_seconds=0.1)
+    t0 = time.monotonic()
+    lock.acquire()
+    try:
+        assert 2 <= time.monotonic() - t0 < 10
+        assert json.loads(store.get_bytes(LOCK_KEY))["owner"] == lock.owner
+        time.sleep(1.5)  # two renewals (a quarter lease each) under the jumping clock
+        assert json.loads(store.get_bytes(LOCK_KEY))["renewals"] >= 3 and not lock.lost
+    finally:
+        lock.release()

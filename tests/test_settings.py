@@ -3,8 +3,8 @@ import io
 import json
 import re
 import socket
-import threading
 import subprocess
+import threading
 import time
 import urllib.request
 import uuid
