@@ -201,8 +201,13 @@ class Check:
         self.out: Path = args.out
         self.results: dict[str, dict] = {}
 
-    def part(self, name: str, argv: list[str], kind: str, env: dict | None = None) -> Part | None:
-        """A started part, or None (recorded as not run) when the budget is spent."""
+    def part(
+        self, name: str, argv: list[str], kind: str, env: dict | None = None, writes: str = ""
+    ) -> Part | None:
+        """A started part, or None (recorded as not run) when the budget is spent. writes: its
+        output file, removed first (a rerun killed before writing it must not read the old)."""
+        if writes:
+            (self.out / writes).unlink(missing_ok=True)
         left = self.clock.left()
         if left < MIN_PART_S:
             self.results[name] = not_run(f"{left:.0f} s of the budget left")
@@ -258,7 +263,7 @@ class Check:
         xml = self.out / "tests.xml"
         argv = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", *self.plan.tests,
                 f"--junitxml={xml}"]  # fmt: skip
-        return self.part("tests", argv, "tests")
+        return self.part("tests", argv, "tests", writes=xml.name)
 
     def read_tests(self) -> dict:
         """From pytest's JUnit XML; from its -v lines when it was killed before writing it."""
@@ -308,7 +313,7 @@ class Check:
                 "--num", str(self.plan.evaluate_num), "--features", str(self.args.features),
                 "--data-dir", str(self.args.data), "--device", self.plan.device,
                 "--out", str(self.out / "evaluate.json")]  # fmt: skip
-        return self.part("evaluate", argv, "evaluate")
+        return self.part("evaluate", argv, "evaluate", writes="evaluate.json")
 
     def read_evaluate(self) -> dict:
         found = json.loads((self.out / "evaluate.json").read_text())
@@ -323,9 +328,8 @@ class Check:
             for batch in self.plan.bench_batches:
                 name = f"bench-{batch}-{'compile' if compiled else 'eager'}"
                 kind = "bench-compile" if compiled else "bench"
-                part = self.part(
-                    name, self.bench_argv(batch, compiled, first), kind, self.bench_env()
-                )
+                argv = self.bench_argv(batch, compiled, first)
+                part = self.part(name, argv, kind, self.bench_env(), writes=f"{name}.json")
                 self.finish(part, lambda n=name: bench_figures(self.out / f"{n}.json"))
                 first = False
 
@@ -381,16 +385,20 @@ def junit_counts(path: Path) -> dict:
         skip = case.find("skipped")
         if bad is not None:
             counts["failed"] += 1
-            failures.append(f"{name}: {(bad.get('message') or '').splitlines()[0][:300]}")
+            failures.append(f"{name}: {first_line(bad.get('message'))[:300]}")
         elif skip is not None and skip.get("type") == "pytest.xfail":
             counts["xfailed"] += 1
         elif skip is not None:
             counts["skipped"] += 1
-            reason = (skip.get("message") or "").splitlines()[0][:200]
+            reason = first_line(skip.get("message"))[:200]
             skips[reason] = skips.get(reason, 0) + 1
         else:
             counts["passed"] += 1
     return counts | {"failures": failures, "skip_reasons": skips}
+
+
+def first_line(text: str | None) -> str:
+    return (text or "").partition("\n")[0]
 
 
 VERBOSE_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")

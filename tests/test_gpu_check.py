@@ -87,3 +87,23 @@ def test_a_killed_test_run_is_counted_from_its_verbose_lines(tmp_path):
         "tests/test_gpu.py::test_c[cuda]",
         "killed while running tests/test_gpu.py::test_e[cuda]",
     ]
+
+
+def test_test_outcomes_are_counted_from_pytests_junit_xml(tmp_path):
+    xml = tmp_path / "tests.xml"
+    xml.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_gpu" name="test_a[cuda]"/>'
+        '<testcase classname="tests.test_gpu" name="test_b[cuda]"><failure/></testcase>'
+        '<testcase classname="tests.test_gpu" name="test_c[cuda]">'
+        '<skipped type="pytest.xfail" message="known"/></testcase>'
+        '<testcase classname="tests.test_gpu" name="test_d[cuda]">'
+        '<skipped type="pytest.skip" message="no CUDA GPU visible&#10;more"/></testcase>'
+        "</testsuite></testsuites>"
+    )
+    found = gpu_check_module().junit_counts(xml)
+    assert {k: found[k] for k in ("passed", "failed", "skipped", "xfailed")} == {
+        "passed": 1, "failed": 1, "skipped": 1, "xfailed": 1,
+    }  # fmt: skip
+    assert found["failures"] == ["test_b[cuda]: "]
+    assert found["skip_reasons"] == {"no CUDA GPU visible": 1}
