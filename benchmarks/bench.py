@@ -610,14 +610,14 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp:
             settings, quiet = load_bench_settings(args, Path(tmp) / "runs")
             world = distributed.setup(quiet.device)
             progress(f"building gan-job's Trainer on {world.device}")
-            trainer = Trainer(build(quiet, world))
+            trainer = Trainer(build(quiet, world))  # threads: the job's default (job/threads.py)
+            if args.threads:
+                torch.set_num_threads(args.threads)
             trainer.resume()
             trainer.wrap()
             try:
