@@ -67,3 +67,25 @@ def test_a_non_finite_loss_is_flagged_once_and_the_flag_starts_again():
     step.train(*real_batch(), step=0)
     assert step.nonfinite_on_any_rank(ONE_PROCESS)
     assert not step.nonfinite_on_any_rank(ONE_PROCESS)
+
+
+def test_micro_batches_accumulate_into_one_optimizer_step_and_one_ema_update():
+    step = gan_step()
+    step.micro_batches = 4
+    calls = {"opt_d": 0, "opt_g": 0, "ema": 0, "d": 0}
+
+    def counted(name, method):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            return method(*args, **kwargs)
+
+        return call
+
+    nets = step.nets
+    nets.opt_d.step = counted("opt_d", nets.opt_d.step)
+    nets.opt_g.step = counted("opt_g", nets.opt_g.step)
+    nets.update_ema = counted("ema", nets.update_ema)
+    nets.d.register_forward_hook(lambda module, args, out: calls.update(d=calls["d"] + 1))
+    stats = step.train(*real_batch(16), step=0)
+    assert calls == {"opt_d": 1, "opt_g": 1, "ema": 1, "d": 4 * 3}  # real, fake, G's fake
+    assert all(torch.isfinite(v) and v.shape == () for v in stats.values())
