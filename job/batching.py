@@ -117,7 +117,15 @@ class GlobalBatch:
                 saved,
             )
             return
-        self.plan = plan(saved, self.plan.world_size, self.micro_limit)
+        world = self.plan.world_size
+        if saved % world:
+            raise SettingsError(
+                [
+                    f"the checkpoint's global batch of {saved} does not split over world size "
+                    f"{world}: set GAN_GLOBAL_BATCH_SIZE to a multiple of {world} to go on"
+                ]
+            )
+        self.plan = plan(saved, world, self.micro_limit)
         self.apply(self.plan)
         self._log(
             "keeping the checkpoint's global batch %d under world size %d: %s "

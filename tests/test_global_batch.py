@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job.batching import BatchPlan, plan, plan_from_settings
+from job.batching import BatchPlan, GlobalBatch, plan, plan_from_settings
 from job.errors import SettingsError
 from job.settings import load_settings
 from tests.helpers import REPO, job_env, run_job, write_idx
@@ -40,6 +40,24 @@ def test_batch_size_and_global_batch_size_both_given_must_agree():
     with pytest.raises(SettingsError, match="GAN_BATCH_SIZE=16 with GAN_GLOBAL_BATCH_SIZE=64 .*"
                                             "expected GAN_BATCH_SIZE=32"):  # fmt: skip
         plan_from_settings(16, True, 64, 2, None)
+
+
+def test_a_checkpoint_s_global_batch_is_kept_unless_the_settings_name_another():
+    applied = []
+
+    def component(current: BatchPlan, **kw) -> GlobalBatch:
+        options = {"batch_size": 16, "global_given": False, "micro_limit": None} | kw
+        return GlobalBatch(current, apply=applied.append, is_main=True, **options)
+
+    kept = component(plan(16, 1))
+    kept.load_state_dict({"global_batch": 32, "batch_size": 16})
+    assert kept.plan == applied.pop() == plan(32, 1) and kept.state_dict()["global_batch"] == 32
+    for told in (component(plan(24, 1), global_given=True), component(plan(24, 1), batch_size=24)):
+        told.load_state_dict({"global_batch": 32, "batch_size": 16})
+        assert told.plan == plan(24, 1) and not applied
+    with pytest.raises(SettingsError, match="global batch of 32 does not split over world size 3: "
+                                            "set GAN_GLOBAL_BATCH_SIZE to a multiple of 3"):  # fmt: skip
+        component(plan(48, 3)).load_state_dict({"global_batch": 32, "batch_size": 16})
 
 
 def first_step(tmp_path, processes: int, micro_limit: int | None) -> dict:
