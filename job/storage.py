@@ -893,8 +893,20 @@ def download_prefix(uri: str, local_dir: Path, endpoint_url: str | None = None) 
 
     A file lock makes concurrent ranks on one node download once; a marker written at the end
     makes later calls return at once; files already there with the right size are skipped.
+    A local_dir that cannot be written (read-only, missing, full) is a StorageError naming it.
     """
-    local_dir = Path(local_dir)
+    try:
+        return _download_prefix(uri, Path(local_dir), endpoint_url)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(f"{local_dir}: no space left for {uri}: {e.strerror}") from e
+        raise StorageError(
+            f"{local_dir}: cannot write the copy of {uri} there ({e.strerror}): set "
+            "GAN_DATA_DIR to a writable folder"
+        ) from e
+
+
+def _download_prefix(uri: str, local_dir: Path, endpoint_url: str | None) -> Path:
     local_dir.mkdir(parents=True, exist_ok=True)
     marker = local_dir / _DONE_MARKER
     with open(local_dir / _LOCK_FILE, "w") as lock:

@@ -12,7 +12,7 @@ from s3server import free_ports
 
 from job.build import _comparable, _disagreement
 from job.distributed import value_holders
-from tests.helpers import REPO, job_env, write_idx
+from tests.helpers import REPO, job_env, run_job, write_idx
 
 
 def test_values_held_by_some_ranks_only_are_listed_with_their_holders():
@@ -127,3 +127,19 @@ def test_an_artifact_folder_turning_read_only_mid_run_exits_4_naming_it(tmp_path
         line.split()[1:] for line in result.stdout.splitlines() if line.startswith("verified")
     ]
     assert verified and "10" in verified, output
+
+
+def test_an_s3_dataset_with_an_unwritable_data_dir_exits_4_naming_it(tmp_path):
+    """Its copy goes to GAN_DATA_DIR: once a FileNotFoundError traceback from mkdir (exit 1).
+    /proc takes no new folders; the check comes before any request to the (absent) store."""
+    env = job_env(tmp_path, GAN_DATASET="s3://some-bucket/data", GAN_DATA_DIR="/proc/gan-data",
+                  GAN_DEVICE="cpu", GAN_S3_ENDPOINT_URL="http://127.0.0.1:9")  # fmt: skip
+    env.update(AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y")
+    result = run_job(env, timeout=120)
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert (
+        "/proc/gan-data/s3/some-bucket/data: cannot write the copy of s3://some-bucket/data"
+        in result.stdout
+    )
+    assert "set GAN_DATA_DIR to a writable folder" in result.stdout

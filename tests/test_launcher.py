@@ -381,7 +381,9 @@ def test_sighup_stops_like_sigterm_with_a_checkpoint_and_75(tmp_path, nproc):
         rest, _ = job.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         job.kill()
-        raise AssertionError(f"still running 60 s after SIGHUP:\n{seen}{job.stdout.read()}") from None
+        raise AssertionError(
+            f"still running 60 s after SIGHUP:\n{seen}{job.stdout.read()}"
+        ) from None
     output = seen + rest
     assert job.returncode == 75, output
     assert "stopping at step" in output and "signal" in output
