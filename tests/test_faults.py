@@ -210,23 +210,25 @@ def test_sample_onto_a_full_disk_exits_8_leaving_no_file(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_a_rollback_while_the_store_is_gone_exits_4_instead_of_hanging(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_rollback_while_the_store_is_gone_exits_4_instead_of_hanging(tmp_path, nproc):
     """A non-finite loss needs the checkpoints queued before it stored before rolling back; with
     the store gone for good the job gives up after GAN_UPLOAD_TIMEOUT_MINUTES (exit 4, retried)
-    instead of waiting forever, and the retry resumes once the store is back."""
+    instead of waiting forever, and the retry resumes once the store is back. With two ranks,
+    both give up together: rank 1 waits for rank 0's uploads and fails with the same reason."""
     with SeaweedS3(tmp_path / "weed") as server:
         bucket = new_bucket(server)
         write_idx(tmp_path / "data", n=256)
         env = s3_job_env(tmp_path, server, GAN_ARTIFACT_URI=f"s3://{bucket}/runs", GAN_RUN_ID="r",
                          GAN_MAX_STEPS=1_000_000, GAN_CHECKPOINT_EVERY=10, GAN_LOG_EVERY=10,
                          GAN_UPLOAD_TIMEOUT_MINUTES=UPLOAD_TIMEOUT_MINUTES,
-                         GAN_RUN_LEASE_SECONDS=2)  # fmt: skip
+                         GAN_RUN_LEASE_SECONDS=2, GAN_NPROC_PER_NODE=nproc)  # fmt: skip
         env["AWS_MAX_ATTEMPTS"] = "1"
         poison = tmp_path / "poison-now"
         env.update(PYTHONPATH=f"{REPO / 'tests/poison'}:{REPO}", POISON_FILE=str(poison))
         log_path = tmp_path / "job.log"
         with job_running(env, log_path) as proc:
-            wait_for_line(log_path, "checkpoint at step 10 stored", proc)
+            wait_for_line(log_path, "checkpoint at step 10 stored", proc, timeout=150)
             server.stop()
             wait_for_line(log_path, "storage write failed", proc)  # a checkpoint waits
             poison.touch()
@@ -236,6 +238,9 @@ def test_a_rollback_while_the_store_is_gone_exits_4_instead_of_hanging(tmp_path)
         assert "rolling back needs the checkpoints queued before it" in log
         assert f"after {UPLOAD_TIMEOUT_MINUTES * 60:g} s (GAN_UPLOAD_TIMEOUT_MINUTES" in log
         assert server.secret_key not in log
+        if nproc == 2:
+            assert "[rank 1] ERROR rolling back needs the checkpoints queued before it" in log
+            return
 
         server.start()
         poison.unlink()
