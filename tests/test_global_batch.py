@@ -14,6 +14,7 @@ from job.batching import BatchPlan, GlobalBatch, plan, plan_from_settings
 from job.errors import SettingsError
 from job.settings import load_settings
 from tests.helpers import REPO, job_env, run_job, write_idx
+from tests.test_shards import same, sharded, source, take  # noqa: F401 (sharded: a fixture)
 
 SPLITS = {"2x32": (2, None), "1x64": (1, None), "1x2x32": (1, 32)}  # processes, micro limit
 
@@ -146,3 +147,21 @@ def test_settings_that_give_no_global_batch_fail_before_any_work_naming_them():
         load_settings({"GAN_GLOBAL_BATCH_SIZE": "63", "GAN_NPROC_PER_NODE": "2"})
     assert load_settings({"GAN_BATCH_SIZE": "32", "GAN_GLOBAL_BATCH_SIZE": "64",
                           "GAN_NPROC_PER_NODE": "2", "GAN_DEVICE": "cpu"}).global_batch_size == 64  # fmt: skip
+
+
+def test_a_shard_source_resized_for_a_kept_global_batch_reads_what_a_source_of_that_size_would(
+    s3_env,
+    sharded,
+    tmp_path,  # noqa: F811 (test_shards' fixture)
+):
+    """ShardSource.resize, as a checkpoint of 2 x 16 resumed in one process calls it."""
+    pair = [source(sharded, tmp_path / "two", rank, 2) for rank in (0, 1)]
+    for src in pair:
+        take(src, 3)
+    one = source(sharded, tmp_path / "one")  # built with 16 a batch, as GAN_BATCH_SIZE says
+    one.resize(32)
+    one.load_state_dict(pair[0].state_dict())  # 96 images consumed: step 3 at 32 a step
+    resumed = take(one, 2)
+    assert [x.shape[0] for x, _ in resumed] == [32, 32]
+    assert one.state_dict() == {"epoch": 0, "images_consumed": 160}
+    assert same(resumed, take(source(sharded, tmp_path / "fresh", batch=32), 5)[3:5])
