@@ -16,7 +16,7 @@ from job.settings import load_settings
 from tests.helpers import REPO, job_env, run_job, write_idx
 from tests.test_shards import same, sharded, source, take  # noqa: F401 (sharded: a fixture)
 
-SPLITS = {"2x32": (2, None), "1x64": (1, None), "1x2x32": (1, 32)}  # processes, micro limit
+SPLITS = {"2x32": (2, None), "1x64": (1, None), "1x2x32": (1, 32), "2x2x16": (2, 16)}
 
 
 def test_the_global_batch_splits_over_processes_then_into_the_fewest_equal_micro_batches():
@@ -79,7 +79,7 @@ def first_step(tmp_path, processes: int, micro_limit: int | None) -> dict:
                             text=True, timeout=240)  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(processes)]
-    return {**ranks[0], "real": torch.cat([r["real"] for r in ranks])}
+    return {**ranks[0], "real": torch.cat([r["real"] for r in ranks]), "ranks": ranks}
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +95,9 @@ def sorted_images(real: torch.Tensor) -> torch.Tensor:
 
 
 def test_two_processes_one_process_and_two_micro_batches_train_on_the_same_global_batch(steps):
-    assert [steps[n]["real"].shape[0] for n in SPLITS] == [64, 64, 64]
-    assert [steps[n]["micro_batches"] for n in SPLITS] == [1, 1, 2]
-    for name in ("1x64", "1x2x32"):
+    assert [steps[n]["real"].shape[0] for n in SPLITS] == [64, 64, 64, 64]
+    assert [steps[n]["micro_batches"] for n in SPLITS] == [1, 1, 2, 2]
+    for name in ("1x64", "1x2x32", "2x2x16"):
         assert torch.equal(sorted_images(steps[name]["real"]), sorted_images(steps["2x32"]["real"]))
 
 
@@ -107,6 +107,16 @@ def test_two_micro_batches_make_the_first_update_of_two_processes(steps):
     for key, grad in ddp["grads"].items():
         assert torch.allclose(micro["grads"][key], grad, rtol=1e-4, atol=1e-6), key
         assert torch.allclose(micro["weights"][key], ddp["weights"][key], atol=1e-6), key
+
+
+def test_ranks_that_accumulate_micro_batches_average_their_gradients_once_and_agree(steps):
+    """DDP syncs in the last micro-batch's backward: both ranks end with the same gradients
+    and weights, though each saw other images (BatchNorm statistics stay per rank)."""
+    first, second = steps["2x2x16"]["ranks"]
+    assert not torch.equal(first["real"], second["real"])
+    for key, grad in first["grads"].items():
+        assert torch.allclose(second["grads"][key], grad, rtol=1e-5, atol=1e-7), key
+        assert torch.equal(second["weights"][key], first["weights"][key]), key
 
 
 def test_one_process_of_64_makes_nearly_the_same_first_update(steps):
@@ -151,8 +161,8 @@ def test_settings_that_give_no_global_batch_fail_before_any_work_naming_them():
 
 def test_a_shard_source_resized_for_a_kept_global_batch_reads_what_a_source_of_that_size_would(
     s3_env,
-    sharded,
-    tmp_path,  # noqa: F811 (test_shards' fixture)
+    sharded,  # noqa: F811 (test_shards' fixture)
+    tmp_path,
 ):
     """ShardSource.resize, as a checkpoint of 2 x 16 resumed in one process calls it."""
     pair = [source(sharded, tmp_path / "two", rank, 2) for rank in (0, 1)]
