@@ -86,9 +86,9 @@ class GanStep:
                     real_in = augment.diff_augment(m.real, r.diffaugment)
                     if r1_now:
                         real_in = real_in.detach().requires_grad_(True)
-                    d_real = d(real_in, m.labels)
+                    d_real = d(real_in, m.labels).float()  # the losses in fp32 under bf16
                     fake_in = augment.diff_augment(m.fake.detach(), r.diffaugment)
-                    d_fake = d(fake_in, m.fake_labels)
+                    d_fake = d(fake_in, m.fake_labels).float()
                     loss_d = losses.d_loss(r.loss, d_real, d_fake, r.label_smoothing)
                     if r1_now:
                         r1 = losses.r1_penalty(d_real, real_in, r.r1_gamma)
@@ -112,7 +112,7 @@ class GanStep:
             with _sync_on_last(g, i, n), no_sync(d):
                 with self._autocast():
                     fake = m.fake if n == 1 else g(m.z, m.fake_labels)
-                    d_out = d(augment.diff_augment(fake, r.diffaugment), m.fake_labels)
+                    d_out = d(augment.diff_augment(fake, r.diffaugment), m.fake_labels).float()
                     loss_g = losses.g_loss(r.loss, d_out)
                 (loss_g / n).backward()
             total = total + loss_g.detach() / n

@@ -90,11 +90,6 @@ def test_one_step_gives_finite_losses_and_updates_every_parameter(device, model,
     assert all(torch.isfinite(p).all() for p in after.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="job/step.py gives the losses D's logits as autocast leaves them, bf16 (and with "
-    "hinge, G's loss and d_real/d_fake stay bf16): it should take them .float() first",
-)
 @pytest.mark.parametrize("loss", ["bce", "hinge"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_bf16_autocast_keeps_d_logits_and_losses_in_fp32(device, loss, monkeypatch):
