@@ -54,8 +54,10 @@ run: install $(FEATURES)  ## a real Fashion-MNIST run, offline: installs what it
 	echo "Train longer: make run again resumes this run for $(GAN_MAX_MINUTES) more minutes;" \
 	  "GAN_MAX_MINUTES=10 make run for 10"
 
-test: system-deps install  ## the whole test suite (what CI runs)
-	$(PYTHON) -m pytest -q
+# most tests wait on the processes they start: two workers (a test file each) halve the wall time
+TEST_WORKERS ?= 2
+test: system-deps install  ## the whole test suite (what CI runs); TEST_WORKERS=0 for one process
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: system-deps install  ## all but the e2e tests (those that start the job): about a minute
 	$(PYTHON) -m pytest -q -m "not e2e"
