@@ -63,8 +63,8 @@ test-fast: system-deps install  ## all but the e2e tests (those that start the j
 	$(PYTHON) -m pytest -q -m "not e2e"
 
 lint: install
-	$(PYTHON) -m ruff check job tests benchmarks
-	$(PYTHON) -m ruff format --check job tests benchmarks
+	$(PYTHON) -m ruff check job tests benchmarks scripts
+	$(PYTHON) -m ruff format --check job tests benchmarks scripts
 
 # make bench BENCH_ARGS="--steps 20 --warmup 3 --repeats 3 --skip-fid --json bench.json"
 BENCH_ARGS ?=
