@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _setup_logging()
     # kill -QUIT: every thread's stack to stderr (the log), from C, even while the main thread
-    # waits in a collective or a C call; the process goes on
-    faulthandler.register(signal.SIGQUIT, file=sys.stderr, all_threads=True, chain=False)
+    # waits in a collective or a C call; the process goes on. The process's own stderr (fd 2):
+    # sys.stderr may be a stream without a file descriptor (main() called from Python)
+    if sys.__stderr__ is not None:
+        faulthandler.register(signal.SIGQUIT, file=sys.__stderr__, all_threads=True, chain=False)
     code = _run(argv)
     launcher.record_status(code)  # a worker of gan-job's launcher: how it ended
     distributed = sys.modules.get("job.distributed")  # not imported: no process group joined

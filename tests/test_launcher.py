@@ -171,7 +171,8 @@ def test_on_two_nodes_the_failing_node_exits_with_its_status_and_the_other_10(tm
     for rank, node in enumerate(("no-data", "with-data")):
         env = job_env(tmp_path / node, GAN_DATASET="mnist", GAN_DEVICE="cpu", GAN_RUN_ID="mn",
                       GAN_NNODES=2, GAN_NODE_RANK=rank, GAN_NPROC_PER_NODE=1,
-                      GAN_RDZV_ENDPOINT=f"127.0.0.1:{port}")  # fmt: skip
+                      GAN_RDZV_ENDPOINT=f"127.0.0.1:{port}",
+                      GAN_ARTIFACT_URI=tmp_path / "runs")  # fmt: skip  # per node: the data only
         jobs.append(start_job(env))
     outputs = [job.communicate(timeout=120)[0] for job in jobs]
     assert [job.returncode for job in jobs] == [3, 10], outputs
