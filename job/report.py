@@ -202,12 +202,14 @@ def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
         label = f"{series} ({samples} samples)" if samples else series
         ax.plot(x, y, marker="o", markersize=4, label=label)
         if np.isfinite(y[-1]):
+            falling = len(y) > 1 and y[-1] < y[-2]  # the curve comes from above: write below it
             ax.annotate(
                 f"{y[-1]:.1f}",
                 (x[-1], y[-1]),
-                xytext=(-4, 6),
+                xytext=(-4, -6 if falling else 6),
                 textcoords="offset points",
                 ha="right",
+                va="top" if falling else "bottom",
             )
     _widen_single_x(ax, _column(evals, "images_seen"))
     fids = _column(evals, "fid")
@@ -275,10 +277,9 @@ def _show_grids(fig: Any, grids: list[tuple[int, bytes]], images_seen: dict[int,
     if not grids:
         return
     axes = np.atleast_1d(fig.subplots(1, len(grids)))
-    fmt = EngFormatter()
     for ax, (step, png) in zip(axes, grids, strict=True):
         image = np.asarray(Image.open(io.BytesIO(png)))
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, interpolation="nearest")
         seen = images_seen.get(step)
-        ax.set_title(f"step {step:,}" + (f"\n{fmt(seen)} images" if seen is not None else ""))
+        ax.set_title(f"step {step:,}" + (f"\n{seen:,} images" if seen is not None else ""))
         ax.axis("off")

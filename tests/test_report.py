@@ -80,3 +80,18 @@ def test_legends_cover_no_title_no_plot_and_stay_inside_the_picture():
             assert not any(overlaps(box, other) for other in covered), box
             assert not any(overlaps(box, other.get_window_extent(renderer))
                            for other in legends if other is not legend)  # fmt: skip
+
+
+def test_the_last_fid_is_written_beside_its_curve_not_on_it():
+    for fids in ((220.0, 113.0, 56.0, 43.0, 26.0, 21.0, 17.5), (30.0, 20.0, 25.0)):  # down, up
+        rows = [{"step": 250 * (i + 1), "images_seen": 16000 * (i + 1), "fid": f, "extractor": "cnn",
+                 "num_samples": 500} for i, f in enumerate(fids)]  # fmt: skip
+        fig = report_figure([], rows, [])
+        fig.draw(renderer := fig.canvas.get_renderer())
+        ax = next(ax for ax in fig.axes if ax.get_title().startswith("FID"))
+        (label,) = [t for t in ax.texts if t.get_text() == f"{fids[-1]:.1f}"]
+        box = label.get_window_extent(renderer)
+        (line,) = ax.get_lines()
+        points = ax.transData.transform(line.get_xydata())
+        along = [points[-2] + (points[-1] - points[-2]) * t / 50 for t in range(51)]  # last segment
+        assert not any(box.contains(x, y) for x, y in [*points, *along]), (fids, box)
