@@ -57,7 +57,7 @@ run: install $(FEATURES)  ## a real Fashion-MNIST run, offline: installs what it
 # most tests wait on the processes they start: two workers (a test file each) halve the wall time
 TEST_WORKERS ?= 2
 test: system-deps install  ## the whole test suite (what CI runs); TEST_WORKERS=0 for one process
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 test-fast: system-deps install  ## all but the e2e tests (those that start the job): about a minute
 	$(PYTHON) -m pytest -q -m "not e2e"

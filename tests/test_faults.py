@@ -156,8 +156,11 @@ def test_unresponsive_store_at_start_exits_4_in_seconds(s3, tmp_path):
         start = time.monotonic()
         result = run_job(env, timeout=120)
     assert result.returncode == errors.EXIT_STORAGE, result.stdout + result.stderr
-    assert time.monotonic() - start < 30  # the start-up and two 5 s attempts (it was 3 x 10 s)
     assert f"endpoint {endpoint} did not answer in time" in last_line(result.stdout)
+    # two 5 s attempts (it was 3 x 10 s): counted, not timed, as a loaded machine slows the
+    # start-up; the time bound only says the job did not wait out a default 60 s read timeout
+    assert proxy.accepted == 2
+    assert time.monotonic() - start < 50
 
 
 def test_store_check_has_a_deadline_for_a_crawling_endpoint(s3_env, s3_bucket):
