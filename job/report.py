@@ -212,6 +212,7 @@ def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
                 va="top" if falling else "bottom",
             )
     _widen_single_x(ax, _column(evals, "images_seen"))
+    ax.margins(y=0.15)  # room for the last value's label below (or above) the curve's end
     fids = _column(evals, "fid")
     fids = fids[np.isfinite(fids) & (fids > 0)]
     if len(fids) and fids.max() / fids.min() > 10:

@@ -95,3 +95,5 @@ def test_the_last_fid_is_written_beside_its_curve_not_on_it():
         points = ax.transData.transform(line.get_xydata())
         along = [points[-2] + (points[-1] - points[-2]) * t / 50 for t in range(51)]  # last segment
         assert not any(box.contains(x, y) for x, y in [*points, *along]), (fids, box)
+        inside = ax.get_window_extent(renderer)  # not across the frame or the tick labels
+        assert inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1), (fids, box)
