@@ -32,8 +32,8 @@ $(FEATURES): | $(INSTALLED)
 # GAN_* variable: GAN_MAX_MINUTES=10 make run. Threads: the job's default (the CPUs this process
 # may use); on a machine shared with other work, OMP_NUM_THREADS=1 make run (or GAN_NUM_THREADS).
 run: export GAN_MAX_MINUTES ?= 2
-# fast28 at width 16, not 24: 1.4-1.7x the steps in two minutes, a lower FID at 2 minutes and
-# the same at 10 (docs/quality.md, "The first two minutes"); make run again resumes at 16
+# fast28 at width 16, not 24: 1.5-1.7x the steps in two minutes, a lower FID at 2 minutes and
+# no worse at 10 (docs/quality.md, "The first two minutes"); make run again resumes at 16
 run: export GAN_WIDTH ?= 16
 run: export GAN_MAX_STEPS ?= 1000000
 run: export GAN_FID_FEATURES ?= $(FEATURES)
