@@ -192,13 +192,15 @@ def pair(tmp: Path, link: Link, **settings: object) -> list[Node]:
 
 
 def fault_then_resume(tmp: Path, link: Link, fault) -> tuple[list[int], list[str]]:
-    """Train the pair past step 30 and call fault(nodes): both nodes must end within BOUND,
+    """Train the pair until its checkpoint of step 30 is stored (the progress line of step 30
+    comes before the checkpoint's collectives, which a fault right after it can stop) and call
+    fault(nodes): both nodes must end within BOUND,
     none as an unexpected failure (1), leaving a complete checkpoint that a restarted pair
     resumes from. Returns the nodes' exit statuses and output after the fault."""
     write_idx(tmp / "data", n=512)
     nodes = pair(tmp, link, GAN_MAX_STEPS=100000)
     try:
-        wait_for("step 30/", nodes)
+        wait_for("checkpoint at step 30 stored", nodes)
         fault(nodes)
         codes, seconds = exit_codes(nodes, timeout=BOUND + 30)
     finally:
