@@ -1,6 +1,6 @@
 """gan-job's training loop against the tutorial loop, side by side: `python benchmarks/bench.py`.
 
-Both loops train the same models (job.models, one Arch) at the same batch size on the same
+Both loops train the same models (job.gan.models, one Arch) at the same batch size on the same
 device, in one process, in alternating timed windows, so that their ratio is measured under the
 same machine load:
 
@@ -40,12 +40,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from job import data, distributed, evaluate
-from job.build import build
-from job.errors import EXIT_OK, FIDError, JobError
-from job.models import Arch, build_discriminator, build_generator
+from job.data import datasets as data
+from job.gan.models import Arch, build_discriminator, build_generator
+from job.infra import distributed
+from job.infra.errors import EXIT_OK, FIDError, JobError
+from job.quality import evaluate
+from job.run.build import build
+from job.run.train import Trainer
 from job.settings import Settings, load_settings, public_dict
-from job.train import Trainer
 
 DEFAULTS = {"model": "dcgan", "image_size": "64", "batch_size": "64", "dataset": "fashion-mnist"}
 REF_WORKERS = 2  # as in PyTorch's DCGAN tutorial
@@ -255,7 +257,7 @@ def reference_dataset(settings: Settings, root: Path):
 
 
 class RefLoop:
-    """PyTorch's DCGAN tutorial loop, with the models of job.models."""
+    """PyTorch's DCGAN tutorial loop, with the models of job.gan.models."""
 
     name = "ref"
 
@@ -615,7 +617,9 @@ def main(argv: list[str] | None = None) -> int:
             settings, quiet = load_bench_settings(args, Path(tmp) / "runs")
             world = distributed.setup(quiet.device)
             progress(f"building gan-job's Trainer on {world.device}")
-            trainer = Trainer(build(quiet, world))  # threads: the job's default (job/threads.py)
+            trainer = Trainer(
+                build(quiet, world)
+            )  # threads: the job's default (job/infra/threads.py)
             if args.threads:
                 torch.set_num_threads(args.threads)
             trainer.resume()

@@ -12,18 +12,18 @@ import os
 import signal
 import sys
 
-from job import launcher
-from job.errors import EXIT_UNEXPECTED, JobError, SettingsError, Stopped
+from job.infra import launcher
+from job.infra.errors import EXIT_UNEXPECTED, JobError, SettingsError, Stopped
 
 # gan-job SUBCOMMAND ...: the module whose main(argv) runs it (imported only when asked for)
 SUBCOMMANDS = {
-    "sample": "job.sample",
-    "features": "job.features",
-    "sweep": "job.sweep",
-    "compare": "job.compare",
-    "evaluate": "job.evaluate_run",
-    "shard": "job.shards",
-    "export": "job.export",
+    "sample": "job.tools.sample",
+    "features": "job.tools.features",
+    "sweep": "job.tools.sweep",
+    "compare": "job.tools.compare",
+    "evaluate": "job.tools.evaluate",
+    "shard": "job.data.shards",
+    "export": "job.tools.export",
 }
 DRY_RUN_FLAG = "--dry-run"
 
@@ -80,7 +80,7 @@ def _train(dry_run: bool = False) -> int:
 
     settings = load_settings()
     if dry_run or settings.dry_run:  # before torchrun: one process, no process group
-        from job.dryrun import dry_run as report
+        from job.tools.dryrun import dry_run as report
 
         return report(settings)
     if (settings.nproc_per_node > 1 or settings.nnodes > 1) and not launcher.under_torchrun():
@@ -93,7 +93,7 @@ def _train(dry_run: bool = False) -> int:
             settings.resolved_run_id,
             settings.rdzv_timeout_seconds,
         )
-        from job import threads  # torchrun would give each worker OMP_NUM_THREADS=1
+        from job.infra import threads  # torchrun would give each worker OMP_NUM_THREADS=1
 
         os.environ.setdefault(
             "OMP_NUM_THREADS",
@@ -107,7 +107,7 @@ def _train(dry_run: bool = False) -> int:
                 "after SIGTERM: set GAN_NPROC_PER_NODE / GAN_NNODES and run gan-job instead, for "
                 "the exit statuses of the README and GAN_GRACE_SECONDS"
             )
-    from job.train import train
+    from job.run.train import train
 
     return train(settings)
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.register(signal.SIGQUIT, file=sys.__stderr__, all_threads=True, chain=False)
     code = _run(argv)
     launcher.record_status(code)  # a worker of gan-job's launcher: how it ended
-    distributed = sys.modules.get("job.distributed")  # not imported: no process group joined
+    distributed = sys.modules.get("job.infra.distributed")  # not imported: no process group joined
     return distributed.leave(code) if distributed else code
 
 

@@ -18,13 +18,13 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from job.errors import SettingsError
+from job.infra.errors import SettingsError
 
 PREFIX = "GAN_"
 SHARDS_PREFIX = "shards:"  # GAN_DATASET=shards:s3://bucket/prefix
 NATIVE_SIZE = {"mnist": 28, "kmnist": 28, "fashion-mnist": 28, "cifar10": 32}
 DCGAN_SIZES = (28, 32, 64)
-DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/augment.py implements them
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/gan/augment.py implements them
 # upper bounds: a seed torch and numpy take (the noise streams add step offsets to it), step
 # counts far beyond any run, and time settings (minutes) that a thread's wait can hold
 MAX_SEED = 2**32 - 1
@@ -489,7 +489,7 @@ class Settings(BaseSettings):
         again against the world that joined)."""
         if self.global_batch_size is None:
             return self
-        from job.batching import plan_from_settings
+        from job.data.batching import plan_from_settings
 
         try:
             given = "batch_size" in self.model_fields_set

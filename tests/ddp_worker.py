@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 
-from job import distributed, evaluate
-from job.build import build
-from job.networks import unwrap
+from job.gan.networks import unwrap
+from job.infra import distributed
+from job.quality import evaluate
+from job.run.build import build
+from job.run.train import Trainer
 from job.settings import load_settings
-from job.train import Trainer
 from tests.helpers import TinyFeatures
 
 out = Path(sys.argv[1])

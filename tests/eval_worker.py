@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from job import distributed, evaluate
+from job.infra import distributed
+from job.quality import evaluate
 from tests.helpers import Painter, idx_images
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from job import distributed
-from job.build import build
-from job.networks import unwrap
+from job.gan.networks import unwrap
+from job.infra import distributed
+from job.run.build import build
+from job.run.train import Trainer
 from job.settings import load_settings
-from job.train import Trainer
 
 out = Path(sys.argv[1])
 settings = load_settings()

@@ -151,7 +151,7 @@ def idx_images(n: int = 400, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_idx(Path(tmp), n=n, gz=False, seed=seed)
-        from job.data import read_idx
+        from job.data.datasets import read_idx
 
         images = torch.from_numpy(read_idx(folder / "train-images-idx3-ubyte").copy()).unsqueeze(1)
         labels = torch.from_numpy(read_idx(folder / "train-labels-idx1-ubyte").copy()).long()

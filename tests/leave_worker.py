@@ -8,7 +8,7 @@ import time
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from job import distributed
+from job.infra import distributed
 
 world = distributed.setup("cpu")
 model = DistributedDataParallel(torch.nn.Linear(4, 4))

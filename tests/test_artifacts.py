@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from job.artifacts import MAX_GRIDS_KEPT, RunArtifacts, grid_key
-from job.distributed import World
-from job.models import Arch, build_generator
-from job.storage import BackgroundWriter, LocalStore
+from job.gan.models import Arch, build_generator
+from job.infra.distributed import World
+from job.infra.storage import BackgroundWriter, LocalStore
+from job.run.artifacts import MAX_GRIDS_KEPT, RunArtifacts, grid_key
 
 PNG = b"\x89PNG"
 ARCH = Arch(model="mlp", channels=1, image_size=8, latent_dim=4, width=8, num_classes=0)

@@ -9,12 +9,12 @@ import math
 
 import torch
 
-from job.artifacts import RunArtifacts
-from job.best import BestGenerator
-from job.distributed import World
-from job.metrics import Metrics
-from job.models import Arch, build_generator
-from job.storage import BackgroundWriter, LocalStore
+from job.gan.models import Arch, build_generator
+from job.infra.distributed import World
+from job.infra.metrics import Metrics
+from job.infra.storage import BackgroundWriter, LocalStore
+from job.run.artifacts import RunArtifacts
+from job.run.best import BestGenerator
 from tests.helpers import job_env, run_job, write_extractor, write_idx
 
 ONE_PROCESS = World(0, 1, 0, torch.device("cpu"))

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from job.budget import Budget
-from job.distributed import World
-from job.errors import NonFiniteLossError, RunLockedError
+from job.infra.distributed import World
+from job.infra.errors import NonFiniteLossError, RunLockedError
+from job.run.budget import Budget
 
 ONE_PROCESS = World(0, 1, 0, torch.device("cpu"))
 

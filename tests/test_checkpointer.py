@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from job.checkpoint import Checkpointer, complete_steps
-from job.distributed import World
-from job.errors import StorageError
-from job.metrics import Metrics
-from job.storage import BackgroundWriter, JsonlLog, LocalStore
+from job.infra.distributed import World
+from job.infra.errors import StorageError
+from job.infra.metrics import Metrics
+from job.infra.storage import BackgroundWriter, JsonlLog, LocalStore
+from job.run.checkpoint import Checkpointer, complete_steps
 
 ONE_PROCESS = World(0, 1, 0, torch.device("cpu"))
 META = {"settings": {"dataset": "mnist"}, "arch": {"model": "mlp"}, "run_id": "r"}

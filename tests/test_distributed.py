@@ -46,8 +46,8 @@ def test_two_ranks_keep_identical_weights_and_fid_matches_one_process(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     script = (
-        "import sys, torch; from pathlib import Path; from job import evaluate;"
-        "from job.models import Arch, build_generator; from tests.helpers import TinyFeatures;"
+        "import sys, torch; from pathlib import Path; from job.quality import evaluate;"
+        "from job.gan.models import Arch, build_generator; from tests.helpers import TinyFeatures;"
         "s = torch.load(sys.argv[1], weights_only=False);"
         "g = build_generator(Arch(**s['arch'])); g.load_state_dict(s['g_ema']);"
         "torch.manual_seed(0);"

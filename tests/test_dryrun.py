@@ -9,7 +9,7 @@ import pytest
 import torch
 from s3server import SeaweedS3, closed_port
 
-from job.models import Arch, build_discriminator, build_generator
+from job.gan.models import Arch, build_discriminator, build_generator
 from tests.helpers import job_env, run_job, write_idx
 from tests.test_s3_job import bucket_objects, new_bucket, s3_job_env
 

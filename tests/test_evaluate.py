@@ -6,8 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from job.errors import FIDError
-from job.evaluate import (
+from job.gan.models import Arch, build_generator
+from job.infra.errors import FIDError
+from job.quality.evaluate import (
     Extractor,
     InceptionFeatures,
     compute_fid,
@@ -18,7 +19,6 @@ from job.evaluate import (
     real_statistics,
     stats_key,
 )
-from job.models import Arch, build_generator
 from tests.helpers import job_env, run_job, write_extractor, write_idx
 
 CPU = torch.device("cpu")

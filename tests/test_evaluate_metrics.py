@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from job.evaluate import (
+from job.infra.metrics import Metrics
+from job.quality.evaluate import (
     FidEvaluator,
     kid,
     load_extractor,
@@ -14,7 +15,6 @@ from job.evaluate import (
     precision_recall,
     real_reference,
 )
-from job.metrics import Metrics
 from tests.helpers import Painter, idx_images, write_classifier, write_extractor
 
 CPU = torch.device("cpu")
@@ -96,8 +96,8 @@ def test_label_accuracy_is_skipped_with_a_reason_when_the_extractor_cannot_class
 
 
 def test_evaluator_rows_and_gauges_carry_every_metric_with_its_n(squares, tmp_path):
-    from job.distributed import World
-    from job.storage import BackgroundWriter, JsonlLog, open_store
+    from job.infra.distributed import World
+    from job.infra.storage import BackgroundWriter, JsonlLog, open_store
 
     extractor, _, (images, labels) = squares
     store = open_store(str(tmp_path / "run"))

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from job import errors
-from job.errors import SettingsError
-from job.evaluate_run import load_run
-from job.evaluate_run import main as evaluate_main
+from job.infra import errors
+from job.infra.errors import SettingsError
+from job.tools.evaluate import load_run
+from job.tools.evaluate import main as evaluate_main
 from tests import eval_worker
 from tests.helpers import REPO, job_env, run_job, write_classifier, write_idx
 

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from job import errors, evaluate
-from job.errors import CheckpointError, SettingsError
-from job.export import Source, generator, serialize
-from job.export import main as export_main
-from job.models import Arch, build_generator
-from job.sample import load_generator
-from job.storage import open_store
+from job.gan.models import Arch, build_generator
+from job.infra import errors
+from job.infra.errors import CheckpointError, SettingsError
+from job.infra.storage import open_store
+from job.quality import evaluate
+from job.tools.export import Source, generator, serialize
+from job.tools.export import main as export_main
+from job.tools.sample import load_generator
 from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx
 
 SITE_PACKAGES = Path(torch.__file__).resolve().parents[1]  # torch, without gan-job's finder
@@ -95,7 +96,7 @@ def card_of(path: Path, suffix: str) -> Path:
 
 
 def sample_inputs(arch: Arch) -> list[torch.Tensor]:
-    """What gan-job sample --num NUM --seed SEED feeds the generator (job/sample.py sample())."""
+    """What gan-job sample --num NUM --seed SEED feeds the generator (job/tools/sample.py sample())."""
     z = torch.randn(NUM, arch.latent_dim, generator=torch.Generator().manual_seed(SEED))
     return [z, torch.arange(NUM) % arch.num_classes] if arch.num_classes else [z]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from job.__main__ import main
-from job.evaluate import ChannelAdapter, _file_digest, load_extractor, real_statistics
-from job.features import read_meta
+from job.quality.evaluate import ChannelAdapter, _file_digest, load_extractor, real_statistics
 from job.settings import help_text
+from job.tools.features import read_meta
 from tests.helpers import job_env, run_job, write_idx, write_image_folder
 
 CPU = torch.device("cpu")
@@ -148,7 +148,7 @@ def test_help_names_the_subcommand():
 
 
 def test_a_features_file_carries_its_classifier_head_applied_to_the_features(tmp_path):
-    from job.features import FeatureNet, save_extractor
+    from job.tools.features import FeatureNet, save_extractor
 
     torch.manual_seed(0)
     net = FeatureNet(1, 28, 7, width=4, feature_dim=16)

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job.batching import BatchPlan, GlobalBatch, plan, plan_from_settings
-from job.errors import SettingsError
+from job.data.batching import BatchPlan, GlobalBatch, plan, plan_from_settings
+from job.infra.errors import SettingsError
 from job.settings import load_settings
 from tests.helpers import REPO, job_env, run_job, write_idx
 from tests.test_shards import same, sharded, source, take  # noqa: F401 (sharded: a fixture)

@@ -16,17 +16,19 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from job import data, distributed, losses
-from job.budget import STOP_SIGNALS
-from job.build import build
-from job.checkpoint import complete_steps, load_verified
-from job.errors import EXIT_OK
-from job.models import Arch
-from job.networks import Networks, unwrap
+from job.data import datasets as data
+from job.gan import losses
+from job.gan.models import Arch
+from job.gan.networks import Networks, unwrap
+from job.gan.step import GanStep, Recipe
+from job.infra import distributed
+from job.infra.errors import EXIT_OK
+from job.infra.storage import LocalStore
+from job.run.budget import STOP_SIGNALS
+from job.run.build import build
+from job.run.checkpoint import complete_steps, load_verified
+from job.run.train import Trainer
 from job.settings import Settings, load_settings
-from job.step import GanStep, Recipe
-from job.storage import LocalStore
-from job.train import Trainer
 from tests.helpers import job_env, run_job, write_idx
 
 pytestmark = pytest.mark.gpu
@@ -260,7 +262,7 @@ def test_progress_records_report_cuda_memory_on_a_gpu_only(tmp_path, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_startup_block_names_the_device(tmp_path, device, caplog):
-    caplog.set_level(logging.INFO, logger="job.artifacts")
+    caplog.set_level(logging.INFO, logger="job.run.artifacts")
     started(settings_for(tmp_path, device)).close()
     (block,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting")]
     (line,) = [line.strip() for line in block.splitlines() if line.strip().startswith("device:")]

@@ -10,8 +10,8 @@ import time
 
 from s3server import free_ports
 
-from job.build import _comparable, _disagreement
-from job.distributed import value_holders
+from job.infra.distributed import value_holders
+from job.run.build import _comparable, _disagreement
 from tests.helpers import REPO, job_env, run_job, write_idx
 
 
@@ -78,8 +78,8 @@ def test_nodes_started_with_different_settings_both_exit_2_naming_them(tmp_path)
 # its tmpfs
 VERIFY = """
 import sys
-from job import checkpoint
-from job.storage import LocalStore
+from job.run import checkpoint
+from job.infra.storage import LocalStore
 store = LocalStore(sys.argv[1])
 steps = checkpoint.complete_steps(store)
 for step in steps:

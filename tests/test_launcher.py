@@ -1,7 +1,7 @@
 """The container's exit status and its grace period, with real torchrun, signals and stores.
 
 torchrun exits 1 whatever its workers returned and kills them 30 s after SIGTERM; gan-job's
-launcher (job/launcher.py) reports the first failing worker's status and gives workers
+launcher (job/infra/launcher.py) reports the first failing worker's status and gives workers
 GAN_GRACE_SECONDS. GAN_DEVICE=cuda without a usable GPU stops before any work (exit 9).
 """
 
@@ -20,8 +20,8 @@ import pytest
 import torch
 from s3server import SeaweedS3, free_ports
 
-from job.distributed import CudaFacts, cuda_problem, has_kernels_for
-from job.launcher import WorkerStatus, job_status
+from job.infra.distributed import CudaFacts, cuda_problem, has_kernels_for
+from job.infra.launcher import WorkerStatus, job_status
 from tests.helpers import REPO, job_env, run_job, write_idx
 
 TWO = dict(GAN_NPROC_PER_NODE=2, GAN_DEVICE="cpu")
@@ -413,7 +413,7 @@ def test_sigquit_writes_every_threads_stack_and_the_run_goes_on(tmp_path, nproc)
     seen += read_until(job, "step 40/")  # still training
     stacks = seen.count("most recent call first")
     assert stacks >= 2 * nproc, seen  # the main thread and the run lock's (on rank 0) at least
-    assert 'job/train.py", line' in seen and "Current thread" in seen, seen
+    assert 'job/run/train.py", line' in seen and "Current thread" in seen, seen
     code, output, _ = stop(job, seen)
     assert code == 75, output
     if nproc > 1:
@@ -423,7 +423,7 @@ def test_sigquit_writes_every_threads_stack_and_the_run_goes_on(tmp_path, nproc)
 def test_the_first_failure_stays_first_across_a_wall_clock_jump_back(tmp_path, monkeypatch):
     """Workers order their failures by a clock that a jump of the wall clock (NTP, a VM
     resumed) does not move: rank 0 fails, the clock goes back a day, rank 1 fails after it."""
-    from job.launcher import STATUS_DIR_ENV, read_statuses, record_status
+    from job.infra.launcher import STATUS_DIR_ENV, read_statuses, record_status
 
     monkeypatch.setenv(STATUS_DIR_ENV, str(tmp_path))
     wall = iter([time.time(), time.time() - 86400])

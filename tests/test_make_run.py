@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from job import threads
+from job.infra import threads
 from tests.helpers import REPO, job_env, write_extractor, write_idx
 
 

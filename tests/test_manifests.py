@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from job import launcher
+from job.infra import launcher
 from job.settings import PREFIX, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ MANIFESTS = sorted(
     p for p in K8S.glob("*.yaml") if p.name not in ("kustomization.yaml", "sweep.yaml")
 )
 WORKLOADS = ["job.yaml", "jobset.yaml", "trainjob.yaml", "pytorchjob.yaml"]
-# job/errors.py: exit statuses a retry cannot fix, and those that ask for one
+# job/infra/errors.py: exit statuses a retry cannot fix, and those that ask for one
 PERMANENT_EXIT_CODES = {2, 3, 5, 6, 7, 9, 11}
 RETRY_EXIT_CODES = {4, 8, 10, 75}
 SIGKILL_EXIT_CODE = 137
@@ -634,7 +634,7 @@ def test_alerts_wait_have_a_severity_and_a_runbook_section():
 
 def test_operations_doc_covers_every_exit_status_and_workload_kind():
     text = OPERATIONS.read_text()
-    from job import errors
+    from job.infra import errors
 
     codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
     table = set(map(int, re.findall(r"^\| (\d+) \|", text, flags=re.M)))

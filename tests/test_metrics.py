@@ -31,8 +31,8 @@ from prom import (
 )
 from tcpproxy import TcpProxy
 
-from job.metrics import Metrics
-from job.report import write_report
+from job.infra.metrics import Metrics
+from job.run.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "monitoring" / "alerts.yaml"

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from job.models import Arch, build_discriminator, build_generator
+from job.gan.models import Arch, build_discriminator, build_generator
 
 CASES = list(itertools.product(["mlp", "dcgan"], [28, 32, 64], [1, 3], [0, 10]))
 

@@ -22,8 +22,8 @@ import psutil
 import pytest
 import yaml
 
-from job import launcher
-from job.errors import EXIT_STOPPED_UNSAVED, SettingsError
+from job.infra import launcher
+from job.infra.errors import EXIT_STOPPED_UNSAVED, SettingsError
 from job.settings import load_settings
 from tests.helpers import REPO, job_env, write_idx
 

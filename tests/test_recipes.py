@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from job import checkpoint, losses
-from job.augment import POLICIES, diff_augment
-from job.errors import SettingsError
-from job.models import Arch, arch_changes, build_discriminator
+from job.gan import losses
+from job.gan.augment import POLICIES, diff_augment
+from job.gan.models import Arch, arch_changes, build_discriminator
+from job.infra.errors import SettingsError
+from job.run import checkpoint
 from job.settings import DIFFAUGMENT_POLICIES, RECIPES, load_settings
 from tests.helpers import job_env, run_job, write_idx
 

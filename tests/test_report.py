@@ -7,7 +7,7 @@ import io
 from matplotlib.text import Text
 from PIL import Image
 
-from job.report import report_figure, write_report
+from job.run.report import report_figure, write_report
 
 
 def evals(conditional: bool) -> list[dict]:

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from s3server import SeaweedS3, closed_port, use_server
 
-from job import checkpoint
-from job.sample import main as sample_main
-from job.storage import open_store
+from job.infra.storage import open_store
+from job.run import checkpoint
+from job.tools.sample import main as sample_main
 from tests.helpers import REPO, job_env, run_job, write_idx
 
 TINY = dict(GAN_DATASET="mnist", GAN_WIDTH=8, GAN_LATENT_DIM=16, GAN_BATCH_SIZE=16)

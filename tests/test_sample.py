@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
-from job import errors
-from job.errors import SettingsError
-from job.models import Arch, build_generator
-from job.sample import (
+from job.gan.models import Arch, build_generator
+from job.infra import errors
+from job.infra.errors import SettingsError
+from job.tools.sample import (
     interpolation_inputs,
     load_generator,
     parse_seeds,
@@ -24,7 +24,7 @@ from job.sample import (
     truncate,
     truncation_bound,
 )
-from job.sample import main as sample_main
+from job.tools.sample import main as sample_main
 from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from job import schedule
+from job.run import schedule
 from tests.helpers import job_env, run_job, write_idx
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 from prom import PUSHGATEWAY, free_port
 
-from job.errors import SettingsError, StorageError
+from job.infra.errors import SettingsError, StorageError
+from job.infra.storage import open_store
 from job.settings import Settings, help_text, load_settings, redact, settings_markdown
-from job.storage import open_store
 from tests.helpers import REPO, job_env, run_job, write_idx, write_image_folder
 from tests.test_s3_job import bucket_objects, s3_job_env
 
@@ -318,7 +318,7 @@ def test_infinite_nan_and_huge_numbers_are_refused_naming_the_bound(variable, va
 
 def test_the_largest_seed_and_time_budgets_allowed_still_work():
     s = load_settings({"GAN_SEED": "4294967295", "GAN_UPLOAD_TIMEOUT_MINUTES": "525600"})
-    torch.manual_seed(s.seed * 1_000_003 + s.max_steps * 1009 + 64)  # job/rng.py's largest
+    torch.manual_seed(s.seed * 1_000_003 + s.max_steps * 1009 + 64)  # job/run/rng.py's largest
     assert threading.Event().wait(min(s.upload_timeout_minutes * 60, 0.01)) is False
 
 

@@ -1,4 +1,4 @@
-"""Sharded streaming (job/shards.py) against a real SeaweedFS: `gan-job shard`, the epoch order,
+"""Sharded streaming (job/data/shards.py) against a real SeaweedFS: `gan-job shard`, the epoch order,
 exact resume, resume under another world size, the bounded cache and storage failures.
 
 The dataset: 307 MNIST-like images in 31 shards of 10 (the last holds 7).
@@ -18,13 +18,13 @@ import pytest
 import torch
 from s3server import SeaweedS3, use_server
 
-from job import errors
 from job.__main__ import main as job_main
-from job.data import load_dataset, real_images
-from job.errors import DataError, SettingsError
+from job.data.datasets import load_dataset, real_images
+from job.data.shards import INDEX, ShardSource, open_shards, read_index, shard_order
+from job.infra import errors
+from job.infra.errors import DataError, SettingsError
+from job.infra.storage import S3Store, open_store
 from job.settings import load_settings
-from job.shards import INDEX, ShardSource, open_shards, read_index, shard_order
-from job.storage import S3Store, open_store
 from tests.helpers import REPO, run_job, write_idx
 from tests.test_faults import job_running, wait_for_line
 from tests.test_s3_job import s3_job_env
@@ -85,7 +85,7 @@ class RecordingStore(S3Store):
 def test_shards_hold_every_image_and_label_once_and_the_index_is_written_last(
     s3_env, sharded, tmp_path
 ):
-    from job.shards import write_shards
+    from job.data.shards import write_shards
 
     data = load_dataset("mnist", sharded["tmp"] / "data", 28)
     store = RecordingStore(f"s3://{sharded['bucket']}/again")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from job.distributed import World
-from job.models import Arch
-from job.networks import Networks
-from job.step import GanStep, Recipe
+from job.gan.models import Arch
+from job.gan.networks import Networks
+from job.gan.step import GanStep, Recipe
+from job.infra.distributed import World
 
 CPU = torch.device("cpu")
 ONE_PROCESS = World(0, 1, 0, CPU)

@@ -12,8 +12,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from s3server import SeaweedS3, closed_port
 
-from job.errors import StorageError
-from job.storage import (
+from job.infra.errors import StorageError
+from job.infra.storage import (
     BackgroundWriter,
     LocalStore,
     S3Store,

@@ -98,15 +98,15 @@ def test_a_bad_row_fails_the_sweep_before_any_row_runs(tmp_path):
     ],
 )
 def test_malformed_sweep_files_are_settings_errors(tmp_path, doc, message):
-    from job.errors import SettingsError
-    from job.sweep import load_sweep
+    from job.infra.errors import SettingsError
+    from job.tools.sweep import load_sweep
 
     with pytest.raises(SettingsError, match=re.escape(message)):
         load_sweep(write_sweep(tmp_path / "s.yaml", doc), environ={})
 
 
 def test_json_lines_and_yaml_values_become_settings(tmp_path):
-    from job.sweep import load_sweep
+    from job.tools.sweep import load_sweep
 
     path = tmp_path / "grid.jsonl"
     path.write_text(
@@ -178,7 +178,7 @@ def test_every_sweep_pod_is_scraped():
 
 def test_sweep_job_has_one_index_per_row_and_retries_per_row(tmp_path):
     """What the schema does not check but the API server and the sweep rely on."""
-    from job.sweep import load_sweep
+    from job.tools.sweep import load_sweep
 
     configmap, job = manifest()
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
@@ -251,7 +251,7 @@ def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
 
 
 def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
-    from job.sweep import load_sweep
+    from job.tools.sweep import load_sweep
 
     section = (REPO / "README.md").read_text().split("## Sweeps and comparisons", 1)[1]
     example = section.split("```yaml\n", 1)[1].split("```", 1)[0]

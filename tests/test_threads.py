@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from job.threads import Threads, cgroup_quota, choose, loader_workers, thread_count
+from job.infra.threads import Threads, cgroup_quota, choose, loader_workers, thread_count
 from tests.helpers import REPO, job_env, write_idx
 
 CPU_V1 = Path("/sys/fs/cgroup/cpu")

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from s3server import free_ports
 
-from job import watchdog
-from job.distributed import peer_lost
-from job.launcher import WorkerStatus, workers_failed
-from job.runlock import LOCK_KEY, RunLock
-from job.storage import open_store
+from job.infra import watchdog
+from job.infra.distributed import peer_lost
+from job.infra.launcher import WorkerStatus, workers_failed
+from job.infra.storage import open_store
+from job.run.runlock import LOCK_KEY, RunLock
 from tests.helpers import REPO, job_env, write_extractor, write_idx, write_image_folder
 from tests.test_launcher import read_until, start_job, worker_pid
 
@@ -106,7 +106,7 @@ def test_beats_before_the_watchdog_is_started_do_nothing():
 
 STALLED_PROCESS = """
 import time
-from job import watchdog
+from job.infra import watchdog
 watchdog.start(0.5)
 watchdog.beat("FID evaluation")
 time.sleep(30)
@@ -150,7 +150,7 @@ def test_a_stalled_process_no_longer_renews_the_run_lock(tmp_path):
 TWO_RANKS = """
 import os, sys, time, torch
 import torch.distributed as dist
-from job import distributed
+from job.infra import distributed
 world = distributed.setup("cpu", timeout_seconds=2)
 t = torch.ones(2)
 dist.all_reduce(t)

@@ -13,7 +13,7 @@ if (
 ) or "POISON_FILE" in os.environ:
     import torch
 
-    from job.step import GanStep
+    from job.gan.step import GanStep
 
     _train = GanStep.train
 
@@ -34,7 +34,7 @@ if (
 if "SLOW_REFERENCE_SECONDS" in os.environ:
     import time
 
-    from job import evaluate
+    from job.quality import evaluate
 
     _reference, _three_channels, _in_reference = (
         evaluate.real_reference,

@@ -1,0 +1,498 @@
+"""From the settings to the run's parts: the only place that reads Settings during training.
+
+build() takes the run lock before any heavy work (a second job of the same run id stops in
+seconds, not after loading its data), then builds every component with plain values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from job.data import batching, shards
+from job.data import datasets as data
+from job.gan.models import Arch
+from job.gan.networks import Networks
+from job.gan.step import GanStep, Recipe, amp_enabled
+from job.infra import distributed, threads, watchdog
+from job.infra.errors import JobError, RunLockedError, SettingsError
+from job.infra.metrics import Metrics, MetricsProcessor
+from job.infra.storage import (
+    BackgroundWriter,
+    JsonlLog,
+    NullWriter,
+    Store,
+    download_prefix,
+    open_store,
+)
+from job.quality import evaluate
+from job.run.artifacts import RunArtifacts
+from job.run.best import BestGenerator
+from job.run.budget import Budget
+from job.run.checkpoint import Checkpointer
+from job.run.rng import RngStreams
+from job.run.runlock import RunLock
+from job.settings import PER_NODE_SETTINGS, PREFIX, Settings, public_dict, redact
+
+# settings that change what a checkpoint means: resuming across a change is refused
+COMPATIBLE_SETTINGS = ("dataset", "model", "conditional", "latent_dim", "width", "image_size")
+
+
+def version() -> str:
+    """gan-job's version as installed; it moves when a checkpoint or artifact format changes."""
+    try:
+        return importlib.metadata.version("gan-job")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def run_meta(settings: Settings, arch: Arch, world_size: int) -> dict:
+    """What config.json, every checkpoint and the gan_run_info gauge say about the run."""
+    return {
+        "settings": public_dict(settings),
+        "run_id": settings.resolved_run_id,
+        "arch": arch.to_dict(),
+        "world_size": world_size,
+        "version": version(),
+    }
+
+
+@dataclass
+class Parts:
+    """The run's components, each built once; the Trainer composes them."""
+
+    world: distributed.World
+    metrics: Metrics
+    store: Store
+    lock: RunLock
+    writer: BackgroundWriter | NullWriter
+    source: data.BatchSource | shards.ShardSource
+    nets: Networks
+    gan_step: GanStep
+    budget: Budget
+    progress: MetricsProcessor
+    fid: evaluate.FidEvaluator
+    checkpointer: Checkpointer
+    artifacts: RunArtifacts
+    upload_timeout: float  # seconds: GAN_UPLOAD_TIMEOUT_MINUTES
+    wrap: dict  # Networks.wrap's keywords
+
+
+def build(settings: Settings, world: distributed.World) -> Parts:
+    """Every component of the run, once this job holds the run's lock (released again if
+    building fails)."""
+    s = settings
+    agree_settings(s, world)
+    metrics = Metrics(enabled=world.is_main and (s.metrics_port > 0 or bool(s.pushgateway_url)))
+    metrics.serve(s.metrics_port)  # before any work: a port in use is a settings error
+    root = open_store(s.artifact_uri, s.s3_endpoint_url)
+    store = root.child(s.resolved_run_id)
+    lock = RunLock(store, s.run_lease_seconds)
+    try:
+        take_lock(store, lock, world)  # inside: a signal right after acquire() releases it
+        return _build_parts(s, world, metrics, root, store, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def agree_settings(s: Settings, world: distributed.World) -> None:
+    """SettingsError (exit 2) on every rank, before any work, when the nodes of the run were
+    started with different settings (a ConfigMap edited between two pods' starts): each
+    setting that differs, with the node ranks holding each value; a value that holds a secret
+    (redact() finds one) is compared by its digest and not shown."""
+    values = {
+        name: _comparable(value)
+        for name, value in s.model_dump(mode="json").items()
+        if name not in PER_NODE_SETTINGS
+    }
+    differ = distributed.differing(values, s.node_rank, world)
+    if differ:
+        problems = [_disagreement(PREFIX + name.upper(), held) for name, held in differ.items()]
+        problems.append(
+            "every node of a run needs the same GAN_* settings, but for "
+            + ", ".join(PREFIX + n.upper() for n in sorted(PER_NODE_SETTINGS))
+        )
+        raise SettingsError(problems)
+
+
+_SECRET = "secret:"
+
+
+def _comparable(value: object) -> str:
+    text = json.dumps(value)
+    if redact(text) != text:
+        return _SECRET + hashlib.sha256(text.encode()).hexdigest()
+    return text
+
+
+def _disagreement(variable: str, held: dict[str, list[int]]) -> str:
+    def nodes(ranks: list[int]) -> str:
+        return ("node " if len(ranks) == 1 else "nodes ") + ", ".join(map(str, ranks))
+
+    if any(value.startswith(_SECRET) for value in held):
+        groups = "; ".join(nodes(ranks) for ranks in held.values())
+        return f"{variable} differs between the nodes ({groups}): it holds a secret, not shown"
+    where = ", ".join(f"{value} on {nodes(ranks)}" for value, ranks in held.items())
+    return f"{variable} differs between the nodes: {where}"
+
+
+def take_lock(store: Store, lock: RunLock, world: distributed.World) -> None:
+    """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
+    refused: Exception | None = None
+    if world.is_main:
+        try:
+            store.check()
+            lock.acquire()
+        except JobError as exc:
+            refused = exc
+    (failed,) = distributed.any_rank_each([refused is not None], world)
+    if refused is not None:
+        raise refused
+    if failed:
+        raise RunLockedError("rank 0 could not check the store or take the run lock")
+
+
+def _build_parts(
+    s: Settings,
+    world: distributed.World,
+    metrics: Metrics,
+    root: Store,
+    store: Store,
+    lock: RunLock,
+) -> Parts:
+    used = threads.apply(s.num_threads, distributed.local_world_size())
+    plan = _batch_plan(s, world)
+    with watchdog.waiting("loading the data", None):  # bounded by its store's timeouts
+        images = load_data(s, world.rank)
+    arch = _arch(s, images)
+    extractor = _extractor(s, images, world)
+    nets = _networks(s, arch, world)
+    source = batch_source(s, images, world, plan.per_process, _loader_workers(s, used))
+    gan_step = GanStep(
+        nets, _recipe(s, world), device=world.device, micro_batches=plan.accumulation
+    )
+    budget = _budget(s, world, lock)
+    writer = _writer(store, metrics, world)
+    progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
+    startup = startup_lines(s, store, images, arch, extractor, world, plan, used)
+    artifacts = _artifacts(s, store, writer, world, arch, startup)
+    best = _best(s, world, artifacts, metrics)
+    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images, best)
+    components = {
+        "run": budget,
+        "nets": nets,
+        "batch": _global_batch(s, world, plan, source, gan_step, startup),  # before "data"
+        "data": source,
+        "rng": RngStreams(s.seed, world, lambda: budget.step),
+        "records": progress,
+        "evals": fid,
+        "best": best,
+    }
+    return Parts(
+        world=world,
+        metrics=metrics,
+        store=store,
+        lock=lock,
+        writer=writer,
+        source=source,
+        nets=nets,
+        gan_step=gan_step,
+        budget=budget,
+        progress=progress,
+        fid=fid,
+        checkpointer=_checkpointer(s, store, writer, world, metrics, artifacts.meta, components),
+        artifacts=artifacts,
+        upload_timeout=s.upload_timeout_minutes * 60,
+        wrap=_wrap(s, world),
+    )
+
+
+def _batch_plan(s: Settings, world: distributed.World) -> batching.BatchPlan:
+    given = "batch_size" in s.model_fields_set and "batch_size" not in s.recipe_filled
+    return batching.plan_from_settings(
+        s.batch_size, given, s.global_batch_size, world.world_size, s.micro_batch_size
+    )
+
+
+def _global_batch(s, world, plan, source, gan_step, startup) -> batching.GlobalBatch:
+    """The checkpoint's `batch`: a plan adopted on resume resizes the source and the step, and
+    the start-up block's batch line says so."""
+
+    def apply(adopted: batching.BatchPlan) -> None:
+        source.resize(adopted.per_process)
+        gan_step.micro_batches = adopted.accumulation
+        startup[:] = [_with_batch(line, adopted) for line in startup]
+
+    return batching.GlobalBatch(
+        plan,
+        batch_size=s.batch_size,
+        global_given=s.global_batch_size is not None,
+        micro_limit=s.micro_batch_size,
+        apply=apply,
+        is_main=world.is_main,
+    )
+
+
+def _loader_workers(s: Settings, used: threads.Threads) -> int:
+    return s.num_workers if s.num_workers is not None else threads.loader_workers(used.count)
+
+
+def _wrap(s: Settings, world: distributed.World) -> dict:
+    """Networks.wrap's keywords: DDP when distributed, SyncBatchNorm, torch.compile."""
+    return {
+        "distributed": world.distributed,
+        "sync_batchnorm": s.sync_batchnorm,
+        "compile": s.compile,
+    }
+
+
+def _progress(s, metrics, history, world, budget) -> MetricsProcessor:
+    return MetricsProcessor(
+        metrics=metrics,
+        history=history,
+        world=world,
+        log_every=s.log_every,
+        max_steps=s.max_steps,
+        time_left=budget.time_left,
+    )
+
+
+def _artifacts(s, store, writer, world, arch, startup) -> RunArtifacts:
+    return RunArtifacts(
+        store=store,
+        writer=writer,
+        world=world,
+        meta=run_meta(s, arch, world.world_size),
+        arch=arch,
+        sample_every=s.sample_every,
+        seed=s.seed,
+        startup=startup,
+    )
+
+
+def _extractor(
+    s: Settings, images: data.ImageData, world: distributed.World
+) -> evaluate.Extractor | None:
+    return evaluate.load_extractor(
+        s.fid_features,
+        images.channels,
+        images.image_size,
+        world.device,
+        inception_weights=s.fid_inception_weights,
+        required="fid_features" in s.model_fields_set or bool(s.fid_inception_weights),
+    )
+
+
+def _networks(s: Settings, arch: Arch, world: distributed.World) -> Networks:
+    return Networks(
+        arch,
+        world.device,
+        seed=s.seed,
+        lr_g=s.lr_g,
+        lr_d=s.lr_d,
+        betas=(s.beta1, s.beta2),
+        ema_decay=s.ema_decay,
+        channels_last=s.channels_last,
+        fused_adam=s.fused_adam,
+    )
+
+
+def _recipe(s: Settings, world: distributed.World) -> Recipe:
+    return Recipe(
+        loss=s.loss,
+        label_smoothing=s.label_smoothing,
+        r1_gamma=s.r1_gamma,
+        r1_every=s.r1_every,
+        diffaugment=s.diffaugment,
+        amp=amp_enabled(s.amp, world.device),
+    )
+
+
+def _budget(s: Settings, world: distributed.World, lock: RunLock) -> Budget:
+    return Budget(
+        world=world,
+        lock=lock,
+        max_steps=s.max_steps,
+        max_minutes=s.max_minutes,
+        lr_decay=s.lr_decay,
+        lr_decay_start=s.lr_decay_start,
+        grace_seconds=s.grace_seconds,
+        nonfinite=s.nonfinite,
+        max_rollbacks=s.nonfinite_max_rollbacks,
+    )
+
+
+def _checkpointer(s, store, writer, world, metrics, meta, components) -> Checkpointer:
+    return Checkpointer(
+        store=store,
+        writer=writer,
+        world=world,
+        components=components,
+        meta=meta,
+        compatible_settings=COMPATIBLE_SETTINGS,
+        every=s.checkpoint_every,
+        keep=s.keep_checkpoints,
+        metrics=metrics,
+        resume=s.resume,
+        endpoint_url=s.s3_endpoint_url,
+        # other ranks wait for rank 0's reads and uploads in a collective: below its timeout
+        timeout=min(s.upload_timeout_minutes * 60, s.stall_timeout_seconds / 2),
+    )
+
+
+def load_data(s: Settings, rank: int) -> data.ImageData:
+    """The training images GAN_DATASET names: shards are opened (read as they are needed), an
+    s3:// prefix is downloaded once per node, the rest is read from GAN_DATA_DIR."""
+    if s.dataset_kind == "shards":
+        cache = s.shard_cache_dir or shards.default_cache_dir(
+            s.data_dir, s.dataset, s.resolved_run_id
+        )
+        return shards.open_shards(
+            s.dataset,
+            s.image_size,
+            s.conditional,
+            s.model,
+            cache,
+            s.shard_cache_mb,
+            s.s3_endpoint_url,
+            rank,
+        )
+    local = None
+    if s.dataset_kind == "s3":
+        cache = Path(s.data_dir) / "s3" / s.dataset.removeprefix("s3://")
+        local = download_prefix(s.dataset, cache, s.s3_endpoint_url)
+    return data.load_dataset(
+        s.dataset,
+        s.data_dir,
+        s.resolved_image_size,
+        s.conditional,
+        skip_bad=s.bad_images == "skip",
+        local_s3_copy=local,
+    )
+
+
+def batch_source(
+    s: Settings,
+    images: data.ImageData,
+    world: distributed.World,
+    batch_size: int,
+    num_workers: int,
+) -> data.BatchSource | shards.ShardSource:
+    """The one place that picks how batches are read: from shards, or from memory/a folder."""
+    where = {"device": world.device, "rank": world.rank, "world_size": world.world_size}
+    if images.shards is not None:
+        return shards.ShardSource(images, batch_size, seed=s.seed, **where)
+    return data.BatchSource(
+        images,
+        batch_size,
+        seed=s.seed,
+        **where,
+        num_workers=num_workers,
+        on_device=s.data_on_device,
+    )
+
+
+def _arch(s: Settings, images: data.ImageData) -> Arch:
+    return Arch(
+        model=s.model,
+        channels=images.channels,
+        image_size=images.image_size,
+        latent_dim=s.latent_dim,
+        width=s.width,
+        num_classes=images.num_classes,
+        spectral_norm=s.spectral_norm,
+        projection=s.conditioning == "projection",
+        depth=s.depth,
+    )
+
+
+def _writer(store: Store, metrics: Metrics, world: distributed.World):
+    if not world.is_main:
+        return NullWriter()
+    return BackgroundWriter(store, on_failure=lambda exc: metrics.inc_upload_failures())
+
+
+def _best(s, world, artifacts, metrics) -> BestGenerator:
+    return BestGenerator(
+        world=world,
+        artifacts=artifacts,
+        metrics=metrics,
+        patience=s.early_stop_patience,
+        min_delta=s.early_stop_min_delta,
+        target_fid=s.target_fid,
+        target_kid=s.target_kid,
+    )
+
+
+def _fid(
+    s, world, metrics, root, writer, store, extractor, arch, images, best
+) -> evaluate.FidEvaluator:
+    key = (
+        evaluate.stats_key(s.dataset, arch.image_size, extractor, _fid_num(s, world), s.seed)
+        if extractor
+        else ""
+    )
+    return evaluate.FidEvaluator(
+        extractor=extractor,
+        history=JsonlLog("eval.jsonl", writer, store),
+        metrics=metrics,
+        world=world,
+        every=s.fid_every,
+        num=_fid_num(s, world),
+        seed=s.seed + 1,
+        latent_dim=arch.latent_dim,
+        num_classes=arch.num_classes,
+        cache=root.child("fid-stats"),
+        cache_key=key,
+        real_images=lambda n: data.real_images(images, n, s.seed)[0],
+        best=best,
+    )
+
+
+def _fid_num(s: Settings, world: distributed.World) -> int:
+    return evaluate.fid_num_samples(s.fid_num_samples, world.device)
+
+
+def startup_lines(
+    s: Settings,
+    store: Store,
+    images: data.ImageData,
+    arch: Arch,
+    extractor: evaluate.Extractor | None,
+    world: distributed.World,
+    plan: batching.BatchPlan,
+    used: threads.Threads,
+) -> list[str]:
+    """The start-up block (RunArtifacts.announce) but for where the run starts."""
+    filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
+    if extractor is not None:
+        num = _fid_num(s, world)
+        fid_line = f"{extractor.name}, {num} samples, every {s.fid_every} steps"
+    elif s.fid_features == "none":
+        fid_line = "off (GAN_FID_FEATURES=none)"
+    else:
+        fid_line = "off: no InceptionV3 weights (see the warning above)"
+    return [
+        f"until step {s.max_steps}" + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
+        f"artifacts: {store.uri}",
+        f"data: {s.dataset} from {images.source}: {len(images)} images, "
+        f"{images.classes_found} classes, {images.channels}x{images.image_size}x{images.image_size}",
+        f"device: {distributed.describe_device(world.device)} x {world.world_size} "
+        f"process(es), {plan.describe()}",
+        f"threads: {used.count} per process ({used.why})",
+        f"model: {arch.model}, width {arch.width}, latent {arch.latent_dim}"
+        + (", class-conditional" if arch.num_classes else ""),
+        f"recipe: {s.recipe} (filled in: {filled})",
+        f"FID: {fid_line}",
+    ]
+
+
+def _with_batch(line: str, plan: batching.BatchPlan) -> str:
+    """The start-up block's device line with another batch plan."""
+    if not line.startswith("device: "):
+        return line
+    return line[: line.index(" process(es), ") + len(" process(es), ")] + plan.describe()

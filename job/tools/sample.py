@@ -1,0 +1,455 @@
+"""`gan-job sample`: images from a trained generator, as a .npy of uint8 pixels or a PNG grid:
+from --num/--seed noise or one per --seeds seed, truncated (--truncation), or along the slerp
+between seeds (--interpolate; also as an animated GIF)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import io
+import itertools
+import math
+import os
+import re
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import torch
+
+from job.gan.models import Arch, build_generator
+from job.infra.errors import CheckpointError, DiskFullError, SettingsError, StorageError
+from job.infra.storage import open_store
+from job.quality import evaluate
+from job.run import checkpoint
+
+BATCH = 512  # images generated and written at a time
+MAX_GRID = 1024  # images in a .png grid (32 x 32)
+EXPECTED = "gan-job checkpoint or generator export (final/generator.pt)"
+BEST_EXPORT = "best/generator.pt"  # the EMA generator of a run's best evaluation (job/run/best.py)
+MAX_SEEDS = 1_000_000  # seeds in one --seeds
+MAX_SEED = 2**64 - 1  # the largest torch.Generator seed
+DEFAULT_STEPS = 8  # --interpolate: images per row
+FRAME_MS = 100  # --interpolate into a .gif: time per frame
+
+
+def load_generator(
+    path: str, endpoint_url: str | None = None, which: str = "final"
+) -> tuple[torch.nn.Module, Arch]:
+    """The EMA generator of a checkpoint, a generator export (final/ or best/generator.pt), or
+    a run folder: which="final", its newest checkpoint (else final/generator.pt); which="best",
+    its best/generator.pt (the best evaluated step)."""
+    if path.endswith(".pt"):
+        state = read_pt(path, endpoint_url, f"--checkpoint {path}")
+    elif which == "best":
+        if not open_store(path, endpoint_url).exists(BEST_EXPORT):
+            raise CheckpointError(
+                f"--checkpoint {path}: no {BEST_EXPORT} (a run keeps one only when it is "
+                "evaluated: GAN_FID_FEATURES)"
+            )
+        return load_generator(path.rstrip("/") + "/" + BEST_EXPORT, endpoint_url)
+    else:
+        found = checkpoint.load_from(path, endpoint_url)
+        if found is None:
+            final = open_store(path, endpoint_url)
+            if not final.exists("final/generator.pt"):
+                raise CheckpointError(
+                    f"--checkpoint {path}: no complete checkpoint or final/generator.pt"
+                )
+            return load_generator(path.rstrip("/") + "/final/generator.pt", endpoint_url)
+        state = found[1]
+    found = checkpoint.generator_state(state) if isinstance(state, dict) else None
+    if found is None:
+        raise CheckpointError(f"--checkpoint {path}: {what_it_is(state)}, not a {EXPECTED}")
+    arch = Arch(**found[0])
+    g = build_generator(arch)
+    g.load_state_dict(found[1])
+    return g.eval(), arch
+
+
+def read_pt(path: str, endpoint_url: str | None, label: str, expected: str = EXPECTED) -> object:
+    """What a .pt file (local or s3://) holds; CheckpointError beginning with label when it is
+    missing or no torch.save file."""
+    parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
+    try:
+        raw = open_store(parent, endpoint_url).get_bytes(name)
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{label}: no such file") from exc
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - garbage, truncated or empty: unpickling fails anyhow
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{label}: unreadable ({why}): expected a {expected}") from exc
+
+
+def what_it_is(state: object) -> str:
+    if isinstance(state, torch.jit.ScriptModule):
+        return "a TorchScript module"
+    if isinstance(state, dict):
+        return "a dict without a generator"
+    return f"a saved {type(state).__name__}"
+
+
+Inputs = tuple[torch.Tensor, torch.Tensor | None]  # z (n x latent_dim) and labels (n) or None
+
+
+def truncation_bound(psi: float) -> float:
+    """t with P(|z_i| <= t) = psi for z_i ~ N(0, 1): every truncated component lies in [-t, t]."""
+    return math.inf if psi >= 1 else float(torch.special.ndtri(torch.tensor((1 + psi) / 2.0)))
+
+
+def truncate(z: torch.Tensor, psi: float) -> torch.Tensor:
+    """Standard-normal z, each component moved onto N(0, 1) truncated to [-t, t] (the
+    distribution of BigGAN's truncation trick, |z_i| > t resampled), t = truncation_bound(psi):
+    z_i -> inverse-CDF((1 - psi) / 2 + psi CDF(z_i)), monotone in z_i, so a seed's image moves
+    smoothly with psi. psi = 1: z itself."""
+    if psi >= 1:
+        return z
+    u = torch.special.ndtr(z.double())
+    return torch.special.ndtri((1 - psi) / 2 + psi * u).to(z.dtype)
+
+
+class Truncated(torch.nn.Module):
+    """A generator fed truncate(z, psi) instead of z."""
+
+    def __init__(self, g: torch.nn.Module, psi: float):
+        super().__init__()
+        self.g, self.psi = g, psi
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return self.g(truncate(z, self.psi), labels)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-63,100': seeds and inclusive ranges, comma-separated, in the order given."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if found is None:
+            raise ValueError(f"{part.strip()!r} is neither a seed nor a range FIRST-LAST")
+        first, last = int(found[1]), int(found[2] or found[1])
+        if last < first:
+            raise ValueError(f"the range {part.strip()} goes down: FIRST-LAST needs FIRST <= LAST")
+        if last > MAX_SEED:
+            raise ValueError(f"{last}: seeds go up to {MAX_SEED}")
+        if len(seeds) + last - first + 1 > MAX_SEEDS:
+            raise ValueError(f"more than {MAX_SEEDS:,} seeds")
+        seeds.extend(range(first, last + 1))
+    return seeds
+
+
+def seed_z(latent_dim: int, seed: int) -> torch.Tensor:
+    """The z of seed: drawn from torch.Generator().manual_seed(seed) alone."""
+    return torch.randn(latent_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def _labels(arch: Arch, label: int | None, classes: list[int]) -> torch.Tensor | None:
+    """--label for every image, else each image's own class (conditional models only)."""
+    if not arch.num_classes:
+        return None
+    if label is not None:
+        return torch.full((len(classes),), label, dtype=torch.int64)
+    return torch.tensor([c % arch.num_classes for c in classes], dtype=torch.int64)
+
+
+def noise_inputs(arch: Arch, num: int, seed: int, label: int | None) -> Iterator[Inputs]:
+    """--num/--seed: noise drawn BATCH at a time from one generator seeded with seed, labels
+    cycling through the classes."""
+    noise = torch.Generator().manual_seed(seed)
+    for start in range(0, num, BATCH):
+        n = min(BATCH, num - start)
+        z = torch.randn(n, arch.latent_dim, generator=noise)
+        yield z, _labels(arch, label, list(range(start, start + n)))
+
+
+def seed_inputs(arch: Arch, seeds: list[int], label: int | None) -> Iterator[Inputs]:
+    """--seeds: image i from seed i alone (its z; its label seed % num_classes)."""
+    for start in range(0, len(seeds), BATCH):
+        chunk = seeds[start : start + BATCH]
+        yield torch.stack([seed_z(arch.latent_dim, s) for s in chunk]), _labels(arch, label, chunk)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from a (t = 0) to b (t = 1), one row per t:
+    (sin((1 - t) omega) a + sin(t omega) b) / sin(omega), omega the angle between a and b
+    (a straight line where they are parallel)."""
+    a64, b64, t = a.double(), b.double(), t.double()[:, None]
+    omega = torch.acos((a64 @ b64 / (a64.norm() * b64.norm())).clamp(-1, 1))
+    if torch.sin(omega) < 1e-6:
+        return torch.lerp(a64, b64, t).to(a.dtype)
+    mixed = torch.sin((1 - t) * omega) * a64 + torch.sin(t * omega) * b64
+    return (mixed / torch.sin(omega)).to(a.dtype)
+
+
+def interpolation_inputs(
+    arch: Arch, seeds: list[int], steps: int, label: int | None, path: bool
+) -> Inputs:
+    """Rows of steps images from seed k to seed k + 1 along slerp(z_k, z_k+1), each row with
+    seed k's label (or --label); path: one sequence through every seed instead (each seed's
+    image once, the last with its own label)."""
+    zs = [seed_z(arch.latent_dim, s) for s in seeds]
+    t = torch.arange(steps, dtype=torch.float64) / (steps - 1)
+    rows = [slerp(a, b, t) for a, b in itertools.pairwise(zs)]
+    if not path:
+        return torch.cat(rows), _labels(arch, label, [s for s in seeds[:-1] for _ in range(steps)])
+    frames = torch.cat([row[:-1] for row in rows] + [zs[-1][None]])
+    classes = [s for s in seeds[:-1] for _ in range(steps - 1)] + seeds[-1:]
+    return frames, _labels(arch, label, classes)
+
+
+def render(
+    g: torch.nn.Module, arch: Arch, inputs: Iterable[Inputs], psi: float = 1.0, batch: int = BATCH
+) -> Iterator[np.ndarray]:
+    """uint8 images of truncate(z, psi), batch at a time: n x H x W (one channel) or
+    n x H x W x 3."""
+    for z, labels in inputs:
+        for start in range(0, len(z), batch):
+            zb = truncate(z[start : start + batch], psi)
+            lb = labels[start : start + batch] if labels is not None else None
+            images = evaluate.to_uint8(evaluate.generate(g, zb, lb)).permute(0, 2, 3, 1).numpy()
+            yield images[..., 0] if arch.channels == 1 else images
+
+
+def check_out(out: Path, count: int | None, what: str, gif: bool = False) -> list[str]:
+    """What is wrong with --out for count images (what: the flags that asked for them), before
+    any work. A missing folder is created."""
+    kinds = (".npy", ".png", ".gif") if gif else (".npy", ".png")
+    if out.suffix == ".gif" and not gif:
+        return [f"--out {out}: a .gif is written by --interpolate only"]
+    if out.suffix not in kinds:
+        return [f"--out {out}: expected a {', '.join(kinds[:-1])} or {kinds[-1]} file name"]
+    if out.is_dir():
+        return [f"--out {out}: is a folder: expected a file name ending in {' or '.join(kinds)}"]
+    if out.suffix != ".npy" and count is not None and count > MAX_GRID:
+        holder = "a .png grid" if out.suffix == ".png" else "a .gif"
+        return [f"{what}: {holder} holds at most {MAX_GRID} images: write a .npy"]
+    folder = next(p for p in out.absolute().parents if p.exists())  # nearest existing folder
+    if not folder.is_dir():
+        return [f"--out {out}: {folder} is a file, not a folder"]
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return [f"--out {out}: cannot write in {folder} (permission denied)"]
+    return []
+
+
+def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
+    """A .npy of uint8 images written batch by batch, complete or not at all (_replacing);
+    DiskFullError, before any image is written, when they cannot fit in the space left."""
+    with _replacing(out) as f:
+        free = shutil.disk_usage(out.parent).free
+        if (size := math.prod(shape)) > free:
+            raise DiskFullError(f"--out {out}: {_mb(size)} of images, {_mb(free)} free")
+        header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        for images in batches:
+            f.write(np.ascontiguousarray(images).tobytes())
+
+
+@contextlib.contextmanager
+def _replacing(out: Path) -> Iterator[BinaryIO]:
+    """A temporary file beside out, renamed to out once the block has written it, removed
+    otherwise: out is complete or absent. DiskFullError when the disk fills, StorageError when
+    it cannot be written at all."""
+    tmp = out.with_name(f".{out.name}.partial")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+        os.replace(tmp, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise DiskFullError(f"--out {out}: {e.strerror}") from e
+        raise StorageError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def write_png(out: Path, batches: Iterable[np.ndarray], arch: Arch, nrow: int) -> None:
+    """A grid of the images, nrow to a row."""
+    images = torch.from_numpy(np.concatenate(list(batches))).float() / 255
+    images = images.unsqueeze(1) if arch.channels == 1 else images.permute(0, 3, 1, 2)
+    with _replacing(out) as f:
+        f.write(evaluate.grid_png(images, nrow=nrow))
+
+
+def write_gif(out: Path, batches: Iterable[np.ndarray]) -> None:
+    """An animated GIF, one image a frame, FRAME_MS each, looping."""
+    from PIL import Image
+
+    frames = [Image.fromarray(image) for images in batches for image in images]
+    with _replacing(out) as f:
+        frames[0].save(
+            f, format="GIF", save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0
+        )
+
+
+TRUNCATION_HELP = (
+    "truncation trick, 0 < PSI <= 1 (default 1: off): every component of z is drawn from "
+    "N(0, 1) truncated to [-t, t], t = the (1 + PSI)/2 quantile of N(0, 1), i.e. PSI is the "
+    "share of the normal's mass kept (0.9: |z_i| <= 1.645; 0.7: 1.036; 0.5: 0.674): the "
+    "distribution of BigGAN's trick (|z_i| > t drawn again), made by mapping each drawn z_i "
+    "to Phi^-1((1 - PSI)/2 + PSI Phi(z_i)) (Phi: the normal CDF), so a seed's image changes "
+    "smoothly with PSI"
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gan-job sample", description=__doc__)
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint, final/generator.pt, or run folder/URI"
+    )
+    p.add_argument(
+        "--which",
+        choices=("final", "best"),
+        default="final",
+        help="of a run folder: final (its newest checkpoint, else final/generator.pt; the "
+        "default) or best (best/generator.pt, the generator of its best evaluation)",
+    )
+    p.add_argument("--num", type=int, default=None, help="number of images (from --seed)")
+    p.add_argument(
+        "--seed", type=int, default=None, help="with --num: the same seed gives the same images"
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        help="instead of --num/--seed: one image per seed, e.g. 0-63,100 (ranges inclusive), "
+        "in that order; image i comes from seed i alone (z and, for conditional models, "
+        "label seed %% classes), so it is the same in any list and batch size",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help=f"output .npy (uint8 images) or .png (a grid of at most {MAX_GRID}); "
+        "with --interpolate also .gif; a missing folder is created",
+    )
+    p.add_argument("--label", type=int, default=None, help="class for conditional models")
+    p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help=TRUNCATION_HELP)
+    p.add_argument(
+        "--interpolate",
+        action="store_true",
+        help="a row per pair of consecutive --seeds, --steps images along the slerp of their z "
+        "(a conditional row keeps its first seed's label, or --label); a .gif: one frame a "
+        "step along the path through all the seeds",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, help="with --interpolate: images per row (default 8)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=BATCH, help=f"images generated at a time ({BATCH})"
+    )
+    return p
+
+
+def _check_images(args: argparse.Namespace) -> tuple[list[str], list[int] | None]:
+    """Problems with --num/--seed/--seeds, and the seeds."""
+    if args.seeds is None:
+        if args.num is None:
+            return ["--num or --seeds: one of them is needed"], None
+        return ([f"--num {args.num}: expected an integer >= 1"] if args.num < 1 else []), None
+    problems = []
+    if args.num is not None or args.seed is not None:
+        problems.append("--seeds: not with --num or --seed (--seeds names each image's seed)")
+    try:
+        return problems, parse_seeds(args.seeds)
+    except ValueError as e:
+        return [*problems, f"--seeds {args.seeds}: {e}"], None
+
+
+def _check_options(args: argparse.Namespace, seeds: list[int] | None) -> list[str]:
+    problems = []
+    if args.interpolate and seeds is not None and len(seeds) < 2:
+        problems.append(f"--interpolate: needs at least two --seeds, got {args.seeds}")
+    if args.interpolate and args.seeds is None:
+        problems.append("--interpolate: needs --seeds (at least two)")
+    if args.steps is not None and not args.interpolate:
+        problems.append(f"--steps {args.steps}: only with --interpolate")
+    if args.steps is not None and args.steps < 2:
+        problems.append(f"--steps {args.steps}: expected an integer >= 2")
+    if not 0 < args.truncation <= 1:
+        problems.append(f"--truncation {args.truncation}: expected 0 < PSI <= 1")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if args.which == "best" and args.checkpoint.endswith(".pt"):
+        problems.append(
+            f"--which best: --checkpoint {args.checkpoint} is a file: give its run folder"
+        )
+    return problems
+
+
+def image_count(args: argparse.Namespace, seeds: list[int] | None) -> tuple[int | None, str]:
+    """How many images the flags ask for (None: not known), and the flags that say so."""
+    if seeds is None:
+        return args.num, f"--num {args.num}"
+    if not args.interpolate:
+        return len(seeds), f"--seeds: {len(seeds)} images"
+    rows, steps = len(seeds) - 1, args.steps or DEFAULT_STEPS
+    count = rows * (steps - 1) + 1 if Path(args.out).suffix == ".gif" else rows * steps
+    return count, f"--seeds/--steps: {count} images"
+
+
+def check_args(args: argparse.Namespace) -> list[int] | None:
+    """SettingsError naming every bad flag, before any work; the --seeds given."""
+    problems, seeds = _check_images(args)
+    problems += _check_options(args, seeds)
+    count, what = image_count(args, seeds)
+    problems += check_out(Path(args.out), count, what, gif=args.interpolate)
+    if problems:
+        raise SettingsError(problems)
+    return seeds
+
+
+def _check_label(label: int | None, arch: Arch) -> None:
+    if label is not None and not 0 <= label < arch.num_classes:
+        expected = (
+            f"0..{arch.num_classes - 1}" if arch.num_classes else "no label (unconditional model)"
+        )
+        raise SettingsError([f"--label {label}: expected {expected}"])
+
+
+def _make_folder(out: Path) -> None:
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SettingsError([f"--out {out}: cannot create {out.parent} ({e.strerror})"]) from e
+
+
+def _inputs(args: argparse.Namespace, arch: Arch, seeds: list[int] | None) -> Iterable[Inputs]:
+    if seeds is None:
+        return noise_inputs(arch, args.num, args.seed or 0, args.label)
+    if not args.interpolate:
+        return seed_inputs(arch, seeds, args.label)
+    path = Path(args.out).suffix == ".gif"
+    steps = args.steps or DEFAULT_STEPS
+    return [interpolation_inputs(arch, seeds, steps, args.label, path)]
+
+
+def _write(out: Path, count: int, batches: Iterator[np.ndarray], arch: Arch, nrow: int) -> None:
+    if out.suffix == ".npy":
+        first = next(batches)
+        write_npy(out, (count, *first.shape[1:]), itertools.chain([first], batches))
+    elif out.suffix == ".gif":
+        write_gif(out, batches)
+    else:
+        write_png(out, batches, arch, nrow)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    seeds = check_args(args)
+    out = Path(args.out)
+    # the same endpoint setting as training; unset: boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
+    endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
+    g, arch = load_generator(args.checkpoint, endpoint, args.which)
+    _check_label(args.label, arch)
+    _make_folder(out)
+    count = image_count(args, seeds)[0]
+    nrow = (args.steps or DEFAULT_STEPS) if args.interpolate else math.ceil(math.sqrt(count))
+    batches = render(g, arch, _inputs(args, arch, seeds), args.truncation, args.batch_size)
+    _write(out, count, batches, arch, nrow)
+    print(f"wrote {count} images to {out}")
+    return 0
