@@ -7,7 +7,7 @@ FEATURES ?= runs/fid-features/fashion-mnist.pt
 DEBIAN_RUN = dataset-fashion-mnist
 DEBIAN_TEST = $(DEBIAN_RUN) prometheus prometheus-pushgateway kubectl
 
-.PHONY: install system-deps features run test test-fast lint bench image run-local
+.PHONY: install system-deps features run test test-all test-fast lint bench image run-local
 .DELETE_ON_ERROR:
 
 install: $(INSTALLED)  ## venv with the job and its dev tools (again only when pyproject.toml changes)
@@ -59,10 +59,15 @@ run: install $(FEATURES)  ## a real Fashion-MNIST run, offline: installs what it
 
 # most tests wait on the processes they start: two workers (a test file each) halve the wall time
 TEST_WORKERS ?= 2
-test: system-deps install  ## the whole test suite (what CI runs); TEST_WORKERS=0 for one process
-	$(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30
+PYTEST = $(PYTHON) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
-test-fast: system-deps install  ## all but the e2e tests (those that start the job): about a minute
+test: system-deps install  ## between edits: unit tests and one end-to-end test per contract
+	$(PYTEST) -m "not e2e or contract"
+
+test-all: system-deps install  ## the whole suite (what CI runs); TEST_WORKERS=0 for one process
+	$(PYTEST) --durations=30
+
+test-fast: system-deps install  ## the unit tests only, no process started: about three minutes
 	$(PYTHON) -m pytest -q -m "not e2e"
 
 lint: install

@@ -41,10 +41,11 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from job.data import datasets as data
+from job.data.source import real_images
 from job.gan.models import Arch, build_discriminator, build_generator
 from job.infra import distributed
 from job.infra.errors import EXIT_OK, FIDError, JobError
-from job.quality import evaluate
+from job.quality import evaluator, extractors, reference
 from job.run.build import build
 from job.run.train import Trainer
 from job.settings import Settings, load_settings, public_dict
@@ -446,8 +447,8 @@ def fid_cost(args: argparse.Namespace, s: Settings, trainer: Trainer) -> dict:
         return {"skipped": "--skip-fid"}
     arch, device, note = trainer.nets.arch, trainer.world.device, None
 
-    def load(choice: str) -> evaluate.Extractor | None:
-        return evaluate.load_extractor(
+    def load(choice: str) -> extractors.Extractor | None:
+        return extractors.load_extractor(
             choice, arch.channels, arch.image_size, device, s.fid_inception_weights
         )
 
@@ -462,15 +463,15 @@ def fid_cost(args: argparse.Namespace, s: Settings, trainer: Trainer) -> dict:
         note = f"InceptionV3 unavailable; timed the TorchScript stand-in {args.fid_standin}"
     if extractor is None:
         return {"skipped": "GAN_FID_FEATURES=none"}
-    num = evaluate.fid_num_samples(args.fid_samples or s.fid_num_samples, device)
+    num = evaluator.fid_num_samples(args.fid_samples or s.fid_num_samples, device)
     progress(f"timing one FID evaluation ({extractor.name}, {num} samples)")
-    images, _ = data.real_images(trainer.source.data, num, s.seed)
+    images, _ = real_images(trainer.source.data, num, s.seed)
     sync(device)
     t0 = time.perf_counter()
-    real_state = evaluate.real_statistics(extractor, images, device)
+    real_state = reference.real_statistics(extractor, images, device)
     sync(device)
     t1 = time.perf_counter()
-    fid = evaluate.compute_fid(
+    fid = evaluator.compute_fid(
         extractor, real_state, trainer.nets.g_ema, arch.latent_dim, arch.num_classes, num,
         s.seed + 1, device,
     )  # fmt: skip

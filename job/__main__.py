@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import functools
 import importlib
 import logging
 import os
@@ -22,7 +23,7 @@ SUBCOMMANDS = {
     "sweep": "job.tools.sweep",
     "compare": "job.tools.compare",
     "evaluate": "job.tools.evaluate",
-    "shard": "job.data.shards",
+    "shard": "job.tools.shard",
     "export": "job.tools.export",
 }
 DRY_RUN_FLAG = "--dry-run"
@@ -40,7 +41,7 @@ def _setup_logging() -> None:
         stream=sys.stdout,
     )
     logging.getLogger("botocore").setLevel(logging.WARNING)
-    from job.settings import redact_logs
+    from job.infra.secrets import redact_logs
 
     redact_logs()
 
@@ -107,9 +108,15 @@ def _train(dry_run: bool = False) -> int:
                 "after SIGTERM: set GAN_NPROC_PER_NODE / GAN_NNODES and run gan-job instead, for "
                 "the exit statuses of the README and GAN_GRACE_SECONDS"
             )
+    from job.run.build import build
     from job.run.train import train
 
-    return train(settings)
+    return train(
+        functools.partial(build, settings),
+        settings.device,
+        settings.stall_timeout_seconds,
+        settings.pushgateway_url,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

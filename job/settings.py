@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Literal, get_args, get_origin
@@ -18,11 +17,12 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from job.data.naming import NATIVE_SIZE, SHARDS_PREFIX, dataset_kind, dataset_problem
 from job.infra.errors import SettingsError
+from job.infra.s3_store import s3_uri_problem
+from job.infra.secrets import redact
 
 PREFIX = "GAN_"
-SHARDS_PREFIX = "shards:"  # GAN_DATASET=shards:s3://bucket/prefix
-NATIVE_SIZE = {"mnist": 28, "kmnist": 28, "fashion-mnist": 28, "cifar10": 32}
 DCGAN_SIZES = (28, 32, 64)
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/gan/augment.py implements them
 # upper bounds: a seed torch and numpy take (the noise streams add step offsets to it), step
@@ -394,7 +394,7 @@ class Settings(BaseSettings):
     @field_validator("artifact_uri", "dataset", "resume")
     @classmethod
     def _check_bucket(cls, value: str) -> str:
-        if (why := s3_uri_problem(value)) is not None:
+        if (why := s3_uri_problem(value.removeprefix(SHARDS_PREFIX))) is not None:
             raise PydanticCustomError("s3_bucket", why)
         return value
 
@@ -489,13 +489,12 @@ class Settings(BaseSettings):
         again against the world that joined)."""
         if self.global_batch_size is None:
             return self
-        from job.data.batching import plan_from_settings
+        from job.data.batching import batch_size_given, plan_from_settings
 
         try:
-            given = "batch_size" in self.model_fields_set
             plan_from_settings(
                 self.batch_size,
-                given,
+                batch_size_given(self.model_fields_set, self.recipe_filled),
                 self.global_batch_size,
                 self.nproc_per_node * self.nnodes,
                 self.micro_batch_size,
@@ -591,37 +590,12 @@ RECIPES: dict[str, dict[str, object]] = {
 }
 
 
-def dataset_kind(dataset: str) -> str:
-    """mnist | kmnist | fashion-mnist | cifar10 | folder | s3 | shards."""
-    if dataset.startswith("folder:"):
-        return "folder"
-    if dataset.startswith(SHARDS_PREFIX):
-        return "shards"
-    if dataset.startswith("s3://"):
-        return "s3"
-    return dataset
-
-
 def _grayscale_28px(data: dict) -> bool:
     """What fast28 was measured on: a MNIST-family dataset at its own 28 px, with DCGAN."""
     return (
         data.get("dataset", "fashion-mnist") in ("mnist", "kmnist", "fashion-mnist")
         and str(data.get("image_size") or 28) == "28"
         and data.get("model", "dcgan") == "dcgan"
-    )
-
-
-def _check_dataset(value: str) -> str | None:
-    known = {*NATIVE_SIZE}
-    if value.startswith(SHARDS_PREFIX):
-        if value.startswith(SHARDS_PREFIX + "s3://") and len(value) > len(SHARDS_PREFIX) + 5:
-            return None  # the bucket name is checked by Settings
-        return "expected shards:s3://bucket/prefix (shards are read from S3)"
-    if value in known or value.startswith(("s3://", "folder:")) and len(value) > 7:
-        return None  # an s3:// bucket name is checked by Settings
-    return (
-        f"expected one of {', '.join(sorted(known))}, folder:/path, s3://bucket/prefix or "
-        "shards:s3://bucket/prefix"
     )
 
 
@@ -668,7 +642,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         for key in _unknown_variables(environ)
     ]
     dataset = environ.get(PREFIX + "DATASET")
-    if dataset is not None and (why := _check_dataset(dataset)):
+    if dataset is not None and (why := dataset_problem(dataset)):
         problems.append(f"{PREFIX}DATASET={dataset!r}: {why}")
     gan_env = {k: v for k, v in environ.items() if k.startswith(PREFIX)}
     values = _from_env(gan_env)
@@ -773,7 +747,7 @@ def help_text() -> str:
 
 
 def settings_markdown() -> str:
-    """The README's settings table, generated from the model so the two cannot drift apart."""
+    """docs/settings.md's table, generated from the model so the two cannot drift apart."""
     rows = ["| variable | type | default | description |", "| --- | --- | --- | --- |"]
     for var, kind, default, desc in describe():
         cells = [f"`{var}`", kind, default and f"`{default}`", desc]
@@ -787,87 +761,6 @@ def public_dict(settings: Settings) -> dict:
         name: redact(value) if isinstance(value, str) else value
         for name, value in settings.model_dump(mode="json").items()
     }
-
-
-# ---------------------------------------------------------------- S3 bucket names
-
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-BUCKET_RULE = (
-    "an S3 bucket name of 3-63 characters: lowercase letters, digits, dots and hyphens, "
-    "beginning and ending with a letter or digit"
-)
-
-
-def bucket_problem(name: str) -> str | None:
-    """Why name is not a valid S3 bucket name (AWS's rules, which MinIO and others follow)."""
-    if (
-        not _BUCKET.match(name)
-        or ".." in name
-        or re.fullmatch(r"\d+\.\d+\.\d+\.\d+", name)  # an IP address
-    ):
-        return f"{BUCKET_RULE}; {name!r} is not"
-    return None
-
-
-def s3_uri_problem(uri: str) -> str | None:
-    """Why an s3:// URI (or shards:s3://) names no valid bucket; None for valid ones and other
-    URIs."""
-    uri = uri.removeprefix(SHARDS_PREFIX)
-    if not uri.startswith("s3://"):
-        return None
-    bucket = uri[len("s3://") :].split("/", 1)[0]
-    if "@" in bucket:
-        return "s3://bucket/prefix without user:password@ (S3 credentials are AWS_* variables)"
-    return bucket_problem(bucket)
-
-
-# ---------------------------------------------------------------- secrets
-
-REDACTED = "***"
-# query parameters that carry credentials: presigned URLs, tokens, API keys
-_SECRET_PARAMS = (
-    r"x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
-    r"id_token|refresh_token|auth|authorization|password|passwd|pwd|secret|client_secret|"
-    r"api_key|apikey|key|session_token|sas|code"
-)
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")
-_QUERY_SECRET = re.compile(rf"(?i)([?&;](?:{_SECRET_PARAMS})=)[^&;#\s'\"]+")
-_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
-# environment variables whose values are secrets wherever they show up
-_SECRET_ENV = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|CREDENTIAL)")
-_MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
-
-
-def redact(text: str) -> str:
-    """text with every secret it may hold replaced by ***: the user:password of URLs, credential
-    query parameters (token=, X-Amz-Signature=, sig=...), AWS access key ids, and the values of
-    secret environment variables (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN...).
-
-    Everything the job writes that could hold a setting's value goes through it: log lines,
-    config.json and checkpoints (public_dict), metric labels."""
-    text = _USERINFO.sub(rf"\1{REDACTED}@", text)
-    text = _QUERY_SECRET.sub(rf"\1{REDACTED}", text)
-    text = _AWS_KEY_ID.sub(REDACTED, text)
-    for name, value in os.environ.items():
-        if len(value) >= _MIN_SECRET_LEN and _SECRET_ENV.search(name) and value in text:
-            text = text.replace(value, REDACTED)
-    return text
-
-
-class RedactingFormatter(logging.Formatter):
-    """A log formatter whose lines, tracebacks included, pass through redact()."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-
-def redact_logs() -> None:
-    """Make every handler of the root logger redact secrets from what it writes."""
-    for handler in logging.getLogger().handlers:
-        fmt = handler.formatter
-        handler.setFormatter(
-            RedactingFormatter(fmt._fmt, fmt.datefmt) if fmt is not None else RedactingFormatter()
-        )
 
 
 if __name__ == "__main__":

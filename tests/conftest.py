@@ -1,5 +1,5 @@
-"""Shared fixtures, and the `e2e` marker. S3 tests run against a real SeaweedFS server
-(tests/s3server.py)."""
+"""Shared fixtures, and the `e2e` and `contract` markers. S3 tests run against a real SeaweedFS
+server (tests/s3server.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,28 @@ from s3server import SeaweedS3, use_server
 TESTS = Path(__file__).resolve().parent
 # modules whose tests are all end-to-end, whatever they call
 E2E_MODULES = {"test_launcher", "test_multinode", "test_faults"}
+# `make test` runs every test that is not e2e and, of the e2e ones, these: one end-to-end test per
+# contract of the job. `make test-all` runs everything.
+CONTRACTS = {
+    # the artifacts of a run
+    "test_train.py::test_default_dataset_run_writes_every_artifact",
+    # bit-exact resume
+    "test_train.py::test_resumed_run_matches_an_uninterrupted_one_bit_for_bit",
+    # SIGTERM: a checkpoint, exit 75, and the resumed run is bit-identical
+    "test_reliability.py::test_sigterm_checkpoints_and_the_resumed_run_is_bit_identical[1]",
+    # two ranks under torchrun
+    "test_distributed.py::test_two_ranks_keep_identical_weights_and_fid_matches_one_process",
+    # S3: every artifact in a real S3 server
+    "test_s3_job.py::test_run_stores_every_artifact_in_s3_like_the_local_store",
+    # the subcommands
+    "test_sample.py::test_sample_from_checkpoint_export_and_run_folder_agree",
+    "test_export.py::test_export_loads_without_gan_job_and_draws_what_sample_draws_for_the_same_z[dcgan]",
+    "test_evaluate_run.py::test_gan_job_evaluate_prints_a_table_and_a_json_line_and_leaves_the_run_alone",
+    "test_compare.py::test_compare_tables_and_plots_a_local_and_an_s3_run",
+    "test_dryrun.py::test_dry_run_over_checkpoints_says_it_would_resume_and_changes_no_file[env]",
+    "test_sweep.py::test_each_row_of_a_sweep_is_its_own_run",
+    "test_features.py::test_unparseable_arguments_exit_2",
+}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -28,6 +50,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         module = item.module.__name__.rpartition(".")[2]
         if module in E2E_MODULES or starts_the_job([item.function, *fixtures]):
             item.add_marker(pytest.mark.e2e)
+        if f"{module}.py::{item.name}" in CONTRACTS:
+            item.add_marker(pytest.mark.contract)
 
 
 def starts_the_job(functions: list[Callable]) -> bool:

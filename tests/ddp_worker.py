@@ -8,7 +8,7 @@ import torch
 
 from job.gan.networks import unwrap
 from job.infra import distributed
-from job.quality import evaluate
+from job.quality import evaluator, extractors, reference
 from job.run.build import build
 from job.run.train import Trainer
 from job.settings import load_settings
@@ -26,10 +26,10 @@ for _ in range(settings.max_steps):
 trainer.close()
 
 torch.manual_seed(0)
-extractor = evaluate.Extractor(evaluate.ChannelAdapter(TinyFeatures(1), 1), 32, "tiny", "tiny")
+extractor = extractors.Extractor(extractors.ChannelAdapter(TinyFeatures(1), 1), 32, "tiny", "tiny")
 images = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8)
-real = evaluate.real_statistics(extractor, images, world.device)
-fid = evaluate.compute_fid(
+real = reference.real_statistics(extractor, images, world.device)
+fid = evaluator.compute_fid(
     extractor, real, trainer.nets.g_ema, 16, 0, 48, seed=5, device=world.device,
     rank=world.rank, world_size=world.world_size, batch=10,
 )  # fmt: skip

@@ -7,17 +7,17 @@ from pathlib import Path
 import torch
 
 from job.infra import distributed
-from job.quality import evaluate
+from job.quality import evaluator, extractors, reference
 from tests.helpers import Painter, idx_images
 
 
 def main(out: Path, features: str) -> None:
     world = distributed.setup("cpu")
-    extractor = evaluate.load_extractor(features, 1, 28, world.device)
-    real = evaluate.real_reference(extractor, idx_images(120, seed=0)[0], world.device)
+    extractor = extractors.load_extractor(features, 1, 28, world.device)
+    real = reference.real_reference(extractor, idx_images(120, seed=0)[0], world.device)
     g = Painter(*idx_images(200, seed=1), mode="ignore")
-    found = evaluate.measure(
-        extractor, real if world.is_main else evaluate.RealReference(real.state), g, 4, 10, 150,
+    found = evaluator.measure(
+        extractor, real if world.is_main else reference.RealReference(real.state), g, 4, 10, 150,
         seed=2, device=world.device, rank=world.rank, world_size=world.world_size, batch=16,
         labels_checked=True, keep_features=True,
     )  # fmt: skip

@@ -7,7 +7,8 @@ import torch
 
 from job.gan.models import Arch, build_generator
 from job.infra.distributed import World
-from job.infra.storage import BackgroundWriter, LocalStore
+from job.infra.local_store import LocalStore
+from job.infra.writer import BackgroundWriter
 from job.run.artifacts import MAX_GRIDS_KEPT, RunArtifacts, grid_key
 
 PNG = b"\x89PNG"

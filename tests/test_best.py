@@ -11,8 +11,9 @@ import torch
 
 from job.gan.models import Arch, build_generator
 from job.infra.distributed import World
+from job.infra.local_store import LocalStore
 from job.infra.metrics import Metrics
-from job.infra.storage import BackgroundWriter, LocalStore
+from job.infra.writer import BackgroundWriter
 from job.run.artifacts import RunArtifacts
 from job.run.best import BestGenerator
 from tests.helpers import job_env, run_job, write_extractor, write_idx

@@ -10,8 +10,10 @@ import torch
 
 from job.infra.distributed import World
 from job.infra.errors import StorageError
+from job.infra.jsonl_log import JsonlLog
+from job.infra.local_store import LocalStore
 from job.infra.metrics import Metrics
-from job.infra.storage import BackgroundWriter, JsonlLog, LocalStore
+from job.infra.writer import BackgroundWriter
 from job.run.checkpoint import Checkpointer, complete_steps
 
 ONE_PROCESS = World(0, 1, 0, torch.device("cpu"))

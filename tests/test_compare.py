@@ -13,7 +13,7 @@ import sys
 import pytest
 from PIL import Image
 
-from job.infra.storage import open_store
+from job.infra.stores import open_store
 from job.tools.compare import read_run
 from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx
 from tests.test_s3_job import new_bucket, s3_job_env

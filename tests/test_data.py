@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from job.data.datasets import BatchSource, load_dataset, load_idx_dataset, read_idx
+from job.data.datasets import load_dataset, load_idx_dataset, read_idx
+from job.data.source import BatchSource
 from job.infra.errors import DataError
 from job.settings import load_settings
 from tests.helpers import job_env, run_job, write_extractor, write_idx, write_image_folder

@@ -46,15 +46,16 @@ def test_two_ranks_keep_identical_weights_and_fid_matches_one_process(tmp_path):
     single = tmp_path / "single"
     single.mkdir()
     script = (
-        "import sys, torch; from pathlib import Path; from job.quality import evaluate;"
+        "import sys, torch; from pathlib import Path;"
+        "from job.quality import evaluator, extractors, reference;"
         "from job.gan.models import Arch, build_generator; from tests.helpers import TinyFeatures;"
         "s = torch.load(sys.argv[1], weights_only=False);"
         "g = build_generator(Arch(**s['arch'])); g.load_state_dict(s['g_ema']);"
         "torch.manual_seed(0);"
-        "e = evaluate.Extractor(evaluate.ChannelAdapter(TinyFeatures(1), 1), 32, 't', 't');"
+        "e = extractors.Extractor(extractors.ChannelAdapter(TinyFeatures(1), 1), 32, 't', 't');"
         "im = (torch.rand(64, 1, 28, 28) * 255).to(torch.uint8);"
-        "real = evaluate.real_statistics(e, im, torch.device('cpu'));"
-        "print(evaluate.compute_fid(e, real, g, 16, 0, 48, 5, torch.device('cpu'), batch=7))"
+        "real = reference.real_statistics(e, im, torch.device('cpu'));"
+        "print(evaluator.compute_fid(e, real, g, 16, 0, 48, 5, torch.device('cpu'), batch=7))"
     )
     one = subprocess.run([sys.executable, "-c", script, str(tmp_path / "rank0-of-2.pt")],
                          env=env, cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -110,8 +110,8 @@ def test_dry_run_of_several_processes_reports_the_world_size_without_torchrun(tm
                   GAN_RDZV_TIMEOUT_SECONDS=5)  # fmt: skip
     result = run_job(env, "--dry-run", timeout=60)
     assert result.returncode == 0, output(result)
-    assert "x 4 process(es) (GAN_NPROC_PER_NODE=2 x GAN_NNODES=2" in result.stdout
-    assert "batch 16 per process, 64 per step" in result.stdout
+    assert "x 4 process(es), batch 16 per process, global batch 64" in result.stdout
+    assert "processes: GAN_NPROC_PER_NODE=2 x GAN_NNODES=2; torchrun would start" in result.stdout
     assert "starting 2 processes" not in result.stdout
 
 

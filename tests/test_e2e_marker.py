@@ -50,3 +50,12 @@ def test_other_subprocesses_and_plain_calls_are_not_e2e():
         "def t(tmp):\n    write_idx(tmp)\n    return job_env(tmp)",
     ):
         assert not starts_the_job([defined(source)]), source
+
+
+def test_every_contract_of_make_test_names_a_test_that_exists():
+    from conftest import CONTRACTS, TESTS
+
+    for node in CONTRACTS:
+        module, name = node.split("::")
+        source = (TESTS / module).read_text()
+        assert f"def {name.split('[')[0]}(" in source, f"conftest.CONTRACTS: {node} is gone"

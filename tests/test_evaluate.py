@@ -7,18 +7,11 @@ import torch
 import torchvision
 
 from job.gan.models import Arch, build_generator
+from job.gan.sampling import fixed_inputs, generate
 from job.infra.errors import FIDError
-from job.quality.evaluate import (
-    Extractor,
-    InceptionFeatures,
-    compute_fid,
-    fixed_inputs,
-    generate,
-    load_extractor,
-    real_reference,
-    real_statistics,
-    stats_key,
-)
+from job.quality.evaluator import compute_fid
+from job.quality.extractors import Extractor, InceptionFeatures, load_extractor
+from job.quality.reference import real_reference, real_statistics, stats_key
 from tests.helpers import job_env, run_job, write_extractor, write_idx
 
 CPU = torch.device("cpu")

@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from job.infra.metrics import Metrics
-from job.quality.evaluate import (
-    FidEvaluator,
-    kid,
-    load_extractor,
-    measure,
-    precision_recall,
-    real_reference,
-)
+from job.quality.evaluator import FidEvaluator, measure
+from job.quality.extractors import load_extractor
+from job.quality.reference import real_reference
+from job.quality.scores import kid, precision_recall
 from tests.helpers import Painter, idx_images, write_classifier, write_extractor
 
 CPU = torch.device("cpu")
@@ -97,7 +93,9 @@ def test_label_accuracy_is_skipped_with_a_reason_when_the_extractor_cannot_class
 
 def test_evaluator_rows_and_gauges_carry_every_metric_with_its_n(squares, tmp_path):
     from job.infra.distributed import World
-    from job.infra.storage import BackgroundWriter, JsonlLog, open_store
+    from job.infra.jsonl_log import JsonlLog
+    from job.infra.stores import open_store
+    from job.infra.writer import BackgroundWriter
 
     extractor, _, (images, labels) = squares
     store = open_store(str(tmp_path / "run"))
@@ -111,7 +109,7 @@ def test_evaluator_rows_and_gauges_carry_every_metric_with_its_n(squares, tmp_pa
                              num_classes=10, **reference)  # fmt: skip
     evaluator.prepare()
     assert sorted(cache.list()) == ["key-features.pt", "key.pt"]
-    assert evaluator.evaluate(Painter(images, labels), 7, 70, stop=lambda: False)
+    evaluator.record(evaluator.evaluate(Painter(images, labels), 7, 70, stop=lambda: False))
     writer.close(10)
     (row,) = evaluator.records
     assert row["num_samples"] == 200 and row["num_real"] == 200

@@ -17,14 +17,14 @@ import numpy as np
 import pytest
 import torch
 
+from job.gan import sampling
 from job.gan.models import Arch, build_generator
 from job.infra import errors
 from job.infra.errors import CheckpointError, SettingsError
-from job.infra.storage import open_store
-from job.quality import evaluate
+from job.infra.stores import open_store
+from job.run.generator_file import load_generator
 from job.tools.export import Source, generator, serialize
 from job.tools.export import main as export_main
-from job.tools.sample import load_generator
 from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx
 
 SITE_PACKAGES = Path(torch.__file__).resolve().parents[1]  # torch, without gan-job's finder
@@ -103,7 +103,7 @@ def sample_inputs(arch: Arch) -> list[torch.Tensor]:
 
 def reference(g: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
     """The generator's own images in [0, 1], as gan-job sample and evaluation make them."""
-    return evaluate.generate(g, inputs[0], inputs[1] if len(inputs) > 1 else None)
+    return sampling.generate(g, inputs[0], inputs[1] if len(inputs) > 1 else None)
 
 
 def run_isolated(folder: Path, names: list[str]) -> subprocess.CompletedProcess:

@@ -19,7 +19,8 @@ from tcpproxy import TcpProxy
 from job.gan.models import Arch, build_generator
 from job.infra import errors
 from job.infra.errors import StorageError
-from job.infra.storage import make_s3_client, open_store
+from job.infra.s3_store import make_s3_client
+from job.infra.stores import open_store
 from job.run import checkpoint
 from tests.helpers import REPO, job_env, run_job, write_idx
 from tests.test_s3_job import bucket_objects, complete_steps, new_bucket, popen_job, s3_job_env

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from job.__main__ import main
-from job.quality.evaluate import ChannelAdapter, _file_digest, load_extractor, real_statistics
+from job.quality.extractors import ChannelAdapter, _file_digest, load_extractor
+from job.quality.reference import real_statistics
 from job.settings import help_text
 from job.tools.features import read_meta
 from tests.helpers import job_env, run_job, write_idx, write_image_folder

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 
 from job.data import datasets as data
+from job.data.source import BatchSource
 from job.gan import losses
 from job.gan.models import Arch
 from job.gan.networks import Networks, unwrap
 from job.gan.step import GanStep, Recipe
 from job.infra import distributed
 from job.infra.errors import EXIT_OK
-from job.infra.storage import LocalStore
+from job.infra.local_store import LocalStore
 from job.run.budget import STOP_SIGNALS
 from job.run.build import build
 from job.run.checkpoint import complete_steps, load_verified
@@ -154,8 +155,8 @@ def test_fused_adam_matches_the_reference_adam_over_a_few_steps(device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_batches_on_the_device_are_the_cpu_batches(tmp_path, device, on_device):
     images = data.load_idx_dataset("mnist", write_idx(tmp_path, n=96), conditional=False)
-    here = data.BatchSource(images, 16, seed=3, device=torch.device(device), on_device=on_device)
-    cpu = data.BatchSource(images, 16, seed=3, device=torch.device("cpu"))
+    here = BatchSource(images, 16, seed=3, device=torch.device(device), on_device=on_device)
+    cpu = BatchSource(images, 16, seed=3, device=torch.device("cpu"))
     for _ in range(8):  # past the end of the first epoch (6 batches)
         (x, y), (x_cpu, y_cpu) = here.next(), cpu.next()
         assert x.device.type == y.device.type == device

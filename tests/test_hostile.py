@@ -79,7 +79,7 @@ def test_nodes_started_with_different_settings_both_exit_2_naming_them(tmp_path)
 VERIFY = """
 import sys
 from job.run import checkpoint
-from job.infra.storage import LocalStore
+from job.infra.local_store import LocalStore
 store = LocalStore(sys.argv[1])
 steps = checkpoint.complete_steps(store)
 for step in steps:

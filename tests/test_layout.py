@@ -36,8 +36,11 @@ def job_imports(path: Path) -> set[str]:
             if node.module == "job" or node.module.startswith("job."):
                 for alias in node.names:
                     sub = f"{node.module}.{alias.name}"
-                    found.add(sub if (JOB.parent / (sub.replace(".", "/") + ".py")).exists()
-                              else node.module)
+                    found.add(
+                        sub
+                        if (JOB.parent / (sub.replace(".", "/") + ".py")).exists()
+                        else node.module
+                    )
     return {m for m in found if m not in ("job",) and not m.endswith(".__init__")}
 
 

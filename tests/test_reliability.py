@@ -12,7 +12,8 @@ import torch
 
 from job.infra import distributed
 from job.infra.errors import EXIT_PREEMPTED, NonFiniteLossError
-from job.infra.storage import BackgroundWriter, LocalStore
+from job.infra.local_store import LocalStore
+from job.infra.writer import BackgroundWriter
 from job.run import checkpoint
 from job.run.build import build
 from job.run.train import Trainer
@@ -179,7 +180,7 @@ def test_full_disk_while_checkpointing_exits_8_leaving_no_complete_checkpoint(tm
                   GAN_WIDTH=32, GAN_ARTIFACT_URI=disk, GAN_RUN_ID="full")  # fmt: skip
     # the job, then a look at what it left, inside a namespace with a 300 KiB tmpfs on disk/
     check = (
-        "from job.run import checkpoint; from job.infra.storage import open_store;"
+        "from job.run import checkpoint; from job.infra.stores import open_store;"
         f"s = open_store('{disk}/full');"
         "print('COMPLETE', [(n, checkpoint.load_verified(s, n)['step']) "
         "for n in checkpoint.complete_steps(s)])"

@@ -16,7 +16,7 @@ import pytest
 from tcpproxy import TcpProxy
 
 from job.infra.errors import EXIT_RUN_LOCKED, EXIT_SETTINGS, EXIT_STOPPED_UNSAVED, RunLockedError
-from job.infra.storage import open_store
+from job.infra.stores import open_store
 from job.run.runlock import LOCK_KEY, RELEASE_SECONDS, RunLock
 from tests.helpers import REPO, job_env, run_job, write_idx
 from tests.test_s3_job import new_bucket, popen_job, s3_job_env

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from s3server import SeaweedS3, closed_port, use_server
 
-from job.infra.storage import open_store
+from job.infra.stores import open_store
 from job.run import checkpoint
 from job.tools.sample import main as sample_main
 from tests.helpers import REPO, job_env, run_job, write_idx

@@ -12,17 +12,16 @@ import torch
 from PIL import Image, ImageSequence
 
 from job.gan.models import Arch, build_generator
+from job.gan.truncation import truncate, truncation_bound
 from job.infra import errors
 from job.infra.errors import SettingsError
+from job.run.generator_file import load_generator
 from job.tools.sample import (
     interpolation_inputs,
-    load_generator,
     parse_seeds,
     render,
     seed_inputs,
     seed_z,
-    truncate,
-    truncation_bound,
 )
 from job.tools.sample import main as sample_main
 from tests.helpers import REPO, job_env, run_job, write_extractor, write_idx

@@ -19,11 +19,13 @@ import torch
 from s3server import SeaweedS3, use_server
 
 from job.__main__ import main as job_main
-from job.data.datasets import load_dataset, real_images
+from job.data.datasets import load_dataset
 from job.data.shards import INDEX, ShardSource, open_shards, read_index, shard_order
+from job.data.source import real_images
 from job.infra import errors
 from job.infra.errors import DataError, SettingsError
-from job.infra.storage import S3Store, open_store
+from job.infra.s3_store import S3Store
+from job.infra.stores import open_store
 from job.settings import load_settings
 from tests.helpers import REPO, run_job, write_idx
 from tests.test_faults import job_running, wait_for_line
@@ -85,7 +87,7 @@ class RecordingStore(S3Store):
 def test_shards_hold_every_image_and_label_once_and_the_index_is_written_last(
     s3_env, sharded, tmp_path
 ):
-    from job.data.shards import write_shards
+    from job.tools.shard import write_shards
 
     data = load_dataset("mnist", sharded["tmp"] / "data", 28)
     store = RecordingStore(f"s3://{sharded['bucket']}/again")

@@ -13,15 +13,10 @@ from boto3.s3.transfer import TransferConfig
 from s3server import SeaweedS3, closed_port
 
 from job.infra.errors import StorageError
-from job.infra.storage import (
-    BackgroundWriter,
-    LocalStore,
-    S3Store,
-    _atomic_write,
-    download_prefix,
-    make_s3_client,
-    open_store,
-)
+from job.infra.local_store import LocalStore, atomic_write
+from job.infra.s3_store import S3Store, make_s3_client
+from job.infra.stores import download_prefix, open_store
+from job.infra.writer import BackgroundWriter
 from tests.helpers import run_job
 from tests.test_runlock import long_env, start, wait_for
 
@@ -119,7 +114,7 @@ def test_check_spares_the_temp_file_of_a_write_in_progress(tmp_path):
         tmp.write_bytes(b"whole")
 
     dest = store.local_path("checkpoints/step-1/state.pt")
-    writer = threading.Thread(target=_atomic_write, args=(dest, slow_write))
+    writer = threading.Thread(target=atomic_write, args=(dest, slow_write))
     writer.start()
     assert halfway.wait(10)
     store.check()

@@ -250,11 +250,11 @@ def test_a_sweep_pod_runs_the_row_of_its_completion_index(tmp_path):
     assert settings["recipe"] == doc["common"]["GAN_RECIPE"]
 
 
-def test_the_readme_sweep_example_is_a_valid_sweep(tmp_path):
+def test_the_documented_sweep_example_is_a_valid_sweep(tmp_path):
     from job.tools.sweep import load_sweep
 
-    section = (REPO / "README.md").read_text().split("## Sweeps and comparisons", 1)[1]
-    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    doc = (REPO / "docs" / "sweeps.md").read_text()
+    example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
     (tmp_path / "lr.yaml").write_text(example)
     sweep = load_sweep(tmp_path / "lr.yaml", environ={"GAN_ARTIFACT_URI": "runs"})
     assert [r.name for r in sweep.rows] == ["slow", "fast", "lr-2"]

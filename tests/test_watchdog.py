@@ -19,7 +19,7 @@ from s3server import free_ports
 from job.infra import watchdog
 from job.infra.distributed import peer_lost
 from job.infra.launcher import WorkerStatus, workers_failed
-from job.infra.storage import open_store
+from job.infra.stores import open_store
 from job.run.runlock import LOCK_KEY, RunLock
 from tests.helpers import REPO, job_env, write_extractor, write_idx, write_image_folder
 from tests.test_launcher import read_until, start_job, worker_pid

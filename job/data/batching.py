@@ -10,7 +10,7 @@ GAN_BATCH_SIZE) says otherwise, and logs which.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from job.infra.errors import SettingsError
@@ -55,6 +55,12 @@ def plan(global_batch: int, world_size: int, micro_limit: int | None = None) -> 
         if per_process % a == 0 and (micro_limit is None or per_process // a <= micro_limit)
     )
     return BatchPlan(global_batch, world_size, per_process // accumulation, accumulation)
+
+
+def batch_size_given(fields_set: Collection[str], recipe_filled: Collection[str]) -> bool:
+    """GAN_BATCH_SIZE was set (among fields_set, the settings given) and not filled in by the
+    recipe (recipe_filled): plan_from_settings then holds it to GAN_GLOBAL_BATCH_SIZE."""
+    return "batch_size" in fields_set and "batch_size" not in recipe_filled
 
 
 def plan_from_settings(

@@ -1,9 +1,6 @@
-"""Datasets and the batch source that feeds the training loop.
-
-Small datasets (the MNIST family, CIFAR-10) are held whole as a uint8 tensor on the training
-device and batched by indexing; image folders stream through a DataLoader. Both draw batches
-from the same deterministic, rank-sharded epoch order, so the data position saved in a
-checkpoint resumes exactly, also under another world size.
+"""The datasets GAN_DATASET names, loaded as ImageData: the MNIST family (IDX files) and
+CIFAR-10 held whole as a uint8 tensor, image folders (job/data/folder.py) indexed to stream
+through a DataLoader, at the image size training asks for.
 """
 
 from __future__ import annotations
@@ -13,8 +10,6 @@ import logging
 import pickle
 import struct
 import tarfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,11 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
 
+from job.data.folder import FolderDataset
+from job.data.naming import dataset_kind
 from job.infra.errors import DataError
-from job.settings import dataset_kind
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +28,6 @@ IDX_DATASETS = {"mnist": "MNIST", "kmnist": "KMNIST", "fashion-mnist": "FashionM
 SYSTEM_DIRS = {"fashion-mnist": [Path("/usr/share/datasets/fashion-mnist")]}
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte")
 IDX_PREFIXES = {"train": "train", "test": "t10k"}  # file name prefixes of the IDX splits
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 NUM_CLASSES = {"mnist": 10, "kmnist": 10, "fashion-mnist": 10, "cifar10": 10}
 
 
@@ -245,176 +238,6 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
 # ---------------------------------------------------------------- image folders
 
 
-class FolderDataset(Dataset):
-    """Every image under a folder, recursively; the first-level subfolder is the class.
-
-    Files that are empty or not images at all are found by their header when the folder is
-    indexed, so they never count as images; files that fail only when decoded (truncated) are
-    found at their first draw. Either kind is skipped, warned about and counted once per file
-    (skip_bad), or named in a one-line DataError raised in the main process.
-    """
-
-    def __init__(self, root: Path, image_size: int, skip_bad: bool = True):
-        if not root.is_dir():
-            raise DataError(f"GAN_DATASET=folder:{root}: no such folder")
-        self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
-        files = sorted(
-            p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-        )
-        with ThreadPoolExecutor(8) as pool:  # one small read per file; I/O-bound
-            problems = dict(zip(files, pool.map(_header_problem, files), strict=True))
-        bad = {p: why for p, why in problems.items() if why}
-        if bad:
-            path, why = next(iter(bad.items()))
-            if not skip_bad:
-                raise DataError(
-                    f"{path}: {why} ({len(bad)} such files in {root}); "
-                    f"set GAN_BAD_IMAGES=skip to train on the rest"
-                )
-            log.warning(
-                "skipping %d unreadable image files in %s (empty or not images), e.g. %s: %s",
-                len(bad),
-                root,
-                path,
-                why,
-            )
-        self.skipped_at_start = len(bad)
-        self.files = [p for p in files if p not in bad]
-        if not self.files:
-            raise DataError(
-                f"GAN_DATASET=folder:{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
-            )
-        self.unreadable: dict[int, str] = {}  # main process: files that failed on a draw
-        classes = sorted({p.relative_to(root).parts[0] for p in self.files if p.parent != root})
-        index = {name: i for i, name in enumerate(classes)}
-        self.classes = classes
-        self.labels = torch.tensor(
-            [index.get(p.relative_to(root).parts[0], 0) for p in self.files], dtype=torch.int64
-        )
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    @property
-    def skipped(self) -> int:
-        """Files skipped so far: at indexing, and unreadable on a draw."""
-        return self.skipped_at_start + len(self.unreadable)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, list[tuple[int, str]]]:
-        """(image, label, the unreadable files met as (index, why)). When skipping, an
-        unreadable file is replaced by the next readable one, so batches keep their size;
-        otherwise image is None and note() raises in the main process (raised in a DataLoader
-        worker, the error would arrive as a worker traceback)."""
-        met = []
-        for offset in range(len(self.files)):
-            j = (i + offset) % len(self.files)
-            try:
-                with Image.open(self.files[j]) as img:
-                    img = _resize_center_crop(_to_rgb(img), self.image_size)
-            except UNREADABLE as exc:
-                met.append((j, f"unreadable image ({exc})"))
-                if not self.skip_bad:
-                    break
-                continue
-            array = np.asarray(img, dtype=np.uint8).copy()
-            return torch.from_numpy(array).permute(2, 0, 1), int(self.labels[j]), met
-        return None, 0, met
-
-    def note(self, met: list[tuple[int, str]]) -> None:
-        """In the main process, what __getitem__ met: a warning the first time a file fails,
-        or, not skipping, a DataError naming it."""
-        for j, why in met:
-            if j in self.unreadable:
-                continue
-            self.unreadable[j] = why
-            if not self.skip_bad:
-                raise DataError(
-                    f"{self.files[j]}: {why}; set GAN_BAD_IMAGES=skip to skip such files"
-                )
-            log.warning("skipping %s: %s (warned once)", self.files[j], why)
-
-    def load(self, i: int) -> tuple[torch.Tensor, int]:
-        """Image i (or the next readable one) and its label, in the main process."""
-        image, label, met = self[i]
-        self.note(met)
-        if image is None:
-            raise DataError(f"{self.root}: no readable image")
-        return image, label
-
-
-def folder_batches(
-    folder: FolderDataset, batches: list[list[int]], num_workers: int, pin_memory: bool = False
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(uint8 images, labels) of each batch of indices, decoded by DataLoader workers; the
-    unreadable files they meet are reported here, in the main process (FolderDataset.note)."""
-    loader = DataLoader(
-        folder,
-        batch_sampler=batches,
-        num_workers=num_workers,
-        collate_fn=_collate,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
-    for images, labels, met in loader:
-        folder.note(met)
-        if images is None:
-            raise DataError(f"{folder.root}: no readable image")
-        yield images, labels
-
-
-def _collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list]:
-    images, labels, met = zip(*items, strict=True)
-    met = [m for found in met for m in found]
-    if any(image is None for image in images):
-        return None, None, met
-    return torch.stack(images), torch.tensor(labels), met
-
-
-# what PIL raises for a file that is no image it can decode; DecompressionBombError: more than
-# twice Image.MAX_IMAGE_PIXELS (a 30,000 x 30,000 PNG), refused before any memory is taken
-UNREADABLE = (
-    OSError,
-    UnidentifiedImageError,
-    SyntaxError,
-    ValueError,
-    Image.DecompressionBombError,
-)
-
-
-def _header_problem(path: Path) -> str | None:
-    """Why a file is no image, from its size and header alone (no decoding); None if it is."""
-    try:
-        if path.stat().st_size == 0:
-            return "empty image file"
-        with Image.open(path):
-            return None
-    except UNREADABLE as exc:
-        return f"unreadable image ({exc})"
-
-
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """img as 8-bit RGB, scaled from its own range: 16-bit integers by their bit depth (value
-    >> 8), floats from [0, 1] (values outside clipped); other modes as PIL converts them."""
-    if img.mode in SIXTEEN_BIT_MODES:
-        img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
-    elif img.mode == "F":
-        unit = np.clip(np.nan_to_num(np.asarray(img)), 0, 1)
-        img = Image.fromarray(np.round(unit * 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
-def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - size) // 2, (h - size) // 2
-    return img.crop((left, top, left + size, top + size))
-
-
 def load_folder(root: Path, image_size: int, conditional: bool, skip_bad: bool = True) -> ImageData:
     ds = FolderDataset(root, image_size, skip_bad)
     if conditional and len(ds.classes) < 2:
@@ -481,147 +304,3 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
         return images
     x = F.interpolate(images.float(), size=(size, size), mode="bilinear", antialias=True)
     return x.round().clamp(0, 255).to(torch.uint8)
-
-
-# ---------------------------------------------------------------- batches
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The same permutation on every rank; each rank takes its own stride of it."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)
-
-
-@dataclass
-class Position:
-    """Where a batch source is: the epoch, and the batches each rank took of it. Saved as the
-    images all ranks consumed in the epoch, so that a checkpoint taken under one world size
-    resumes under another (at the step where a run of that size had consumed as many)."""
-
-    images_per_step: int  # the batch size times the world size
-    epoch: int = 0
-    batch_index: int = 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "images_consumed": self.batch_index * self.images_per_step}
-
-    def load_state_dict(self, state: dict, batches_in: Callable[[int], int]) -> None:
-        """batches_in(epoch): the batches each rank takes of that epoch."""
-        self.epoch = int(state["epoch"])
-        consumed = int(state["images_consumed"]) // self.images_per_step
-        self.batch_index = min(consumed, batches_in(self.epoch))
-
-    def next_epoch_if_done(self, batches: int) -> bool:
-        """Before a batch: on to the next epoch when this one's `batches` are taken."""
-        if self.batch_index < batches:
-            return False
-        self.epoch, self.batch_index = self.epoch + 1, 0
-        return True
-
-
-class BatchSource:
-    """Endless batches of (images in [-1, 1] on the device, labels), epoch after epoch, from
-    images in memory or a folder; its position is a Position."""
-
-    def __init__(
-        self,
-        data: ImageData,
-        batch_size: int,
-        *,
-        seed: int,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
-        on_device: bool = True,
-    ):
-        self.data, self.seed = data, seed
-        self.device, self.rank, self.world_size = device, rank, world_size
-        self.num_workers = num_workers
-        self.per_rank = len(data) // world_size
-        self.position = Position(batch_size * world_size)
-        self.resize(batch_size)
-        self.in_memory = data.images is not None
-        if self.in_memory:
-            home = device if on_device else torch.device("cpu")
-            self.images, self.labels = data.images.to(home), data.labels.to(home)
-            if home.type == "cpu" and device.type == "cuda":
-                self.images, self.labels = self.images.pin_memory(), self.labels.pin_memory()
-        self._iter = None
-
-    def resize(self, batch_size: int) -> None:
-        """Batches of batch_size per process from the next one on (a resumed run that keeps
-        its checkpoint's global batch under another world size; before its position loads)."""
-        self.batch_size = batch_size
-        self.batches_per_epoch = self.per_rank // batch_size
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"{self.data.name}: {len(self.data)} images are fewer than one batch per process "
-                f"({batch_size} per process x {self.world_size} processes)"
-            )
-        self.position.images_per_step = batch_size * self.world_size
-        self._iter = None
-
-    @property
-    def skipped_images(self) -> int:
-        """Image files skipped as unreadable so far (each counted once)."""
-        return self.data.folder.skipped if self.data.folder is not None else 0
-
-    @property
-    def images_per_epoch(self) -> int:
-        return self.batches_per_epoch * self.batch_size * self.world_size
-
-    def stats(self) -> dict:
-        """Data throughput for the log record: nothing to add for images in memory or a folder
-        (ShardSource reports its downloads)."""
-        return {}
-
-    def state_dict(self) -> dict:
-        return self.position.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position.load_state_dict(state, lambda epoch: self.batches_per_epoch)
-        self._iter = None
-
-    def _rank_batches(self) -> list[torch.Tensor]:
-        order = epoch_order(len(self.data), self.seed, self.position.epoch)
-        mine = order[self.rank :: self.world_size][: self.per_rank]
-        usable = self.batches_per_epoch * self.batch_size
-        return list(mine[:usable].view(self.batches_per_epoch, self.batch_size))
-
-    def _loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        batches = [b.tolist() for b in self._rank_batches()[self.position.batch_index :]]
-        return folder_batches(
-            self.data.folder, batches, self.num_workers, pin_memory=self.device.type == "cuda"
-        )
-
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = self.position
-        if pos.next_epoch_if_done(self.batches_per_epoch):
-            self._iter = None
-        if self.in_memory:
-            if self._iter is None:
-                self._iter = self._rank_batches()
-            idx = self._iter[pos.batch_index].to(self.images.device, non_blocking=True)
-            x = self.images[idx].to(self.device, non_blocking=True)
-            y = self.labels[idx].to(self.device, non_blocking=True)
-        else:
-            if self._iter is None:
-                self._iter = self._loader()
-            x, y = next(self._iter)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-        pos.batch_index += 1
-        return x.float().div_(127.5).sub_(1.0), y
-
-
-def real_images(data: ImageData, num: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random subset of real images (uint8) and labels, e.g. for FID statistics."""
-    if data.shards is not None:
-        return data.shards.real_images(num, seed)
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data), generator=g)[: min(num, len(data))]
-    if data.images is not None:
-        return data.images[idx], data.labels[idx]
-    items = [data.folder.load(int(i)) for i in idx]
-    return torch.stack([item[0] for item in items]), torch.tensor([item[1] for item in items])

@@ -1,5 +1,4 @@
-"""Prometheus metrics of the training job, and the processor that turns each log step into a
-console line, gauges and a metrics.jsonl row.
+"""Prometheus metrics of the training job.
 
 Every sample carries a `run_id` label (set by `set_info`), so dashboards and alerts filter with
 `{run_id="..."}` directly instead of joining each query with `gan_run_info`. The label is added
@@ -25,7 +24,6 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-import torch
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -41,10 +39,8 @@ from prometheus_client.exposition import basic_auth_handler, default_handler
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from job.infra import distributed, watchdog
 from job.infra.errors import SettingsError
-from job.infra.storage import JsonlLog
-from job.settings import redact
+from job.infra.secrets import redact
 
 log = logging.getLogger(__name__)
 
@@ -380,93 +376,3 @@ def _gauge(name: str, doc: str, registry: CollectorRegistry, start: float = 0.0)
     gauge = Gauge(name, doc, registry=registry)
     gauge.set(start)
     return gauge
-
-
-class MetricsProcessor:
-    """Every log_every steps (and at the last step): one record, averaged over ranks, that
-    becomes a console line, the gauges and a row of metrics.jsonl. Owns the timing window.
-
-    Every rank calls it (averaging is a collective); rank 0 alone prints and reports. The
-    checkpointer saves and restores its history (the rows of metrics.jsonl).
-    """
-
-    def __init__(
-        self,
-        *,
-        metrics: Metrics,
-        history: JsonlLog,
-        world: distributed.World,
-        log_every: int,
-        max_steps: int,
-        time_left: Callable[[], float],
-    ):
-        self.metrics, self.history, self.world = metrics, history, world
-        self.log_every, self.max_steps, self.time_left = log_every, max_steps, time_left
-        self.restart_window()
-
-    def restart_window(self) -> None:
-        self.window_start, self.window_steps, self.window_images = time.monotonic(), 0, 0
-
-    def step_done(self, images: int, seconds: float) -> None:
-        watchdog.beat("training")
-        self.window_steps += 1
-        self.window_images += images
-        self.metrics.observe_step_seconds(seconds)
-
-    def due(self, step: int, last: bool) -> bool:
-        return last or step % self.log_every == 0
-
-    def log(self, record: dict[str, Any], stats: dict[str, torch.Tensor]) -> None:
-        """record: the run's position (step, epoch, images_seen, ...); stats: this rank's
-        losses and D outputs, averaged over ranks here."""
-        values = distributed.mean_over_ranks(torch.stack(list(stats.values())).float(), self.world)
-        elapsed = time.monotonic() - self.window_start
-        step_s = elapsed / max(self.window_steps, 1)
-        record = {
-            **record,
-            "images_per_s": round(self.window_images / max(elapsed, 1e-9), 1),
-            "step_s": round(step_s, 5),
-            **{k: round(v, 5) for k, v in zip(stats, values.tolist(), strict=True)},
-            "time": round(time.time(), 3),
-        }
-        self.restart_window()
-        if not self.world.is_main:
-            return
-        self.history.append(record)
-        self.metrics.observe_record(record)
-        eta = min((self.max_steps - record["step"]) * step_s, self.time_left())
-        log.info(
-            "step %d/%d | %.0f img/s | D %.3f G %.3f | D(x) %.3f D(G(z)) %.3f | epoch %d | ETA %s",
-            record["step"],
-            self.max_steps,
-            record["images_per_s"],
-            record["d_loss"],
-            record["g_loss"],
-            record["d_real"],
-            record["d_fake"],
-            record["epoch"],
-            _duration(eta),
-        )
-
-    @property
-    def records(self) -> list[dict]:
-        return self.history.rows
-
-    def state_dict(self) -> dict:
-        return self.history.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.history.load_state_dict(state)
-        self.restart_window()
-
-    def start_fresh(self) -> None:
-        self.history.start_fresh()
-
-    def sync(self) -> None:
-        self.history.sync()
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"

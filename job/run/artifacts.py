@@ -13,9 +13,10 @@ from collections.abc import Sequence
 from torch import nn
 
 from job.gan.models import Arch
+from job.gan.sampling import fixed_inputs, generate, grid_png
 from job.infra import distributed
-from job.infra.storage import BackgroundWriter, NullWriter, Store
-from job.quality import evaluate
+from job.infra.store import Store
+from job.infra.writer import BackgroundWriter, NullWriter
 from job.run.checkpoint import serialize
 from job.run.report import write_report
 
@@ -98,11 +99,11 @@ class RunArtifacts:
         due = (not self.sampled(step)) if last else step % self.sample_every == 0
         if not due or not self.world.is_main:
             return
-        z, labels = evaluate.fixed_inputs(
+        z, labels = fixed_inputs(
             self.arch.latent_dim, GRID_SIZE, self.arch.num_classes, self.seed, self.world.device
         )
         nrow = self.arch.num_classes if self.arch.num_classes else 8
-        png = evaluate.grid_png(evaluate.generate(g_ema, z, labels), nrow=nrow)
+        png = grid_png(generate(g_ema, z, labels), nrow=nrow)
         self.grids[step] = png
         for dropped in set(self.grids) - set(thin(sorted(self.grids), MAX_GRIDS_KEPT)):
             del self.grids[dropped]

@@ -54,8 +54,11 @@ class BestGenerator:
         self.reason: str | None = None  # set by judge(), taken by stop_reason()
 
     def judge(self, step: int, values: dict, g_ema: nn.Module) -> dict:
-        """Rank 0, after an evaluation at step: keeps the generator if it is the best so far.
-        Returns the fields its eval.jsonl row gains: which step is best, and its score."""
+        """After an evaluation at step, on rank 0: keeps the generator if it is the best so far.
+        Returns the fields its eval.jsonl row gains: which step is best, and its score ({} on
+        the other ranks)."""
+        if not self.world.is_main:
+            return {}
         self.score = self.score or ("kid" if "kid" in values else "fid")
         value = values.get(self.score, math.nan)
         if self.step is None or value < self.value - self.min_delta:

@@ -14,28 +14,29 @@ from pathlib import Path
 
 from job.data import batching, shards
 from job.data import datasets as data
+from job.data.source import BatchSource, real_images
 from job.gan.models import Arch
 from job.gan.networks import Networks
 from job.gan.step import GanStep, Recipe, amp_enabled
 from job.infra import distributed, threads, watchdog
 from job.infra.errors import JobError, RunLockedError, SettingsError
-from job.infra.metrics import Metrics, MetricsProcessor
-from job.infra.storage import (
-    BackgroundWriter,
-    JsonlLog,
-    NullWriter,
-    Store,
-    download_prefix,
-    open_store,
-)
-from job.quality import evaluate
+from job.infra.jsonl_log import JsonlLog
+from job.infra.metrics import Metrics
+from job.infra.secrets import redact
+from job.infra.store import Store
+from job.infra.stores import download_prefix, open_store
+from job.infra.writer import BackgroundWriter, NullWriter
+from job.quality.evaluator import FidEvaluator, fid_num_samples
+from job.quality.extractors import Extractor, load_extractor
+from job.quality.reference import stats_key
 from job.run.artifacts import RunArtifacts
 from job.run.best import BestGenerator
 from job.run.budget import Budget
 from job.run.checkpoint import Checkpointer
+from job.run.progress import MetricsProcessor
 from job.run.rng import RngStreams
 from job.run.runlock import RunLock
-from job.settings import PER_NODE_SETTINGS, PREFIX, Settings, public_dict, redact
+from job.settings import PER_NODE_SETTINGS, PREFIX, Settings, public_dict
 
 # settings that change what a checkpoint means: resuming across a change is refused
 COMPATIBLE_SETTINGS = ("dataset", "model", "conditional", "latent_dim", "width", "image_size")
@@ -69,12 +70,13 @@ class Parts:
     store: Store
     lock: RunLock
     writer: BackgroundWriter | NullWriter
-    source: data.BatchSource | shards.ShardSource
+    source: BatchSource | shards.ShardSource
     nets: Networks
     gan_step: GanStep
     budget: Budget
     progress: MetricsProcessor
-    fid: evaluate.FidEvaluator
+    fid: FidEvaluator
+    best: BestGenerator
     checkpointer: Checkpointer
     artifacts: RunArtifacts
     upload_timeout: float  # seconds: GAN_UPLOAD_TIMEOUT_MINUTES
@@ -165,7 +167,7 @@ def _build_parts(
     lock: RunLock,
 ) -> Parts:
     used = threads.apply(s.num_threads, distributed.local_world_size())
-    plan = _batch_plan(s, world)
+    plan = batch_plan(s, world)
     with watchdog.waiting("loading the data", None):  # bounded by its store's timeouts
         images = load_data(s, world.rank)
     arch = _arch(s, images)
@@ -178,10 +180,11 @@ def _build_parts(
     budget = _budget(s, world, lock)
     writer = _writer(store, metrics, world)
     progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
-    startup = startup_lines(s, store, images, arch, extractor, world, plan, used)
+    fid_line = _fid_line(s, extractor, world)
+    startup = startup_lines(s, store.uri, images, arch, fid_line, world, plan, used)
     artifacts = _artifacts(s, store, writer, world, arch, startup)
     best = _best(s, world, artifacts, metrics)
-    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images, best)
+    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images)
     components = {
         "run": budget,
         "nets": nets,
@@ -204,6 +207,7 @@ def _build_parts(
         budget=budget,
         progress=progress,
         fid=fid,
+        best=best,
         checkpointer=_checkpointer(s, store, writer, world, metrics, artifacts.meta, components),
         artifacts=artifacts,
         upload_timeout=s.upload_timeout_minutes * 60,
@@ -211,8 +215,8 @@ def _build_parts(
     )
 
 
-def _batch_plan(s: Settings, world: distributed.World) -> batching.BatchPlan:
-    given = "batch_size" in s.model_fields_set and "batch_size" not in s.recipe_filled
+def batch_plan(s: Settings, world: distributed.World) -> batching.BatchPlan:
+    given = batching.batch_size_given(s.model_fields_set, s.recipe_filled)
     return batching.plan_from_settings(
         s.batch_size, given, s.global_batch_size, world.world_size, s.micro_batch_size
     )
@@ -274,10 +278,8 @@ def _artifacts(s, store, writer, world, arch, startup) -> RunArtifacts:
     )
 
 
-def _extractor(
-    s: Settings, images: data.ImageData, world: distributed.World
-) -> evaluate.Extractor | None:
-    return evaluate.load_extractor(
+def _extractor(s: Settings, images: data.ImageData, world: distributed.World) -> Extractor | None:
+    return load_extractor(
         s.fid_features,
         images.channels,
         images.image_size,
@@ -381,12 +383,12 @@ def batch_source(
     world: distributed.World,
     batch_size: int,
     num_workers: int,
-) -> data.BatchSource | shards.ShardSource:
+) -> BatchSource | shards.ShardSource:
     """The one place that picks how batches are read: from shards, or from memory/a folder."""
     where = {"device": world.device, "rank": world.rank, "world_size": world.world_size}
     if images.shards is not None:
         return shards.ShardSource(images, batch_size, seed=s.seed, **where)
-    return data.BatchSource(
+    return BatchSource(
         images,
         batch_size,
         seed=s.seed,
@@ -428,15 +430,13 @@ def _best(s, world, artifacts, metrics) -> BestGenerator:
     )
 
 
-def _fid(
-    s, world, metrics, root, writer, store, extractor, arch, images, best
-) -> evaluate.FidEvaluator:
+def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> FidEvaluator:
     key = (
-        evaluate.stats_key(s.dataset, arch.image_size, extractor, _fid_num(s, world), s.seed)
+        stats_key(s.dataset, arch.image_size, extractor, _fid_num(s, world), s.seed)
         if extractor
         else ""
     )
-    return evaluate.FidEvaluator(
+    return FidEvaluator(
         extractor=extractor,
         history=JsonlLog("eval.jsonl", writer, store),
         metrics=metrics,
@@ -448,37 +448,30 @@ def _fid(
         num_classes=arch.num_classes,
         cache=root.child("fid-stats"),
         cache_key=key,
-        real_images=lambda n: data.real_images(images, n, s.seed)[0],
-        best=best,
+        real_images=lambda n: real_images(images, n, s.seed)[0],
     )
 
 
 def _fid_num(s: Settings, world: distributed.World) -> int:
-    return evaluate.fid_num_samples(s.fid_num_samples, world.device)
+    return fid_num_samples(s.fid_num_samples, world.device)
 
 
 def startup_lines(
     s: Settings,
-    store: Store,
+    uri: str,
     images: data.ImageData,
     arch: Arch,
-    extractor: evaluate.Extractor | None,
+    fid: str,
     world: distributed.World,
     plan: batching.BatchPlan,
     used: threads.Threads,
 ) -> list[str]:
-    """The start-up block (RunArtifacts.announce) but for where the run starts."""
+    """The start-up block (RunArtifacts.announce; the dry run's too) but for where the run
+    starts: uri, where its artifacts go; fid, what its FID line says."""
     filled = ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
-    if extractor is not None:
-        num = _fid_num(s, world)
-        fid_line = f"{extractor.name}, {num} samples, every {s.fid_every} steps"
-    elif s.fid_features == "none":
-        fid_line = "off (GAN_FID_FEATURES=none)"
-    else:
-        fid_line = "off: no InceptionV3 weights (see the warning above)"
     return [
         f"until step {s.max_steps}" + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
-        f"artifacts: {store.uri}",
+        f"artifacts: {uri}",
         f"data: {s.dataset} from {images.source}: {len(images)} images, "
         f"{images.classes_found} classes, {images.channels}x{images.image_size}x{images.image_size}",
         f"device: {distributed.describe_device(world.device)} x {world.world_size} "
@@ -487,8 +480,16 @@ def startup_lines(
         f"model: {arch.model}, width {arch.width}, latent {arch.latent_dim}"
         + (", class-conditional" if arch.num_classes else ""),
         f"recipe: {s.recipe} (filled in: {filled})",
-        f"FID: {fid_line}",
+        f"FID: {fid}",
     ]
+
+
+def _fid_line(s: Settings, extractor: Extractor | None, world: distributed.World) -> str:
+    if extractor is not None:
+        return f"{extractor.name}, {_fid_num(s, world)} samples, every {s.fid_every} steps"
+    if s.fid_features == "none":
+        return "off (GAN_FID_FEATURES=none)"
+    return "off: no InceptionV3 weights (see the warning above)"
 
 
 def _with_batch(line: str, plan: batching.BatchPlan) -> str:

@@ -18,7 +18,7 @@ import logging
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -26,7 +26,9 @@ from job.gan.models import arch_changes
 from job.infra import distributed, watchdog
 from job.infra.errors import CheckpointError, SettingsError, StorageError
 from job.infra.metrics import Metrics
-from job.infra.storage import BackgroundWriter, NullWriter, Store, open_store
+from job.infra.store import Store
+from job.infra.stores import open_store
+from job.infra.writer import BackgroundWriter, NullWriter
 from job.run.runlock import LOCK_KEY
 
 log = logging.getLogger(__name__)
@@ -235,6 +237,34 @@ def check_compatible(saved: dict, now: dict, keys: tuple[str, ...], where: str) 
         )
 
 
+def resume_choice(
+    resume: str, own_step: int | None, keys: list[str], run_id: str, uri: str
+) -> Literal["own", "seed", "fresh"]:
+    """Where a run starts by GAN_RESUME (resume): "own", this run's newest checkpoint (own_step;
+    None: it has none, or resume is never and it was not looked for), whatever GAN_RESUME names
+    (a retry after a preemption goes on from there); "seed", the checkpoint a GAN_RESUME path
+    names, for a run without checkpoints of its own; "fresh" otherwise.
+
+    never over an older run (keys: what its store at uri holds, listed under never only) is a
+    SettingsError: a fresh start must not mix with an older run in the same place: retention
+    would delete one run's checkpoints for the other's, and `auto` would later resume the old
+    one."""
+    if resume == "never":
+        old = [k for k in keys if k != LOCK_KEY]
+        if old:
+            raise SettingsError(
+                [
+                    f"GAN_RESUME=never, but run {run_id} already has {len(old)} artifacts in "
+                    f"{uri} (e.g. {old[0]}): set another GAN_RUN_ID, remove that "
+                    f"folder, or use GAN_RESUME=auto to continue it"
+                ]
+            )
+        return "fresh"
+    if own_step is not None:
+        return "own"
+    return "fresh" if resume == "auto" else "seed"
+
+
 class Stateful(Protocol):
     """A component of the checkpoint. Optional: start_fresh(), called when the run starts
     without a checkpoint (a history empties its artifact, the RNG reseeds); sync(), called
@@ -316,25 +346,23 @@ class Checkpointer:
         save(self.writer, step, state, self.keep, on_stored=stored)
 
     def restore(self) -> int | None:
-        """Loads the checkpoint GAN_RESUME names into the components and returns its step, or
-        gives each its fresh state and returns None. auto: this run's newest; never: none; a
-        URI: this run's newest if it has checkpoints of its own (a retry after a preemption goes
-        on from there), else the URI's. A checkpoint that cannot be read within timeout seconds
-        fails (StorageError)."""
-        found = None
-        if self.resume == "never":
-            self._refuse_old_run()
-        else:
-            found = load_latest(self.store, self.timeout)
-        if found is not None and self.resume != "auto":
+        """Loads the checkpoint GAN_RESUME names (resume_choice) into the components and returns
+        its step, or gives each its fresh state and returns None. A checkpoint that cannot be
+        read within timeout seconds fails (StorageError)."""
+        never = self.resume == "never"
+        found = None if never else load_latest(self.store, self.timeout)
+        keys = self.store.list() if never else []
+        own = found[0] if found is not None else None
+        choice = resume_choice(self.resume, own, keys, self.meta["run_id"], self.store.uri)
+        if choice == "own" and self.resume != "auto":
             log.info(
                 "run %s has checkpoints of its own: resuming from its step %d, not from "
                 "GAN_RESUME=%s (that seeds only a run without checkpoints)",
                 self.meta["run_id"],
-                found[0],
+                own,
                 self.resume,
             )
-        elif self.resume not in ("auto", "never"):
+        elif choice == "seed":
             found = load_from(self.resume, self.endpoint_url, self.meta["run_id"], self.timeout)
             if found is None:
                 raise CheckpointError(f"GAN_RESUME={self.resume}: no complete checkpoint there")
@@ -345,19 +373,6 @@ class Checkpointer:
             return None
         self._load(*found)
         return found[0]
-
-    def _refuse_old_run(self) -> None:
-        """A fresh start must not mix with an older run in the same place: retention would
-        delete one run's checkpoints for the other's, and `auto` would later resume the old one."""
-        old = [k for k in self.store.list() if k != LOCK_KEY]
-        if old:
-            raise SettingsError(
-                [
-                    f"GAN_RESUME=never, but run {self.meta['run_id']} already has {len(old)} artifacts in "
-                    f"{self.store.uri} (e.g. {old[0]}): set another GAN_RUN_ID, remove that "
-                    f"folder, or use GAN_RESUME=auto to continue it"
-                ]
-            )
 
     def rollback(self) -> int | None:
         """Restores this run's newest complete checkpoint, once every queued upload is stored.

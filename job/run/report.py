@@ -105,7 +105,8 @@ def _smooth(y: np.ndarray) -> np.ndarray:
         return sums / counts
 
 
-def _setup(ax: Axes, title: str, ylabel: str, xlabel: str = "images seen") -> None:
+def setup_axes(ax: Axes, title: str, ylabel: str, xlabel: str = "images seen") -> None:
+    """A plot's title, axis labels, engineering-notation integer x ticks and a light grid."""
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -114,7 +115,7 @@ def _setup(ax: Axes, title: str, ylabel: str, xlabel: str = "images seen") -> No
     ax.grid(alpha=0.3)
 
 
-def _widen_single_x(ax: Axes, x: np.ndarray) -> None:
+def widen_single_x(ax: Axes, x: np.ndarray) -> None:
     """Gives a lone x value a readable axis instead of matplotlib's +-5% of it (or of 0)."""
     x = x[np.isfinite(x)]
     if len(x) and x.min() == x.max():
@@ -139,7 +140,8 @@ def _legend(ax: Axes) -> None:
     )
 
 
-def _no_data(ax: Axes) -> None:
+def no_data(ax: Axes) -> None:
+    """An empty plot that says it has no data yet."""
     ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -154,32 +156,32 @@ def _plot_series(ax: Axes, x: np.ndarray, y: np.ndarray, label: str, color: str)
 
 
 def _plot_losses(ax: Axes, records: Sequence[Mapping[str, Any]]) -> None:
-    _setup(ax, "Losses", "loss")
+    setup_axes(ax, "Losses", "loss")
     if not records:
-        return _no_data(ax)
+        return no_data(ax)
     x = _column(records, "images_seen")
     _plot_series(ax, x, _column(records, "d_loss"), "D loss", "tab:blue")
     _plot_series(ax, x, _column(records, "g_loss"), "G loss", "tab:orange")
-    _widen_single_x(ax, x)
+    widen_single_x(ax, x)
     _legend(ax)
 
 
 def _plot_outputs(ax: Axes, records: Sequence[Mapping[str, Any]]) -> None:
-    _setup(ax, "Discriminator outputs", "mean probability")
+    setup_axes(ax, "Discriminator outputs", "mean probability")
     if not records:
-        return _no_data(ax)
+        return no_data(ax)
     ax.set_ylim(0, 1)
     ax.axhline(0.5, color="gray", linestyle="--", linewidth=0.8)
     x = _column(records, "images_seen")
     _plot_series(ax, x, _column(records, "d_real"), "D(x) real", "tab:green")
     _plot_series(ax, x, _column(records, "d_fake"), "D(G(z)) fake", "tab:red")
-    _widen_single_x(ax, x)
+    widen_single_x(ax, x)
     _legend(ax)
 
 
 def fid_sums(row: Mapping[str, Any]) -> str:
     """The precision of an FID record's sums: float32 for records written before the job kept
-    them in float64 (job.quality.evaluate.FID_SUMS), which read up to a point lower."""
+    them in float64 (job.quality.scores.FID_SUMS), which read up to a point lower."""
     return str(row.get("fid_sums", "float32"))
 
 
@@ -190,9 +192,9 @@ def _fid_series(row: Mapping[str, Any]) -> str:
 
 
 def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
-    _setup(ax, "FID (lower is better)", "FID")
+    setup_axes(ax, "FID (lower is better)", "FID")
     if not evals:
-        return _no_data(ax)
+        return no_data(ax)
     for series in sorted({_fid_series(e) for e in evals}):
         rows = sorted(
             (e for e in evals if _fid_series(e) == series), key=lambda e: e["images_seen"]
@@ -211,7 +213,7 @@ def _plot_fid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
                 ha="right",
                 va="top" if falling else "bottom",
             )
-    _widen_single_x(ax, _column(evals, "images_seen"))
+    widen_single_x(ax, _column(evals, "images_seen"))
     ax.margins(y=0.15)  # room for the last value's label below (or above) the curve's end
     fids = _column(evals, "fid")
     fids = fids[np.isfinite(fids) & (fids > 0)]
@@ -234,22 +236,22 @@ def _last_extractor_rows(evals: Sequence[Mapping[str, Any]], key: str) -> list[M
 
 
 def _plot_kid(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
-    _setup(ax, "KID ± std (lower is better)", "KID")
+    setup_axes(ax, "KID ± std (lower is better)", "KID")
     rows = _last_extractor_rows(evals, "kid")
     if not rows:
-        return _no_data(ax)
+        return no_data(ax)
     x, y = _column(rows, "images_seen"), _column(rows, "kid")
     last = rows[-1]
     label = f"{last.get('extractor', '')} ({last.get('num_samples')} samples)"
     ax.errorbar(
         x, y, yerr=_column(rows, "kid_std"), marker="o", markersize=4, capsize=3, label=label
     )
-    _widen_single_x(ax, x)
+    widen_single_x(ax, x)
     _legend(ax)
 
 
 def _plot_scores(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
-    _setup(ax, "Precision, recall, label accuracy", "share (higher is better)")
+    setup_axes(ax, "Precision, recall, label accuracy", "share (higher is better)")
     drawn = False
     for key, label, color in (
         ("precision", "precision (realistic)", "tab:purple"),
@@ -260,10 +262,10 @@ def _plot_scores(ax: Axes, evals: Sequence[Mapping[str, Any]]) -> None:
         if rows:
             x = _column(rows, "images_seen")
             ax.plot(x, _column(rows, key), marker="o", markersize=4, label=label, color=color)
-            _widen_single_x(ax, x)
+            widen_single_x(ax, x)
             drawn = True
     if not drawn:
-        return _no_data(ax)
+        return no_data(ax)
     ax.set_ylim(-0.02, 1.02)
     _legend(ax)
 

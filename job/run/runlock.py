@@ -24,7 +24,7 @@ import uuid
 
 from job.infra import watchdog
 from job.infra.errors import RunLockedError, StorageError
-from job.infra.storage import Store
+from job.infra.store import Store
 
 log = logging.getLogger(__name__)
 LOCK_KEY = "lock.json"

@@ -5,15 +5,17 @@ every decision to stop is agreed by all ranks so no rank is left waiting in a co
 Each "every N steps" action belongs to a component that owns its state and its schedule
 (job/run/build.py builds them from the settings): the budget (when to stop, the learning-rate
 factor), the GAN step, the metrics processor (log lines, gauges, metrics.jsonl), the FID
-evaluator (eval.jsonl), the run's artifacts (grids, report.png, the export) and the
-checkpointer (what is saved, when, and what is restored). A new feature adds a component or a
-method of one; the Trainer gains at most a line in run().
+evaluator (eval.jsonl), the best generator (best/generator.pt, early stopping), the run's
+artifacts (grids, report.png, the export) and the checkpointer (what is saved, when, and what
+is restored). A new feature adds a component or a method of one; the Trainer gains at most a
+line in run().
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -29,8 +31,7 @@ from job.infra.errors import (
     StorageError,
 )
 from job.run.budget import NONFINITE_LR_FACTOR
-from job.run.build import Parts, build
-from job.settings import Settings
+from job.run.build import Parts
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class Trainer:
         self.world, self.metrics = parts.world, parts.metrics
         self.lock, self.writer = parts.lock, parts.writer
         self.source, self.nets, self.gan_step = parts.source, parts.nets, parts.gan_step
-        self.budget, self.progress, self.fid = parts.budget, parts.progress, parts.fid
+        self.budget, self.progress = parts.budget, parts.progress
+        self.fid, self.best = parts.fid, parts.best
         self.checkpointer, self.artifacts = parts.checkpointer, parts.artifacts
         self.upload_timeout, self.wrap_options = parts.upload_timeout, parts.wrap
 
@@ -139,11 +141,13 @@ class Trainer:
     def _fid(self, step: int, reason: str | None) -> str | None:
         """An evaluation; the stop reason: the one given, else plateau or target (early
         stopping, agreed by all ranks) or None."""
-        images_seen = self.budget.state.images_seen
-        if self.fid.evaluate(self.nets.g_ema, step, images_seen, stop=lambda: self.budget.stop.set):
-            self.artifacts.report(self.progress.records, self.fid.records)
-            reason = reason or self.fid.best.stop_reason()
-        return reason
+        g_ema, images_seen = self.nets.g_ema, self.budget.state.images_seen
+        scores = self.fid.evaluate(g_ema, step, images_seen, stop=lambda: self.budget.stop.set)
+        if scores is None:
+            return reason
+        self.fid.record(scores | self.best.judge(step, scores, g_ema))
+        self.artifacts.report(self.progress.records, self.fid.records)
+        return reason or self.best.stop_reason()
 
     def _finish(self, reason: str) -> int:
         step = self.budget.step
@@ -195,12 +199,18 @@ class Trainer:
         return uploaded
 
 
-def train(settings: Settings) -> int:
-    """The whole job for one process: returns its exit status."""
-    watchdog.start(settings.stall_timeout_seconds)
+def train(
+    build_parts: Callable[[distributed.World], Parts],
+    device: str,
+    stall_timeout_seconds: float,
+    pushgateway_url: str | None,
+) -> int:
+    """The whole job for one process: returns its exit status. build_parts: the run's parts
+    for the world this process joins (job/run/build.py build() with the run's settings)."""
+    watchdog.start(stall_timeout_seconds)
     try:
-        parts = build(settings, distributed.setup(settings.device, settings.stall_timeout_seconds))
-        return _run_trainer(parts, settings.pushgateway_url)
+        parts = build_parts(distributed.setup(device, stall_timeout_seconds))
+        return _run_trainer(parts, pushgateway_url)
     except JobError:
         raise
     except Exception as exc:

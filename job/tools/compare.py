@@ -30,8 +30,9 @@ from matplotlib.ticker import ScalarFormatter
 from PIL import Image
 
 from job.infra.errors import SettingsError
-from job.infra.storage import Store, open_store
-from job.run.report import WIDTH_IN, _no_data, _setup, _widen_single_x, fid_sums
+from job.infra.store import Store
+from job.infra.stores import open_store
+from job.run.report import WIDTH_IN, fid_sums, no_data, setup_axes, widen_single_x
 
 log = logging.getLogger(__name__)
 
@@ -237,28 +238,28 @@ def _plot_fid(ax: Axes, runs: Sequence[Run], wall: bool) -> None:
     seconds = np.concatenate([r.fid_seconds() for r in plotted]) if plotted else np.zeros(1)
     unit, scale = _time_unit(float(np.nanmax(seconds, initial=0.0)))
     if wall:
-        _setup(ax, "FID against training time", "FID", f"training time ({unit})")
+        setup_axes(ax, "FID against training time", "FID", f"training time ({unit})")
         ax.xaxis.set_major_formatter(ScalarFormatter())
     else:
-        _setup(ax, "FID against images seen (lower is better)", "FID")
+        setup_axes(ax, "FID against images seen (lower is better)", "FID")
     if not plotted:
-        return _no_data(ax)
+        return no_data(ax)
     xs = []
     for r in plotted:
         fids = r.fids()
         x = r.fid_seconds() / scale if wall else np.array([float(e["images_seen"]) for e in fids])
         ax.plot(x, [float(e["fid"]) for e in fids], marker="o", markersize=4, label=r.name)
         xs.append(x)
-    _widen_single_x(ax, np.concatenate(xs))
+    widen_single_x(ax, np.concatenate(xs))
     ax.legend(loc="upper right", fontsize=8)
 
 
 def _plot_kid(ax: Axes, runs: Sequence[Run]) -> None:
-    _setup(ax, "KID ± std against images seen", "KID")
+    setup_axes(ax, "KID ± std against images seen", "KID")
     plotted = [(r, [e for e in r.fids() if "kid" in e]) for r in runs]
     plotted = [(r, rows) for r, rows in plotted if rows]
     if not plotted:
-        return _no_data(ax)
+        return no_data(ax)
     xs = []
     for r, rows in plotted:
         x = np.array([float(e["images_seen"]) for e in rows])
@@ -272,7 +273,7 @@ def _plot_kid(ax: Axes, runs: Sequence[Run]) -> None:
             label=r.name,
         )
         xs.append(x)
-    _widen_single_x(ax, np.concatenate(xs))
+    widen_single_x(ax, np.concatenate(xs))
     ax.legend(loc="upper right", fontsize=8)
 
 

@@ -22,14 +22,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from job.data import batching
 from job.gan.models import Arch, build_discriminator, build_generator
-from job.infra import distributed
-from job.infra.errors import EXIT_OK, CheckpointError, SettingsError, StorageError
-from job.infra.storage import LocalStore, S3Store, Store, make_s3_client, open_store
-from job.quality import evaluate
+from job.infra import distributed, threads
+from job.infra.errors import EXIT_OK, CheckpointError, StorageError
+from job.infra.local_store import LocalStore
+from job.infra.s3_store import S3Store, make_s3_client
+from job.infra.store import Store
+from job.infra.stores import open_store
+from job.quality import evaluator
 from job.run import build
-from job.run.checkpoint import complete_steps, step_dir
+from job.run.checkpoint import complete_steps, resume_choice, step_dir
 from job.run.runlock import LOCK_KEY
 from job.settings import PREFIX, Settings, public_dict
 
@@ -49,23 +51,26 @@ class ModelSize:
 
 
 def dry_run(s: Settings) -> int:
-    """Log the block the run would start with, checking what the run checks first, in its
-    order: the device, the store, the data, where it starts."""
+    """Log the start-up block the run would start with (build.startup_lines, then what only a
+    dry run shows), checking what the run checks first, in its order: the device, the store,
+    the data, where it starts."""
     device = _device(s)
     store = run_store(s)
     own_steps = complete_steps(store) if store is not None else []
     images = build.load_data(s, 0)
     start = start_point(s, store, own_steps)
     arch = build._arch(s, images)
+    world = distributed.World(0, s.nproc_per_node * s.nnodes, 0, device)  # as rank 0 sees it
+    plan = build.batch_plan(s, world)
+    used = threads.choose(s.num_threads, s.nproc_per_node)
+    fid = _fid_line(s, device)
+    startup = build.startup_lines(s, _artifacts(s, store), images, arch, fid, world, plan, used)
     lines = [
-        f"run {s.resolved_run_id}: {start}",
-        *_store_lines(s, store),
-        f"data: {s.dataset} from {images.source}: {len(images)} images, "
-        f"{images.classes_found} classes, {images.channels}x{images.image_size}x{images.image_size}",
-        _device_line(s, device),
-        _model_line(arch, model_size(arch)),
-        f"recipe: {s.recipe} (filled in: {_filled(s)})",
-        f"FID: {_fid_line(s, device)}",
+        f"run {s.resolved_run_id}: {start}, {startup[0]}",
+        *startup[1:],
+        *_lock_lines(store),
+        _processes_line(s),
+        _size_line(model_size(arch)),
         "settings:",
         *settings_lines(s),
     ]
@@ -120,30 +125,22 @@ def _check_writable(folder: Path) -> None:
 
 
 def start_point(s: Settings, store: Store | None, own_steps: list[int]) -> str:
-    """Where Checkpointer.restore would start, from the stores' listings (no state is read)."""
-    if s.resume == "never":
-        _refuse_old_run(s, store)
-        return "would start fresh (GAN_RESUME=never)"
-    if own_steps:
+    """Where Checkpointer.restore would start (resume_choice), from the stores' listings (no
+    state is read)."""
+    never = s.resume == "never"
+    keys = store.list() if never and store is not None else []
+    own = own_steps[-1] if own_steps else None
+    uri = store.uri if store is not None else ""
+    choice = resume_choice(s.resume, own, keys, s.resolved_run_id, uri)
+    if choice == "own":
         seeded = f"; not from GAN_RESUME={s.resume}" if s.resume != "auto" else ""
-        return f"would resume from step {own_steps[-1]} (this run's newest checkpoint{seeded})"
-    if s.resume == "auto":
-        return "would start fresh (this run has no complete checkpoint)"
-    step, where = seed_checkpoint(s)
-    return f"would resume from step {step} (GAN_RESUME: {where})"
-
-
-def _refuse_old_run(s: Settings, store: Store | None) -> None:
-    """The SettingsError of Checkpointer.restore for GAN_RESUME=never over an existing run."""
-    old = [k for k in store.list() if k != LOCK_KEY] if store is not None else []
-    if old:
-        raise SettingsError(
-            [
-                f"GAN_RESUME=never, but run {s.resolved_run_id} already has {len(old)} artifacts "
-                f"in {store.uri} (e.g. {old[0]}): set another GAN_RUN_ID, remove that folder, "
-                "or use GAN_RESUME=auto to continue it"
-            ]
-        )
+        return f"would resume from step {own} (this run's newest checkpoint{seeded})"
+    if choice == "seed":
+        step, where = seed_checkpoint(s)
+        return f"would resume from step {step} (GAN_RESUME: {where})"
+    if never:
+        return "would start fresh (GAN_RESUME=never)"
+    return "would start fresh (this run has no complete checkpoint)"
 
 
 def seed_checkpoint(s: Settings) -> tuple[int, str]:
@@ -175,35 +172,26 @@ def _child(store: Store, sub: str) -> Store | None:
     return store.child(sub)
 
 
-def _store_lines(s: Settings, store: Store | None) -> list[str]:
+def _artifacts(s: Settings, store: Store | None) -> str:
     if store is None:
-        return [f"artifacts: {local_folder(s.artifact_uri)}/{s.resolved_run_id} (not there yet)"]
-    lines = [f"artifacts: {store.uri}"]
-    if store.exists(LOCK_KEY):
-        lines.append(
-            f"lock: {LOCK_KEY} is there: the run would wait for its holder's lease and stop "
-            "(exit 11) if it is renewed"
-        )
-    return lines
+        return f"{local_folder(s.artifact_uri)}/{s.resolved_run_id} (not there yet)"
+    return store.uri
 
 
-def _device_line(s: Settings, device: torch.device) -> str:
-    world = s.nproc_per_node * s.nnodes
-    given = "batch_size" in s.model_fields_set
-    plan = batching.plan_from_settings(
-        s.batch_size, given, s.global_batch_size, world, s.micro_batch_size
-    )
-    how = "no process group started" if world == 1 else "torchrun would start them"
-    return (
-        f"device: {distributed.describe_device(device)} x {world} process(es) "
-        f"({PREFIX}NPROC_PER_NODE={s.nproc_per_node} x {PREFIX}NNODES={s.nnodes}; {how}), "
-        f"batch {plan.per_process} per process, {plan.global_batch} per step"
-        + (
-            f" ({plan.accumulation} micro-batches of {plan.micro_batch})"
-            if plan.accumulation > 1
-            else ""
-        )
-    )
+def _lock_lines(store: Store | None) -> list[str]:
+    if store is None or not store.exists(LOCK_KEY):
+        return []
+    return [
+        f"lock: {LOCK_KEY} is there: the run would wait for its holder's lease and stop "
+        "(exit 11) if it is renewed"
+    ]
+
+
+def _processes_line(s: Settings) -> str:
+    single = s.nproc_per_node * s.nnodes == 1
+    how = "no process group started" if single else "torchrun would start them"
+    nodes = f"{PREFIX}NPROC_PER_NODE={s.nproc_per_node} x {PREFIX}NNODES={s.nnodes}"
+    return f"processes: {nodes}; {how}"
 
 
 def model_size(arch: Arch) -> ModelSize:
@@ -229,11 +217,9 @@ def _params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _model_line(arch: Arch, size: ModelSize) -> str:
+def _size_line(size: ModelSize) -> str:
     return (
-        f"model: {arch.model}, width {arch.width}, depth {arch.depth}, latent {arch.latent_dim}"
-        + (", class-conditional" if arch.num_classes else "")
-        + f": G {size.g_params:,} parameters, D {size.d_params:,} parameters; "
+        f"model size: G {size.g_params:,} parameters, D {size.d_params:,} parameters; "
         f"{_si(size.g_flops + size.d_flops)}FLOPs per image (forward: G {size.g_flops:,}, "
         f"D {size.d_flops:,})"
     )
@@ -246,14 +232,10 @@ def _si(n: float) -> str:
     return f"{n:.3g} {units[0]}"
 
 
-def _filled(s: Settings) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in s.recipe_filled.items()) or "nothing"
-
-
 def _fid_line(s: Settings, device: torch.device) -> str:
     if s.fid_features == "none":
         return "off (GAN_FID_FEATURES=none)"
-    num = evaluate.fid_num_samples(s.fid_num_samples, device)
+    num = evaluator.fid_num_samples(s.fid_num_samples, device)
     return f"{s.fid_features}, {num} samples, every {s.fid_every} steps (loaded by the run only)"
 
 

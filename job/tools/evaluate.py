@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from job.data import datasets as data
+from job.data import source
 from job.gan.models import Arch, build_generator
+from job.gan.truncation import TRUNCATION_HELP, Truncated
 from job.infra.errors import CheckpointError, SettingsError
-from job.infra.storage import download_prefix, open_store
-from job.quality import evaluate
+from job.infra.stores import download_prefix, open_store
+from job.quality import evaluator, extractors, reference, scores
 from job.run import checkpoint
-from job.tools.sample import BEST_EXPORT, TRUNCATION_HELP, Truncated, load_generator
+from job.run.generator_file import BEST_EXPORT, load_generator
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ def real_images(settings: dict, arch: Arch, num: int, data_dir: str, endpoint: s
         settings.get("bad_images", "skip") == "skip",
         local,
     )
-    return data.real_images(images, num, int(settings.get("seed", 0)))[0]
+    return source.real_images(images, num, int(settings.get("seed", 0)))[0]
 
 
 def table(values: dict) -> str:
@@ -152,14 +154,14 @@ def _write(line: str, out: str | None) -> None:
 
 def _extractor(
     args: argparse.Namespace, arch: Arch, settings: dict, device: torch.device
-) -> evaluate.Extractor:
+) -> extractors.Extractor:
     """--features, else the run's own GAN_FID_FEATURES."""
     choice = args.features or settings.get("fid_features") or "none"
     if choice == "none":
         raise SettingsError(
             [f"--features: the run {args.run} had no FID extractor: give --features FILE"]
         )
-    return evaluate.load_extractor(
+    return extractors.load_extractor(
         choice,
         arch.channels,
         arch.image_size,
@@ -182,8 +184,8 @@ def main(argv: list[str]) -> int:
         log.warning("no label accuracy: %s", problem)
     seed = args.seed if args.seed is not None else int(settings.get("seed", 0)) + 1
     images = real_images(settings, arch, args.num, args.data_dir or settings["data_dir"], endpoint)
-    real = evaluate.real_reference(extractor, images, device, batch=args.batch_size)
-    found = evaluate.measure(
+    real = reference.real_reference(extractor, images, device, batch=args.batch_size)
+    found = evaluator.measure(
         extractor,
         real,
         Truncated(g, args.truncation).to(device),
@@ -200,11 +202,11 @@ def main(argv: list[str]) -> int:
         "step": step,
         "which": args.which,
         "truncation": args.truncation,
-        **evaluate.round_metrics(found),
+        **scores.round_metrics(found),
         "extractor": extractor.name,
         "num_samples": args.num,
         "num_real": real.num,
-        "fid_sums": evaluate.FID_SUMS,
+        "fid_sums": scores.FID_SUMS,
         "seed": seed,
         "seconds": round(time.monotonic() - t0, 2),
     }

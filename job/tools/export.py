@@ -24,10 +24,11 @@ from torch import nn
 
 from job.gan.models import Arch, build_generator
 from job.infra.errors import CheckpointError, DiskFullError, SettingsError, StorageError
-from job.infra.storage import Store, open_store
+from job.infra.secrets import redact
+from job.infra.store import Store
+from job.infra.stores import open_store
 from job.run import checkpoint
-from job.settings import redact
-from job.tools.sample import BEST_EXPORT, read_pt, what_it_is
+from job.run.generator_file import BEST_EXPORT, read_pt, what_it_is
 
 FORMATS = {".pt": "torchscript", ".pt2": "torch.export", ".onnx": "onnx"}
 ONNX_PACKAGES = ("onnx", "onnxscript")
@@ -48,8 +49,8 @@ class Source:
 
 def locate(uri: str, endpoint_url: str | None, which: str) -> Source:
     """The checkpoint or export that `gan-job export URI --which WHICH` means, as
-    sample.load_generator reads it: a .pt file; a run folder's best/generator.pt (best), or its
-    newest checkpoint, else final/generator.pt (final); a checkpoint folder."""
+    generator_file.load_generator reads it: a .pt file; a run folder's best/generator.pt (best),
+    or its newest checkpoint, else final/generator.pt (final); a checkpoint folder."""
     uri = uri.rstrip("/")
     if uri.endswith(".pt"):
         return Source(uri, _read_pt(uri, endpoint_url), _run_of(uri, endpoint_url))

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from job.data import datasets as datamod
+from job.data.folder import FolderDataset, folder_batches
+from job.data.naming import NATIVE_SIZE
 from job.infra.errors import DataError, SettingsError
-from job.settings import NATIVE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Split:
                 yield self.data.images[idx], self.data.labels[idx]
         else:
             batches = [c.tolist() for c in chunks]
-            yield from datamod.folder_batches(self.data.folder, batches, self.workers)
+            yield from folder_batches(self.data.folder, batches, self.workers)
 
 
 def _check_labels(data: datamod.ImageData, what: str) -> int:
@@ -137,7 +138,7 @@ def load_splits(
     """(train, test, channels, classes, how the test split was made) at image_size."""
     if dataset.startswith("folder:"):
         root = Path(dataset.removeprefix("folder:"))
-        ds = datamod.FolderDataset(root, image_size)
+        ds = FolderDataset(root, image_size)
         classes = len(ds.classes)
         if classes < 2:
             raise DataError(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import io
 import itertools
 import math
 import os
@@ -20,107 +19,20 @@ from typing import BinaryIO
 import numpy as np
 import torch
 
-from job.gan.models import Arch, build_generator
-from job.infra.errors import CheckpointError, DiskFullError, SettingsError, StorageError
-from job.infra.storage import open_store
-from job.quality import evaluate
-from job.run import checkpoint
+from job.gan import sampling
+from job.gan.models import Arch
+from job.gan.truncation import TRUNCATION_HELP, truncate
+from job.infra.errors import DiskFullError, SettingsError, StorageError
+from job.run.generator_file import load_generator
 
 BATCH = 512  # images generated and written at a time
 MAX_GRID = 1024  # images in a .png grid (32 x 32)
-EXPECTED = "gan-job checkpoint or generator export (final/generator.pt)"
-BEST_EXPORT = "best/generator.pt"  # the EMA generator of a run's best evaluation (job/run/best.py)
 MAX_SEEDS = 1_000_000  # seeds in one --seeds
 MAX_SEED = 2**64 - 1  # the largest torch.Generator seed
 DEFAULT_STEPS = 8  # --interpolate: images per row
 FRAME_MS = 100  # --interpolate into a .gif: time per frame
 
-
-def load_generator(
-    path: str, endpoint_url: str | None = None, which: str = "final"
-) -> tuple[torch.nn.Module, Arch]:
-    """The EMA generator of a checkpoint, a generator export (final/ or best/generator.pt), or
-    a run folder: which="final", its newest checkpoint (else final/generator.pt); which="best",
-    its best/generator.pt (the best evaluated step)."""
-    if path.endswith(".pt"):
-        state = read_pt(path, endpoint_url, f"--checkpoint {path}")
-    elif which == "best":
-        if not open_store(path, endpoint_url).exists(BEST_EXPORT):
-            raise CheckpointError(
-                f"--checkpoint {path}: no {BEST_EXPORT} (a run keeps one only when it is "
-                "evaluated: GAN_FID_FEATURES)"
-            )
-        return load_generator(path.rstrip("/") + "/" + BEST_EXPORT, endpoint_url)
-    else:
-        found = checkpoint.load_from(path, endpoint_url)
-        if found is None:
-            final = open_store(path, endpoint_url)
-            if not final.exists("final/generator.pt"):
-                raise CheckpointError(
-                    f"--checkpoint {path}: no complete checkpoint or final/generator.pt"
-                )
-            return load_generator(path.rstrip("/") + "/final/generator.pt", endpoint_url)
-        state = found[1]
-    found = checkpoint.generator_state(state) if isinstance(state, dict) else None
-    if found is None:
-        raise CheckpointError(f"--checkpoint {path}: {what_it_is(state)}, not a {EXPECTED}")
-    arch = Arch(**found[0])
-    g = build_generator(arch)
-    g.load_state_dict(found[1])
-    return g.eval(), arch
-
-
-def read_pt(path: str, endpoint_url: str | None, label: str, expected: str = EXPECTED) -> object:
-    """What a .pt file (local or s3://) holds; CheckpointError beginning with label when it is
-    missing or no torch.save file."""
-    parent, name = path.rsplit("/", 1) if "/" in path else (".", path)
-    try:
-        raw = open_store(parent, endpoint_url).get_bytes(name)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{label}: no such file") from exc
-    try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - garbage, truncated or empty: unpickling fails anyhow
-        why = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{label}: unreadable ({why}): expected a {expected}") from exc
-
-
-def what_it_is(state: object) -> str:
-    if isinstance(state, torch.jit.ScriptModule):
-        return "a TorchScript module"
-    if isinstance(state, dict):
-        return "a dict without a generator"
-    return f"a saved {type(state).__name__}"
-
-
 Inputs = tuple[torch.Tensor, torch.Tensor | None]  # z (n x latent_dim) and labels (n) or None
-
-
-def truncation_bound(psi: float) -> float:
-    """t with P(|z_i| <= t) = psi for z_i ~ N(0, 1): every truncated component lies in [-t, t]."""
-    return math.inf if psi >= 1 else float(torch.special.ndtri(torch.tensor((1 + psi) / 2.0)))
-
-
-def truncate(z: torch.Tensor, psi: float) -> torch.Tensor:
-    """Standard-normal z, each component moved onto N(0, 1) truncated to [-t, t] (the
-    distribution of BigGAN's truncation trick, |z_i| > t resampled), t = truncation_bound(psi):
-    z_i -> inverse-CDF((1 - psi) / 2 + psi CDF(z_i)), monotone in z_i, so a seed's image moves
-    smoothly with psi. psi = 1: z itself."""
-    if psi >= 1:
-        return z
-    u = torch.special.ndtr(z.double())
-    return torch.special.ndtri((1 - psi) / 2 + psi * u).to(z.dtype)
-
-
-class Truncated(torch.nn.Module):
-    """A generator fed truncate(z, psi) instead of z."""
-
-    def __init__(self, g: torch.nn.Module, psi: float):
-        super().__init__()
-        self.g, self.psi = g, psi
-
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.g(truncate(z, self.psi), labels)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -209,7 +121,7 @@ def render(
         for start in range(0, len(z), batch):
             zb = truncate(z[start : start + batch], psi)
             lb = labels[start : start + batch] if labels is not None else None
-            images = evaluate.to_uint8(evaluate.generate(g, zb, lb)).permute(0, 2, 3, 1).numpy()
+            images = sampling.to_uint8(sampling.generate(g, zb, lb)).permute(0, 2, 3, 1).numpy()
             yield images[..., 0] if arch.channels == 1 else images
 
 
@@ -274,7 +186,7 @@ def write_png(out: Path, batches: Iterable[np.ndarray], arch: Arch, nrow: int) -
     images = torch.from_numpy(np.concatenate(list(batches))).float() / 255
     images = images.unsqueeze(1) if arch.channels == 1 else images.permute(0, 3, 1, 2)
     with _replacing(out) as f:
-        f.write(evaluate.grid_png(images, nrow=nrow))
+        f.write(sampling.grid_png(images, nrow=nrow))
 
 
 def write_gif(out: Path, batches: Iterable[np.ndarray]) -> None:
@@ -286,16 +198,6 @@ def write_gif(out: Path, batches: Iterable[np.ndarray]) -> None:
         frames[0].save(
             f, format="GIF", save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0
         )
-
-
-TRUNCATION_HELP = (
-    "truncation trick, 0 < PSI <= 1 (default 1: off): every component of z is drawn from "
-    "N(0, 1) truncated to [-t, t], t = the (1 + PSI)/2 quantile of N(0, 1), i.e. PSI is the "
-    "share of the normal's mass kept (0.9: |z_i| <= 1.645; 0.7: 1.036; 0.5: 0.674): the "
-    "distribution of BigGAN's trick (|z_i| > t drawn again), made by mapping each drawn z_i "
-    "to Phi^-1((1 - PSI)/2 + PSI Phi(z_i)) (Phi: the normal CDF), so a seed's image changes "
-    "smoothly with PSI"
-)
 
 
 def _parser() -> argparse.ArgumentParser:

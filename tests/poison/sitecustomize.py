@@ -34,11 +34,11 @@ if (
 if "SLOW_REFERENCE_SECONDS" in os.environ:
     import time
 
-    from job.quality import evaluate
+    from job.quality import evaluator, reference
 
     _reference, _three_channels, _in_reference = (
-        evaluate.real_reference,
-        evaluate._three_channels,
+        evaluator.real_reference,
+        reference.three_channels,
         [],
     )
 
@@ -54,4 +54,4 @@ if "SLOW_REFERENCE_SECONDS" in os.environ:
             time.sleep(float(os.environ["SLOW_REFERENCE_SECONDS"]))
         return _three_channels(x)
 
-    evaluate.real_reference, evaluate._three_channels = _slow_reference, _slow_batch
+    evaluator.real_reference, reference.three_channels = _slow_reference, _slow_batch
