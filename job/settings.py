@@ -39,7 +39,7 @@ _SERVICE_LINK = re.compile(
 
 
 class Settings(BaseSettings):
-    """The job's knobs. Field descriptions are the one-line docs shown by --help and README."""
+    """The job's knobs. Field descriptions are the one-line docs of --help and docs/settings.md."""
 
     # inf and nan are refused for every float: an endless wait is GAN_MAX_MINUTES=0, not inf
     model_config = SettingsConfigDict(extra="ignore", validate_default=True, allow_inf_nan=False)
