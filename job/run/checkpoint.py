@@ -15,21 +15,22 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 import re
 import time
 from collections.abc import Callable
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from job.gan.models import arch_changes
 from job.infra import distributed, watchdog
-from job.infra.errors import CheckpointError, SettingsError, StorageError
+from job.infra.errors import CheckpointError, StorageError
 from job.infra.metrics import Metrics
 from job.infra.store import Store
 from job.infra.stores import open_store
 from job.infra.writer import BackgroundWriter, NullWriter
-from job.run.runlock import LOCK_KEY
+from job.run.resume import Past, past_of, resume_choice
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +130,7 @@ def _verified(store: Store, base: str, read: Callable[[str], bytes]) -> dict:
             if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
                 raise CheckpointError(f"{store.uri}/{base}{name}: checksum mismatch")
             parts[name] = data
-        state = torch.load(io.BytesIO(parts[STATE]), map_location="cpu", weights_only=False)
-        return upgrade(state)
+        return upgrade(load_pt(parts[STATE], f"{store.uri}/{base}{STATE}", "gan-job checkpoint"))
     except (CheckpointError, StorageError):
         raise
     except Exception as exc:  # noqa: BLE001 - missing part, bad JSON, unpickling error
@@ -188,6 +188,31 @@ def load_from(
     return found
 
 
+def load_pt(data: bytes, label: str, expected: str) -> object:
+    """A .pt file's contents, unpickled with weights_only=True: tensors and plain Python values,
+    all that gan-job's checkpoints and exports hold. A full unpickler runs whatever code a file
+    names (a planted checkpoint or export would run a command on load), so a file that needs
+    more is refused: CheckpointError (exit 5) naming it and what it asked for. Damage
+    (garbage, truncated) raises as torch.load does; a TorchScript file is named as one."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        asked = _GLOBAL.search(str(exc))
+        if asked is None:  # not a pickle that names code: damage
+            raise
+        raise CheckpointError(
+            f"{label}: refused: loading it would import the Python object {asked.group(1)}, "
+            f"which could run code; a {expected} holds only tensors and plain values"
+        ) from exc
+    except RuntimeError as exc:
+        if "TorchScript" not in str(exc):
+            raise
+        raise CheckpointError(f"{label}: a TorchScript module, not a {expected}") from exc
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
 def upgrade(state: dict) -> dict:
     """A checkpoint of gan-job 0.1.0 (one flat dict) in today's layout."""
     if state.get("format") == FORMAT:
@@ -237,32 +262,18 @@ def check_compatible(saved: dict, now: dict, keys: tuple[str, ...], where: str) 
         )
 
 
-def resume_choice(
-    resume: str, own_step: int | None, keys: list[str], run_id: str, uri: str
-) -> Literal["own", "seed", "fresh"]:
-    """Where a run starts by GAN_RESUME (resume): "own", this run's newest checkpoint (own_step;
-    None: it has none, or resume is never and it was not looked for), whatever GAN_RESUME names
-    (a retry after a preemption goes on from there); "seed", the checkpoint a GAN_RESUME path
-    names, for a run without checkpoints of its own; "fresh" otherwise.
-
-    never over an older run (keys: what its store at uri holds, listed under never only) is a
-    SettingsError: a fresh start must not mix with an older run in the same place: retention
-    would delete one run's checkpoints for the other's, and `auto` would later resume the old
-    one."""
-    if resume == "never":
-        old = [k for k in keys if k != LOCK_KEY]
-        if old:
-            raise SettingsError(
-                [
-                    f"GAN_RESUME=never, but run {run_id} already has {len(old)} artifacts in "
-                    f"{uri} (e.g. {old[0]}): set another GAN_RUN_ID, remove that "
-                    f"folder, or use GAN_RESUME=auto to continue it"
-                ]
-            )
-        return "fresh"
-    if own_step is not None:
-        return "own"
-    return "fresh" if resume == "auto" else "seed"
+def load_own(store: Store, timeout: float = READ_SECONDS) -> tuple[tuple[int, dict] | None, Past]:
+    """load_latest(store), and where it finds nothing usable, what the store shows of the run's
+    past (past_of), the reasons each complete checkpoint was skipped for included."""
+    keys = store.list(PREFIX)
+    failed: dict[int, str] = {}
+    for step in sorted((int(m.group(1)) for k in keys if (m := _STEP_DIR.match(k))), reverse=True):
+        try:
+            return (step, load_verified(store, step, timeout)), Past()
+        except CheckpointError as exc:
+            log.warning("skipping checkpoint: %s", exc)
+            failed[step] = str(exc)
+    return None, past_of(store, keys, failed)
 
 
 class Stateful(Protocol):
@@ -348,12 +359,14 @@ class Checkpointer:
     def restore(self) -> int | None:
         """Loads the checkpoint GAN_RESUME names (resume_choice) into the components and returns
         its step, or gives each its fresh state and returns None. A checkpoint that cannot be
-        read within timeout seconds fails (StorageError)."""
+        read within timeout seconds fails (StorageError); none usable where the run has a past
+        (resume_choice) fails too (CheckpointError)."""
         never = self.resume == "never"
-        found = None if never else load_latest(self.store, self.timeout)
+        found, past = (None, None) if never else load_own(self.store, self.timeout)
         keys = self.store.list() if never else []
         own = found[0] if found is not None else None
-        choice = resume_choice(self.resume, own, keys, self.meta["run_id"], self.store.uri)
+        run_id, uri = self.meta["run_id"], self.store.uri
+        choice = resume_choice(self.resume, own, keys, run_id, uri, past, self.every)
         if choice == "own" and self.resume != "auto":
             log.info(
                 "run %s has checkpoints of its own: resuming from its step %d, not from "

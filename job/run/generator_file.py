@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import io
-
 import torch
 
 from job.gan.models import Arch, build_generator
@@ -59,15 +57,15 @@ def read_pt(path: str, endpoint_url: str | None, label: str, expected: str = EXP
     except FileNotFoundError as exc:
         raise CheckpointError(f"{label}: no such file") from exc
     try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        return checkpoint.load_pt(raw, label, expected)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - garbage, truncated or empty: unpickling fails anyhow
         why = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(f"{label}: unreadable ({why}): expected a {expected}") from exc
 
 
 def what_it_is(state: object) -> str:
-    if isinstance(state, torch.jit.ScriptModule):
-        return "a TorchScript module"
     if isinstance(state, dict):
         return "a dict without a generator"
     return f"a saved {type(state).__name__}"

@@ -10,7 +10,6 @@ training-time FID used), on the features of --features or of the run's own GAN_F
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
 import os
@@ -59,7 +58,7 @@ def load_run(
     if not store.exists("config.json"):
         raise CheckpointError(f"{uri}: no config.json beside {export}: not a run")
     settings = json.loads(store.get_bytes("config.json"))["settings"]
-    saved = torch.load(io.BytesIO(store.get_bytes(export)), map_location="cpu", weights_only=False)
+    saved = checkpoint.load_pt(store.get_bytes(export), f"{uri}/{export}", "generator export")
     return g, arch, settings, saved.get("step")
 
 
