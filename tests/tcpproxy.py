@@ -6,6 +6,8 @@ with TcpProxy(target_port) as proxy:   # proxy.port forwards to 127.0.0.1:target
     proxy.mode = "refuse"               # new connections are closed at once
     proxy.cut()                         # and the connections already open are cut
     proxy.reject = lambda line: b"state.pt" in line   # such HTTP requests get 503 SlowDown
+    proxy.respond = lambda line: http_response(200, b"<html/>") if b"state.pt" in line else None
+                                        # a request it answers gets that answer (a lying gateway)
 """
 
 from __future__ import annotations
@@ -24,6 +26,13 @@ SLOW_DOWN_RESPONSE = (
 )
 
 
+def http_response(status: int, body: bytes, content_type: str = "text/html") -> bytes:
+    """A whole HTTP/1.1 response, for TcpProxy.respond to answer a request with."""
+    reason = {200: "OK", 403: "Forbidden", 404: "Not Found", 503: "Service Unavailable"}
+    head = f"HTTP/1.1 {status} {reason.get(status, 'Status')}\r\nContent-Type: {content_type}\r\n"
+    return head.encode() + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
 class TcpProxy:
     def __init__(self, target_port: int, mode: str = "pass", delay: float = 0.5):
         self.target = ("127.0.0.1", target_port)
@@ -34,6 +43,10 @@ class TcpProxy:
         # HTTP requests whose first line this matches are answered 503 SlowDown, not forwarded
         self.reject: Callable[[bytes], bool] | None = None
         self.rejected = 0
+        # HTTP requests whose first line this answers (a whole response, http_response()) get
+        # that answer instead of being forwarded: a gateway that lies; None forwards the request
+        self.respond: Callable[[bytes], bytes | None] | None = None
+        self.responded = 0
         self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -89,15 +102,21 @@ class TcpProxy:
             pass
 
     def _pump(self, src: socket.socket, dst: socket.socket, requests: bool = False) -> None:
-        """src to dst; on the client's side (requests), a request self.reject picks is answered
-        here. boto3 sends one request at a time per connection, and a GET's head fits a chunk."""
+        """src to dst; on the client's side (requests), a request self.reject picks, or one
+        self.respond answers, is answered here. boto3 sends one request at a time per
+        connection, and a GET's head fits a chunk."""
         try:
             while data := src.recv(65536):
                 if self.mode == "slow":
                     time.sleep(self.delay)
-                if requests and self.reject is not None and self.reject(data.split(b"\r\n")[0]):
+                line = data.split(b"\r\n")[0]
+                if requests and self.reject is not None and self.reject(line):
                     self.rejected += 1
                     src.sendall(SLOW_DOWN_RESPONSE)
+                    continue
+                if requests and self.respond is not None and (answer := self.respond(line)):
+                    self.responded += 1
+                    src.sendall(answer)
                     continue
                 dst.sendall(data)
         except OSError:

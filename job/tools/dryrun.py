@@ -31,7 +31,8 @@ from job.infra.store import Store
 from job.infra.stores import open_store
 from job.quality import evaluator
 from job.run import build
-from job.run.checkpoint import complete_steps, resume_choice, step_dir
+from job.run.checkpoint import complete_steps, step_dir
+from job.run.resume import CHECKPOINTS, past_of, resume_choice
 from job.run.runlock import LOCK_KEY
 from job.settings import PREFIX, Settings, public_dict
 
@@ -126,12 +127,15 @@ def _check_writable(folder: Path) -> None:
 
 def start_point(s: Settings, store: Store | None, own_steps: list[int]) -> str:
     """Where Checkpointer.restore would start (resume_choice), from the stores' listings (no
-    state is read)."""
+    state is read; without a complete checkpoint listed, the run's history and final export,
+    read by key, as the run reads them)."""
     never = s.resume == "never"
     keys = store.list() if never and store is not None else []
     own = own_steps[-1] if own_steps else None
     uri = store.uri if store is not None else ""
-    choice = resume_choice(s.resume, own, keys, s.resolved_run_id, uri)
+    look = not never and own is None and store is not None
+    past = past_of(store, store.list(CHECKPOINTS)) if look else None
+    choice = resume_choice(s.resume, own, keys, s.resolved_run_id, uri, past, s.checkpoint_every)
     if choice == "own":
         seeded = f"; not from GAN_RESUME={s.resume}" if s.resume != "auto" else ""
         return f"would resume from step {own} (this run's newest checkpoint{seeded})"
