@@ -72,7 +72,7 @@ def _ignore_stop_signals() -> None:
 def _train(dry_run: bool = False) -> int:
     # until the training loop takes SIGTERM/SIGINT over (StopFlag): stop at once, nothing to save
     _startup_signals.clear()
-    for sig in STOP_SIGNALS:
+    for sig in launcher.stop_signals():  # those it was started ignoring stay ignored (nohup)
         signal.signal(sig, _stop_at_once)
     atexit.unregister(_ignore_stop_signals)
     atexit.register(_ignore_stop_signals)
@@ -91,7 +91,6 @@ def _train(dry_run: bool = False) -> int:
             settings.nnodes,
             settings.node_rank,
             settings.rdzv_endpoint,
-            settings.resolved_run_id,
             settings.rdzv_timeout_seconds,
         )
         from job.infra import threads  # torchrun would give each worker OMP_NUM_THREADS=1

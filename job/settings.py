@@ -17,10 +17,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from job.data.folder import background_rgb
 from job.data.naming import NATIVE_SIZE, SHARDS_PREFIX, dataset_kind, dataset_problem
 from job.infra.errors import SettingsError
 from job.infra.s3_store import s3_uri_problem
-from job.infra.secrets import redact
+from job.infra.secrets import redact, redact_values
 
 PREFIX = "GAN_"
 DCGAN_SIZES = (28, 32, 64)
@@ -205,6 +206,11 @@ class Settings(BaseSettings):
         "skip",
         description="unreadable or empty files in an image folder: skip and count, or fail (exit 3)",
     )
+    background: str = Field(
+        "white",
+        description="images with transparency (RGBA, LA, transparent palette) are laid over this "
+        "colour: white, black or #rrggbb",
+    )
     grace_seconds: int = Field(
         110,
         ge=1,
@@ -268,8 +274,8 @@ class Settings(BaseSettings):
         30.0,
         gt=0,
         le=MAX_MINUTES,
-        description="how long to keep retrying queued uploads, at exit and before a "
-        "rollback, before failing (exit 4)",
+        description="how long to keep retrying queued uploads with none stored, mid-run "
+        "(training meanwhile), at exit and before a rollback, before failing (exit 4)",
     )
     checkpoint_every: int = Field(500, ge=1, le=MAX_COUNT, description="steps between checkpoints")
     keep_checkpoints: int = Field(
@@ -390,6 +396,24 @@ class Settings(BaseSettings):
                 "diffaugment", "a comma list of color, translation, cutout, or empty for none"
             )
         return ",".join(parts)
+
+    @field_validator("background")
+    @classmethod
+    def _check_background(cls, value: str) -> str:
+        if background_rgb(value) is None:
+            raise PydanticCustomError("background", "white, black or a colour #rrggbb")
+        return value.lower()
+
+    @property
+    def background_color(self) -> tuple[int, int, int]:
+        return background_rgb(self.background)
+
+    @field_validator("fid_num_samples")
+    @classmethod
+    def _check_fid_num_samples(cls, value: int) -> int:
+        if value == 1:  # one image has no covariance: every FID would be NaN
+            raise PydanticCustomError("fid_num_samples", "0 (the default count) or at least 2")
+        return value
 
     @field_validator("artifact_uri", "dataset", "resume")
     @classmethod
@@ -757,10 +781,7 @@ def settings_markdown() -> str:
 
 def public_dict(settings: Settings) -> dict:
     """The settings as written to config.json and checkpoints: secrets in them redacted."""
-    return {
-        name: redact(value) if isinstance(value, str) else value
-        for name, value in settings.model_dump(mode="json").items()
-    }
+    return redact_values(settings.model_dump(mode="json"))
 
 
 if __name__ == "__main__":

@@ -59,3 +59,13 @@ def test_every_contract_of_make_test_names_a_test_that_exists():
         module, name = node.split("::")
         source = (TESTS / module).read_text()
         assert f"def {name.split('[')[0]}(" in source, f"conftest.CONTRACTS: {node} is gone"
+
+
+def test_a_context_manager_that_runs_the_job_makes_its_tests_e2e():
+    source = (
+        "import contextlib\n"
+        "@contextlib.contextmanager\n"
+        "def running():\n    yield subprocess.Popen([sys.executable, '-m', 'job'])\n"
+        "def t():\n    with running():\n        pass"
+    )
+    assert starts_the_job([defined(source)])

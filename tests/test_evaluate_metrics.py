@@ -3,14 +3,16 @@ with stand-in generators that obey, ignore or collapse their labels."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from job.infra.metrics import Metrics
-from job.quality.evaluator import FidEvaluator, measure
+from job.quality.evaluator import FidEvaluator, frechet_distance, measure
 from job.quality.extractors import load_extractor
 from job.quality.reference import real_reference
-from job.quality.scores import kid, precision_recall
+from job.quality.scores import FeatureTap, fid_metric, kid, precision_recall
 from tests.helpers import Painter, idx_images, write_classifier, write_extractor
 
 CPU = torch.device("cpu")
@@ -127,3 +129,13 @@ def test_evaluator_rows_and_gauges_carry_every_metric_with_its_n(squares, tmp_pa
                          latent_dim=4, num_classes=10, **reference)  # fmt: skip
     again.prepare()
     assert again.real.features.shape == (200, 10) and cache.exists("key-features.pt")
+
+
+def test_fid_of_features_that_are_not_finite_is_nan_without_computing_it():
+    """torcheval's eigenvalue solver aborts the process (SIGSEGV in MKL) on NaN sums: an
+    extractor that gives NaN or inf must give FID NaN, which the best generator never keeps."""
+    metric = fid_metric(FeatureTap(torch.nn.Identity()), 4, torch.device("cpu"))
+    metric.real_sum = torch.full_like(metric.real_sum, float("nan"))
+    assert math.isnan(frechet_distance(metric, world_size=1))
+    metric.real_sum = torch.full_like(metric.real_sum, float("inf"))
+    assert math.isnan(frechet_distance(metric, world_size=1))

@@ -57,6 +57,10 @@ def last_line(text: str) -> str:
 
 
 def test_store_down_for_good_mid_run_exits_4_naming_what_was_not_stored(tmp_path, monkeypatch):
+    """The store gone 80 steps before the end: training goes on (a few seconds, well within the
+    15 s the job waits for a write to be stored), then the uploads wait 15 s and the job exits.
+    A store gone long before the end: tests/test_store_gone.py."""
+    minutes = 0.25
     server = SeaweedS3(tmp_path / "weed")
     server.start()
     try:
@@ -64,7 +68,7 @@ def test_store_down_for_good_mid_run_exits_4_naming_what_was_not_stored(tmp_path
         write_idx(tmp_path / "data", n=256)
         env = s3_job_env(tmp_path, server, GAN_ARTIFACT_URI=f"s3://{bucket}/runs", GAN_RUN_ID="down",
                          GAN_MAX_STEPS=100, GAN_CHECKPOINT_EVERY=10, GAN_SAMPLE_EVERY=20,
-                         GAN_LOG_EVERY=10, GAN_UPLOAD_TIMEOUT_MINUTES=UPLOAD_TIMEOUT_MINUTES)  # fmt: skip
+                         GAN_LOG_EVERY=10, GAN_UPLOAD_TIMEOUT_MINUTES=minutes)  # fmt: skip
         env["AWS_MAX_ATTEMPTS"] = "1"  # botocore's own retries short: the job's outer retry shows
         log_path = tmp_path / "job.log"
         with job_running(env, log_path) as proc:
@@ -74,11 +78,11 @@ def test_store_down_for_good_mid_run_exits_4_naming_what_was_not_stored(tmp_path
             code = proc.wait(timeout=90)  # for ever, before training stopped waiting on uploads
         log = log_path.read_text()
         assert code == errors.EXIT_STORAGE, log
-        assert time.monotonic() - down < 45, log  # training, then 6 s of retrying
+        assert time.monotonic() - down < 60, log  # training, then 15 s of retrying
         assert "stopping at step 100: max_steps" in log  # training went on during the outage
         assert "skipped: earlier ones are still waiting to be stored" in log
         message = last_line(log)
-        assert f"not stored after GAN_UPLOAD_TIMEOUT_MINUTES={UPLOAD_TIMEOUT_MINUTES}" in message
+        assert f"not stored after GAN_UPLOAD_TIMEOUT_MINUTES={minutes}" in message
         for key in ("checkpoints/step-00000100/COMPLETE.json", "final/generator.pt"):
             assert key in message
         assert "Traceback" not in log and server.secret_key not in log

@@ -24,8 +24,8 @@ from job.gan.networks import Networks, unwrap
 from job.gan.step import GanStep, Recipe
 from job.infra import distributed
 from job.infra.errors import EXIT_OK
+from job.infra.launcher import STOP_SIGNALS
 from job.infra.local_store import LocalStore
-from job.run.budget import STOP_SIGNALS
 from job.run.build import build
 from job.run.checkpoint import complete_steps, load_verified
 from job.run.train import Trainer

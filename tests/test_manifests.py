@@ -356,7 +356,7 @@ def test_multinode_pods_meet_at_pod_0_which_alone_hosts_the_store():
         assert settings.rdzv_timeout_seconds >= 600, where  # image pulls take minutes
         options = launcher.torchrun_options(
             settings.nproc_per_node, settings.nnodes, settings.node_rank,
-            settings.rdzv_endpoint, settings.resolved_run_id, settings.rdzv_timeout_seconds,
+            settings.rdzv_endpoint, settings.rdzv_timeout_seconds,
         )  # fmt: skip
         (conf,) = [a.removeprefix("--rdzv-conf=") for a in options if a.startswith("--rdzv-conf=")]
         conf = dict(kv.split("=") for kv in conf.split(","))

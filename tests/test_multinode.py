@@ -133,12 +133,12 @@ def test_a_multinode_run_needs_node_0s_endpoint_and_a_rank_below_the_node_count(
 
 def test_one_node_stays_standalone_and_many_wait_for_each_other_as_long_as_set():
     assert "--standalone" in launcher.torchrun_options(8)
-    options = launcher.torchrun_options(8, 4, 0, "pod-0.svc:29500", "run", 900)
+    options = launcher.torchrun_options(8, 4, 0, "pod-0.svc:29500", 900)
     assert (
         "--standalone" not in options and "--nnodes=4" in options and "--max-restarts=0" in options
     )
     assert "--rdzv-conf=is_host=true,join_timeout=900,read_timeout=900" in options
-    options = launcher.torchrun_options(8, 4, 3, "pod-0.svc:29500", "run", 60)
+    options = launcher.torchrun_options(8, 4, 3, "pod-0.svc:29500", 60)
     assert "--rdzv-conf=is_host=false,join_timeout=60,read_timeout=60" in options
 
 

@@ -66,10 +66,11 @@ def trainer(max_steps: int = 4, signal_at: int | None = None, nonfinite_at: int 
             inc_resumes=lambda: calls("resumed"),
             inc_nonfinite=lambda: calls("nonfinite"),
         ),
-        lock=SimpleNamespace(release=lambda: calls("lock.release")),
+        lock=SimpleNamespace(release=lambda timeout: calls("lock.release")),
         writer=SimpleNamespace(
             disk_full=None,
             refused=None,
+            check=lambda: None,
             close=lambda timeout=None: calls("writer.close") or True,
             describe_not_stored=lambda: "nothing",
         ),

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from job.data.folder import FolderDataset
+from job.data.folder import RGB, WHITE, FolderDataset
 from job.data.naming import dataset_kind
 from job.infra.errors import DataError
 
@@ -47,6 +47,20 @@ class ImageData:
 
     def __len__(self) -> int:
         return self.shards.index.count if self.shards is not None else len(self.labels)
+
+    def describe(self, background: str) -> str:
+        """The start-up block's account of the images (background: what transparency is laid
+        over, as GAN_BACKGROUND names it)."""
+        size = f"{self.channels}x{self.image_size}x{self.image_size}"
+        text = f"{len(self)} images, {self.classes_found} classes, {size}"
+        if self.transparent:
+            text += f", {self.transparent} with transparency laid over {background}"
+        return text
+
+    @property
+    def transparent(self) -> int:
+        """Images with transparency, laid over the background colour as they are read."""
+        return self.folder.transparent if self.folder is not None else 0
 
     @property
     def classes_found(self) -> int:
@@ -238,8 +252,10 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
 # ---------------------------------------------------------------- image folders
 
 
-def load_folder(root: Path, image_size: int, conditional: bool, skip_bad: bool = True) -> ImageData:
-    ds = FolderDataset(root, image_size, skip_bad)
+def load_folder(
+    root: Path, image_size: int, conditional: bool, skip_bad: bool = True, background: RGB = WHITE
+) -> ImageData:
+    ds = FolderDataset(root, image_size, skip_bad, background)
     if conditional and len(ds.classes) < 2:
         raise DataError(
             f"GAN_CONDITIONAL=true needs labels: put the images of {root} in one subfolder per class"
@@ -265,21 +281,24 @@ def load_dataset(
     conditional: bool = False,
     skip_bad: bool = True,
     local_s3_copy: Path | None = None,
+    background: RGB = WHITE,
 ) -> ImageData:
     """The training split GAN_DATASET names (mnist, fashion-mnist, kmnist, cifar10,
     folder:PATH or s3://...), at image_size.
 
-    local_s3_copy: for an s3:// dataset, the local folder it was already downloaded to.
+    local_s3_copy: for an s3:// dataset, the local folder it was already downloaded to;
+    background: the colour images with transparency are laid over (GAN_BACKGROUND).
     """
     kind, data_dir = dataset_kind(dataset), Path(data_dir)
     if kind == "folder":
-        return load_folder(Path(dataset.removeprefix("folder:")), image_size, conditional, skip_bad)
+        folder = Path(dataset.removeprefix("folder:"))
+        return load_folder(folder, image_size, conditional, skip_bad, background)
     if kind == "s3":
         assert local_s3_copy is not None
         if _find_idx("s3", [local_s3_copy]):
             data = load_idx_dataset("s3", local_s3_copy, conditional)
         else:
-            return load_folder(local_s3_copy, image_size, conditional, skip_bad)
+            return load_folder(local_s3_copy, image_size, conditional, skip_bad, background)
     elif kind == "cifar10":
         data = load_cifar10(data_dir, conditional)
     else:

@@ -1,10 +1,13 @@
 """Image folders as a dataset: every image under a folder, the first-level subfolder its
 class, decoded to 8-bit RGB and resized by DataLoader workers; files that are no image are
-skipped (and counted) or named in one DataError."""
+skipped (and counted) or named in one DataError. Images with transparency (RGBA, LA, a palette
+or a tRNS chunk with a transparent colour) are laid over a background colour first: dropping
+alpha would train on whatever colour each file happens to store under its transparent pixels."""
 
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +22,21 @@ from job.infra.errors import DataError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+RGB = tuple[int, int, int]
+WHITE: RGB = (255, 255, 255)
+NAMED_BACKGROUNDS: dict[str, RGB] = {"white": WHITE, "black": (0, 0, 0)}
+_HEX = re.compile(r"^#([0-9a-fA-F]{6})$")
+
+
+def background_rgb(value: str) -> RGB | None:
+    """The colour GAN_BACKGROUND names (white, black or #rrggbb), or None when it names none."""
+    if value.lower() in NAMED_BACKGROUNDS:
+        return NAMED_BACKGROUNDS[value.lower()]
+    match = _HEX.match(value)
+    if match is None:
+        return None
+    code = int(match.group(1), 16)
+    return (code >> 16, (code >> 8) & 0xFF, code & 0xFF)
 
 
 class FolderDataset(Dataset):
@@ -30,16 +48,17 @@ class FolderDataset(Dataset):
     (skip_bad), or named in a one-line DataError raised in the main process.
     """
 
-    def __init__(self, root: Path, image_size: int, skip_bad: bool = True):
+    def __init__(self, root: Path, image_size: int, skip_bad: bool = True, background: RGB = WHITE):
         if not root.is_dir():
             raise DataError(f"GAN_DATASET=folder:{root}: no such folder")
         self.root, self.image_size, self.skip_bad = root, image_size, skip_bad
+        self.background = background
         files = sorted(
             p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
         )
         with ThreadPoolExecutor(8) as pool:  # one small read per file; I/O-bound
-            problems = dict(zip(files, pool.map(_header_problem, files), strict=True))
-        bad = {p: why for p, why in problems.items() if why}
+            headers = dict(zip(files, pool.map(_read_header, files), strict=True))
+        bad = {p: why for p, (why, _) in headers.items() if why}
         if bad:
             path, why = next(iter(bad.items()))
             if not skip_bad:
@@ -56,6 +75,7 @@ class FolderDataset(Dataset):
             )
         self.skipped_at_start = len(bad)
         self.files = [p for p in files if p not in bad]
+        self.transparent = sum(1 for p in self.files if headers[p][1])  # laid over background
         if not self.files:
             raise DataError(
                 f"GAN_DATASET=folder:{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
@@ -86,7 +106,7 @@ class FolderDataset(Dataset):
             j = (i + offset) % len(self.files)
             try:
                 with Image.open(self.files[j]) as img:
-                    img = _resize_center_crop(_to_rgb(img), self.image_size)
+                    img = _resize_center_crop(to_rgb(img, self.background), self.image_size)
             except UNREADABLE as exc:
                 met.append((j, f"unreadable image ({exc})"))
                 if not self.skip_bad:
@@ -157,23 +177,33 @@ UNREADABLE = (
 )
 
 
-def _header_problem(path: Path) -> str | None:
-    """Why a file is no image, from its size and header alone (no decoding); None if it is."""
+def _read_header(path: Path) -> tuple[str | None, bool]:
+    """Why a file is no image (None if it is one) and whether it has transparency, from its
+    size and header alone (no decoding)."""
     try:
         if path.stat().st_size == 0:
-            return "empty image file"
-        with Image.open(path):
-            return None
+            return "empty image file", False
+        with Image.open(path) as img:
+            return None, has_transparency(img)
     except UNREADABLE as exc:
-        return f"unreadable image ({exc})"
+        return f"unreadable image ({exc})", False
+
+
+def has_transparency(img: Image.Image) -> bool:
+    """An alpha channel (RGBA, LA, PA...) or a transparent colour or palette index (tRNS)."""
+    return "A" in img.getbands() or "transparency" in img.info
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image, background: RGB = WHITE) -> Image.Image:
     """img as 8-bit RGB, scaled from its own range: 16-bit integers by their bit depth (value
-    >> 8), floats from [0, 1] (values outside clipped); other modes as PIL converts them."""
+    >> 8), floats from [0, 1] (values outside clipped); transparency laid over background;
+    other modes as PIL converts them."""
+    if has_transparency(img):
+        over = Image.new("RGBA", img.size, (*background, 255))
+        return Image.alpha_composite(over, img.convert("RGBA")).convert("RGB")
     if img.mode in SIXTEEN_BIT_MODES:
         img = Image.fromarray((np.clip(np.asarray(img), 0, 65535) >> 8).astype(np.uint8))
     elif img.mode == "F":

@@ -30,6 +30,7 @@ from job.infra.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_STOPPED_UNSAVED
 
 log = logging.getLogger(__name__)
 
+RDZV_ID = "gan-job"  # torchrun's --rdzv-id, the same for every run (torchrun_options)
 STATUS_DIR_ENV = "GANJOB_STATUS_DIR"  # not GAN_*: that namespace is the user's settings
 SHUTDOWN_MARGIN = 5  # s between the workers' own deadline and torchrun's SIGKILL
 KILL_MARGIN = 3  # s after torchrun's SIGKILL is due, when this launcher kills torchrun and workers
@@ -38,6 +39,9 @@ _STOPPED = (EXIT_STOPPED_UNSAVED, EXIT_PREEMPTED)
 # the signals that stop the job like a preemption (checkpoint, exit 75): SIGHUP is a terminal or
 # SSH session that dropped. SIGQUIT does not stop it: each worker writes every thread's stack.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+# the stop signals the launcher was started ignoring, for its workers: torchrun, in between,
+# handles them all, so the workers do not inherit SIG_IGN
+IGNORED_ENV = "GANJOB_IGNORED_SIGNALS"
 
 
 @dataclass(frozen=True)
@@ -51,16 +55,30 @@ class WorkerStatus:
     pid: int = 0  # the worker's process, which torchrun starts in a session of its own
 
 
+def stop_signals() -> list[signal.Signals]:
+    """STOP_SIGNALS but those this process ignores, which stay ignored: a job started under
+    nohup (SIGHUP ignored) trains on when its terminal goes. A worker of gan-job's launcher
+    first ignores those its launcher was started ignoring (IGNORED_ENV)."""
+    for name in filter(None, os.environ.get(IGNORED_ENV, "").split(",")):
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
+    return [sig for sig in STOP_SIGNALS if signal.getsignal(sig) != signal.SIG_IGN]
+
+
 def torchrun_options(
     nproc_per_node: int,
     nnodes: int = 1,
     node_rank: int = 0,
     rdzv_endpoint: str | None = None,
-    rdzv_id: str = "gan-job",
     rdzv_timeout_seconds: int = 900,
 ) -> list[str]:
     """torchrun's options for nproc_per_node workers here; with nnodes > 1, one agent per node
     meets the others at node 0's c10d store.
+
+    The rendezvous id is the same for every run (RDZV_ID): node 0's endpoint alone is what
+    keeps runs apart (each workload has its own). An id from the settings (it was the run id,
+    <dataset>-<model> by default) kept nodes started with different settings from ever meeting:
+    they waited out GAN_RDZV_TIMEOUT_SECONDS and exited 10 naming nothing. Met, they compare
+    their settings and exit 2 naming those that differ (build.agree_settings).
 
     read_timeout is what bounds a node's wait for node 0's store to come up: left at its 60 s
     default, a pod that starts minutes before pod 0 gives up whatever join_timeout says. There
@@ -76,7 +94,7 @@ def torchrun_options(
         f"--nproc-per-node={nproc_per_node}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint={rdzv_endpoint}",
-        f"--rdzv-id={rdzv_id}",
+        f"--rdzv-id={RDZV_ID}",
         f"--rdzv-conf=is_host={is_host},join_timeout={timeout},read_timeout={timeout}",
         "--max-restarts=0",
     ]
@@ -97,7 +115,7 @@ def torchrun_argv(torchrun_args: list[str], grace_seconds: int) -> list[str]:
 
 
 def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
-    """Run torchrun, pass the first stop signal (STOP_SIGNALS) on to it (the workers ignore later
+    """Run torchrun, pass the first stop signal (stop_signals) on to it (the workers ignore later
     ones too) and SIGQUIT to its workers, and return the job's exit status."""
     with tempfile.TemporaryDirectory(prefix="gan-job-status-") as folder:
         argv = torchrun_argv(torchrun_args, grace_seconds)
@@ -116,12 +134,15 @@ def run_torchrun(torchrun_args: list[str], grace_seconds: int) -> int:
             if child is not None:
                 child.send_signal(signum)
 
-        for sig in STOP_SIGNALS:
+        handled = stop_signals()
+        for sig in handled:
             signal.signal(sig, forward)
         signal.signal(signal.SIGQUIT, lambda signum, frame: dump_workers(Path(folder)))
         log.info("starting torchrun: %s", " ".join(argv))
         error_file = os.path.join(folder, "torchrun.error")  # the agent's failure (JSON)
-        env = {**os.environ, STATUS_DIR_ENV: folder, "TORCHELASTIC_ERROR_FILE": error_file}
+        ignored = ",".join(sig.name for sig in STOP_SIGNALS if sig not in handled)
+        env = {**os.environ, STATUS_DIR_ENV: folder, "TORCHELASTIC_ERROR_FILE": error_file,
+               IGNORED_ENV: ignored}  # fmt: skip
         child = subprocess.Popen(argv, env=env, start_new_session=True)
         if received:  # signalled while torchrun was being started
             child.send_signal(received[0])

@@ -322,13 +322,23 @@ class Metrics:
         self.resumes.inc()
 
     @_if_enabled
-    def push(self, url: str, job: str, grouping: dict[str, str]) -> None:
-        """Pushes every metric (replacing the group); logs and swallows any failure.
+    def push(
+        self,
+        url: str,
+        job: str,
+        grouping: dict[str, str],
+        timeout: float = PUSH_TIMEOUT_SECONDS,
+    ) -> None:
+        """Pushes every metric (replacing the group), waiting at most timeout seconds on each
+        connection; logs and swallows any failure.
 
         The run id joins the grouping key unless the caller sets one, so each run's final
         values stay in the Pushgateway side by side instead of the next run replacing them.
         A user:password in the URL is sent as HTTP basic auth, and never shown.
         """
+        if timeout <= 0:
+            log.warning("metrics not pushed to %s: no time left to wait on it", redact(url))
+            return
         if self._label.run_id:
             grouping = {"run_id": self._label.run_id, **grouping}
         gateway, handler = _push_target(url)
@@ -338,7 +348,7 @@ class Metrics:
                 job=job,
                 registry=self.registry,
                 grouping_key=grouping,
-                timeout=PUSH_TIMEOUT_SECONDS,
+                timeout=timeout,
                 handler=handler,
             )
         except Exception as e:  # a failed push must never fail the job at exit

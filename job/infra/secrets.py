@@ -8,14 +8,11 @@ import os
 import re
 
 REDACTED = "***"
-# query parameters that carry credentials: presigned URLs, tokens, API keys
-_SECRET_PARAMS = (
-    r"x-amz-signature|x-amz-credential|x-amz-security-token|signature|sig|token|access_token|"
-    r"id_token|refresh_token|auth|authorization|password|passwd|pwd|secret|client_secret|"
-    r"api_key|apikey|key|session_token|sas|code"
-)
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]+@")
-_QUERY_SECRET = re.compile(rf"(?i)([?&;](?:{_SECRET_PARAMS})=)[^&;#\s'\"]+")
+_URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://[^\s'\"<>`]*")
+_USERINFO = re.compile(r"^([^:]+://)[^/?#]+@")
+_PATH_PARAM = re.compile(r"(;[^;/=]+=)[^;/]+")  # /path;jsessionid=...
+# a query string outside a URL: a local path named after one (GAN_DATA_DIR's copy of a dataset)
+_QUERY = re.compile(r"\?([\w.~%+-]+=[^\s'\"<>`]*)")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 # environment variables whose values are secrets wherever they show up
 _SECRET_ENV = re.compile(r"(?i)(SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|CREDENTIAL)")
@@ -23,19 +20,42 @@ _MIN_SECRET_LEN = 8  # shorter values would redact ordinary words
 
 
 def redact(text: str) -> str:
-    """text with every secret it may hold replaced by ***: the user:password of URLs, credential
-    query parameters (token=, X-Amz-Signature=, sig=...), AWS access key ids, and the values of
-    secret environment variables (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN...).
+    """text with every secret it may hold replaced by ***: in every URL, its user:password and
+    every query (or ;path parameter) value, whatever the parameter's name (the scheme, host, path
+    and parameter names stay, to show where it points); AWS access key ids; the values of secret
+    environment variables (AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN...).
 
     Everything the job writes that could hold a setting's value goes through it: log lines,
-    config.json and checkpoints (public_dict), metric labels."""
-    text = _USERINFO.sub(rf"\1{REDACTED}@", text)
-    text = _QUERY_SECRET.sub(rf"\1{REDACTED}", text)
+    config.json and checkpoints (redact_values), model cards, metric labels."""
+    text = _URL.sub(lambda m: _redact_url(m[0]), text)
+    text = _QUERY.sub(lambda m: "?" + _redact_query(m[1]), text)
     text = _AWS_KEY_ID.sub(REDACTED, text)
     for name, value in os.environ.items():
         if len(value) >= _MIN_SECRET_LEN and _SECRET_ENV.search(name) and value in text:
             text = text.replace(value, REDACTED)
     return text
+
+
+def redact_values(values: dict) -> dict:
+    """values (settings by name) with every string value passed through redact()."""
+    return {name: redact(v) if isinstance(v, str) else v for name, v in values.items()}
+
+
+def _redact_url(url: str) -> str:
+    head, question, query = url.partition("?")
+    head = _PATH_PARAM.sub(rf"\1{REDACTED}", _USERINFO.sub(rf"\1{REDACTED}@", head))
+    return head + question + _redact_query(query)
+
+
+def _redact_query(query: str) -> str:
+    """Every value of a query string (a fragment after it included) replaced, its names kept; a
+    part without a name (?TOKEN) is a value."""
+    parts = re.split(r"([&;])", query)
+    for i, part in enumerate(parts):
+        if i % 2 == 0 and part:
+            name, equals, value = part.partition("=")
+            parts[i] = name + equals + (REDACTED if value else "") if equals else REDACTED
+    return "".join(parts)
 
 
 class RedactingFormatter(logging.Formatter):

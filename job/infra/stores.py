@@ -57,12 +57,22 @@ def download_prefix(uri: str, local_dir: Path, endpoint_url: str | None = None) 
         ) from e
 
 
+def copy_dir(data_dir: str | Path, uri: str) -> Path:
+    """The node's folder under data_dir for its copy of the s3:// prefix uri."""
+    return Path(data_dir) / "s3" / uri.removeprefix("s3://")
+
+
+def copied(uri: str, local_dir: Path) -> bool:
+    """Whether local_dir holds a complete copy of uri (download_prefix finished there)."""
+    marker = Path(local_dir) / _DONE_MARKER
+    return marker.is_file() and marker.read_text() == uri
+
+
 def _download_prefix(uri: str, local_dir: Path, endpoint_url: str | None) -> Path:
     local_dir.mkdir(parents=True, exist_ok=True)
-    marker = local_dir / _DONE_MARKER
     with open(local_dir / _LOCK_FILE, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if marker.exists() and marker.read_text() == uri:
+        if copied(uri, local_dir):
             return local_dir
         store = open_store(uri, endpoint_url)
         objects = store.list_sizes()
@@ -77,5 +87,5 @@ def _download_prefix(uri: str, local_dir: Path, endpoint_url: str | None) -> Pat
                 continue
             store.get_file(key, dest)
         log.info("downloaded %d objects from %s to %s", len(objects), uri, local_dir)
-        marker.write_text(uri)
+        (local_dir / _DONE_MARKER).write_text(uri)
     return local_dir

@@ -1,21 +1,35 @@
 """Uploads in a background thread (BackgroundWriter), and the writer of ranks that write no
 artifacts (NullWriter). Training never waits on storage: during an outage, what waits in memory
-is bounded (see BackgroundWriter)."""
+is bounded (see BackgroundWriter), and so is how long the job trains on with nothing stored."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from job.infra import watchdog
+from job.infra.errors import DiskFullError, StorageError
 from job.infra.store import Store, WritesRefused
 
 log = logging.getLogger(__name__)
+SIGNAL_POLL_SECONDS = 0.5  # how soon a wait notices a stop signal that came during it
+
+
+class StopSignal(Protocol):
+    """A stop flag (job/run/budget.py StopFlag): set by a stop signal, with its grace period."""
+
+    @property
+    def set(self) -> bool: ...
+
+    def time_left(self) -> float: ...
 
 
 @dataclass(eq=False)  # queued items are told apart by identity
@@ -41,6 +55,11 @@ class BackgroundWriter:
     droppable items (sample grids) wait: a newer one drops the oldest, with a warning. Nothing
     else is ever dropped before close()'s deadline: producers of large items (checkpoints) ask
     has_room() first and skip their work when it says no.
+
+    An outage that does not end must not cost the rest of the budget: once no write has been
+    stored for give_up_after seconds (GAN_UPLOAD_TIMEOUT_MINUTES) while writes wait, check()
+    raises StorageError and flush() and close() wait no longer. After a stop signal (stop), no
+    wait of flush() or close() outlasts its grace period, even one that began before it.
     """
 
     def __init__(
@@ -50,12 +69,15 @@ class BackgroundWriter:
         on_failure: Callable[[Exception], None] | None = None,
         retry_initial: float = 0.5,
         retry_max: float = 30.0,
+        give_up_after: float = math.inf,
+        stop: StopSignal | None = None,
     ):
         self.store = store
         self.max_pending = max_pending
         self.on_failure = on_failure
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.give_up_after, self.stop = give_up_after, stop
         self.failures = 0
         self.last_error: Exception | None = None
         self.dropped: list[str] = []  # droppable keys given up to make room
@@ -64,6 +86,8 @@ class BackgroundWriter:
         self.refused: WritesRefused | None = None  # a read-only folder: neither do they
         self._items: deque[_Item] = deque()
         self._current: _Item | None = None  # the item being stored (or retried)
+        self._taken = 0.0  # time.monotonic() when _current was taken: no write stored since
+        self._last_stored: float | None = None  # time.monotonic() of the last write stored
         self._cond = threading.Condition()
         self._abandon = threading.Event()  # set by close() after its deadline: stop retrying
         self._closed = False
@@ -150,18 +174,22 @@ class BackgroundWriter:
                 if not self._items:
                     return
                 item = self._current = self._items.popleft()
-            self._run_with_retry(item.run)
+                self._taken = time.monotonic()
+            stored = self._run_with_retry(item.run)
             watchdog.beat("storing artifacts")
             with self._cond:
                 self._current = None
+                if stored:
+                    self._last_stored = time.monotonic()
                 self._cond.notify_all()
 
-    def _run_with_retry(self, fn: Callable[[], None]) -> None:
+    def _run_with_retry(self, fn: Callable[[], None]) -> bool:
+        """fn() until it succeeds (True) or close() abandons it (False)."""
         delay = self.retry_initial
         while not self._abandon.is_set():
             try:
                 fn()
-                return
+                return True
             except Exception as e:
                 self.failures += 1
                 self.last_error = e
@@ -185,17 +213,68 @@ class BackgroundWriter:
                     except Exception:
                         log.exception("on_failure callback raised")
             if self._abandon.wait(delay):
-                return
+                return False
             delay = min(delay * 2, self.retry_max)
+        return False
+
+    def check(self) -> None:
+        """Raise what ends the run now: a full disk (DiskFullError), a folder that refuses
+        writes (WritesRefused), no write stored for give_up_after seconds while writes wait
+        (StorageError: training on would store nothing of it)."""
+        if self.disk_full is not None:
+            raise DiskFullError(f"{self.store.uri}: no space left on its disk ({self.disk_full})")
+        if self.refused is not None:
+            raise self.refused
+        with self._cond:
+            stalled = self._stalled_for()
+            if stalled is None:
+                return
+            waiting = self._waiting_keys()
+        last = (
+            f"{time.monotonic() - self._last_stored:.0f} s ago"
+            if self._last_stored is not None
+            else "none since the job started"
+        )
+        error = self.last_error or "none: the store has not answered"
+        raise StorageError(
+            f"{self.store.uri}: no write stored for {stalled:.0f} s while writes wait "
+            f"(GAN_UPLOAD_TIMEOUT_MINUTES={self.give_up_after / 60:g}; the last one stored: "
+            f"{last}): stopping rather than training on with nothing stored; not stored: "
+            f"{', '.join(waiting) or 'nothing'} (last error: {error}). A retry resumes from "
+            "the newest checkpoint stored, once the store takes writes again"
+        )
+
+    def _stalled_for(self) -> float | None:
+        """Seconds without a write stored while the item being stored waits, once they reach
+        give_up_after; None before. Called with self._cond held."""
+        if self._current is None:
+            return None
+        waited = time.monotonic() - self._taken
+        return waited if waited >= self.give_up_after else None
+
+    def _waiting_keys(self) -> list[str]:
+        """The keys submitted and not stored, oldest first. Called with self._cond held."""
+        waiting = [*([self._current] if self._current else []), *self._items]
+        return [i.key for i in waiting if i.key is not None]
+
+    def _grace_left(self, seconds: float) -> float:
+        """seconds, cut to what is left of the grace period once a stop signal came."""
+        if self.stop is None or not self.stop.set:
+            return seconds
+        return min(seconds, self.stop.time_left())
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted is stored; False on timeout, or at once when the
-        disk is full or the folder refuses writes (waiting would not change that)."""
+        """Wait until everything submitted is stored; False on timeout, when no write has been
+        stored for give_up_after seconds, when a stop signal's grace period ends, or at once
+        when the disk is full or the folder refuses writes (waiting would not change that)."""
+        deadline = time.monotonic() + (math.inf if timeout is None else timeout)
         with watchdog.waiting("waiting for the uploads", timeout), self._cond:
-            self._cond.wait_for(
-                lambda: (not self._items and not self._current) or self.disk_full or self.refused,
-                timeout,
-            )
+            while (self._items or self._current) and not (self.disk_full or self.refused):
+                stall = self._taken + self.give_up_after if self._current else math.inf
+                left = self._grace_left(min(deadline, stall) - time.monotonic())
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, SIGNAL_POLL_SECONDS))
             return not self._items and not self._current
 
     def close(self, timeout: float | None = None) -> bool:
@@ -208,8 +287,8 @@ class BackgroundWriter:
         ok = self.flush(timeout)
         with self._cond:
             if not ok:
-                waiting = [*([self._current] if self._current else []), *self._items]
-                self.not_stored = [i.key for i in waiting if i.key is not None]
+                stalled = self._stalled_for()
+                self.not_stored = self._waiting_keys()
                 self._items.clear()
                 self._abandon.set()
             self._stopping = True
@@ -220,10 +299,15 @@ class BackgroundWriter:
                 if self.disk_full
                 else "the folder refuses writes"
                 if self.refused
+                else f"{stalled:.0f} s without a write stored"
+                if stalled is not None
+                else "the grace period of the stop signal"
+                if self._grace_left(math.inf) <= 0
                 else f"{timeout} s"
             )
             log.error("storage: giving up after %s: %s", why, self.describe_not_stored())
-        self._thread.join(None if ok else 1.0)  # a call stuck past its deadline dies with us
+        # a call stuck past its deadline dies with us
+        self._thread.join(None if ok else self._grace_left(1.0))
         return ok
 
     def describe_not_stored(self) -> str:
@@ -249,6 +333,9 @@ class NullWriter:
 
     def has_room(self, items: int) -> bool:
         return True
+
+    def check(self) -> None:
+        pass
 
     def describe_not_stored(self) -> str:
         return "nothing"

@@ -26,6 +26,7 @@ from job.quality.reference import REFERENCE_BATCH, RealReference, cached_referen
 from job.quality.scores import (
     FID_SUMS,
     PR_NEIGHBOURS,
+    SUM_STATES,
     FeatureTap,
     fid_metric,
     kid,
@@ -62,6 +63,26 @@ def _gather_on_main(part: torch.Tensor, num: int, rank: int, world_size: int):
     for r, p in enumerate(parts):
         whole[r::world_size] = p
     return whole
+
+
+def frechet_distance(metric: FrechetInceptionDistance, world_size: int) -> float:
+    """The Frechet distance of the ranks' merged states; NaN, without computing it, where any
+    rank's feature sums are not finite (an extractor that gave NaN or inf): the eigenvalue
+    solver aborts the whole process on them (SIGSEGV inside MKL), not just the evaluation."""
+    finite = torch.tensor(
+        [all(bool(torch.isfinite(getattr(metric, name)).all()) for name in SUM_STATES)],
+        dtype=torch.int32,
+        device=metric.real_sum.device,  # NCCL reduces tensors on the GPU
+    )
+    if world_size > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        return math.nan
+    if world_size > 1:
+        from torcheval.metrics.toolkit import sync_and_compute
+
+        return float(sync_and_compute(metric))
+    return float(metric.compute())
 
 
 @dataclass
@@ -138,12 +159,7 @@ def score(
     """FID from the ranks' merged states; on rank 0, from the features gathered there, KID and
     precision/recall (when features were kept) and label accuracy (when classes were
     predicted): every number equals that of one process for the same samples."""
-    if world_size > 1:
-        from torcheval.metrics.toolkit import sync_and_compute
-
-        result: dict = {"fid": float(sync_and_compute(fakes.metric))}
-    else:
-        result = {"fid": float(fakes.metric.compute())}
+    result: dict = {"fid": frechet_distance(fakes.metric, world_size)}
     keep, classify = fakes.features is not None, fakes.predicted is not None
     fake = _gather_on_main(fakes.features, num, rank, world_size) if keep else None
     pred = _gather_on_main(fakes.predicted, num, rank, world_size) if classify else None

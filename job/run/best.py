@@ -7,7 +7,9 @@ the differences between evaluations that decide the best; FID's bias shrinks wit
 count, so it only ranks fairly evaluations of one count (docs/metrics.md has the measurements).
 A better score writes best/generator.pt; GAN_EARLY_STOP_PATIENCE evaluations without an
 improvement of at least GAN_EARLY_STOP_MIN_DELTA end the run (plateau), and so does reaching
-GAN_TARGET_FID or GAN_TARGET_KID (target).
+GAN_TARGET_FID or GAN_TARGET_KID (target). A score that is not finite (NaN: a degenerate
+covariance, features that overflowed) is logged and never compared: it is no best, no step
+toward a plateau and no target.
 """
 
 from __future__ import annotations
@@ -61,21 +63,32 @@ class BestGenerator:
             return {}
         self.score = self.score or ("kid" if "kid" in values else "fid")
         value = values.get(self.score, math.nan)
-        if self.step is None or value < self.value - self.min_delta:
+        if not math.isfinite(value):
+            log.warning(
+                "%s %s at step %d: not compared (neither the best nor a step toward a plateau)",
+                self.score.upper(),
+                value,
+                step,
+            )
+        elif self.step is None or value < self.value - self.min_delta:
             self.value, self.step, self.since = value, step, 0
             self.weights, self.scores = copy.deepcopy(g_ema.state_dict()), dict(values)
             self.artifacts.export_weights(self.weights, step, which="best", scores=self.scores)
         else:
             self.since += 1
-        self.metrics.observe_best(self.step, self.value, self.score)
         self.reason = self._reason(values)
+        if self.step is None:  # no finite score yet
+            return {}
+        self.metrics.observe_best(self.step, self.value, self.score)
         return {"best_step": self.step, "best_score": self.score, "best_value": self.value}
 
     def _reason(self, values: dict) -> str | None:
         reached = [
             f"{name.upper()} {values[name]:g} <= GAN_TARGET_{name.upper()}={target:g}"
             for name, target in self.targets.items()
-            if target is not None and name in values and values[name] <= target
+            if target is not None
+            and math.isfinite(values.get(name, math.nan))
+            and values[name] <= target
         ]
         if reached:
             log.info("target reached: %s", "; ".join(reached))

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from job.infra import distributed
 from job.infra.errors import NonFiniteLossError, RunLockedError
-from job.infra.launcher import STOP_SIGNALS
+from job.infra.launcher import stop_signals
 from job.run import schedule
 
 STOP_CHECK_EVERY = 10  # steps between agreements on stopping when distributed
@@ -59,7 +59,7 @@ class StopFlag:
         self.repeated = False
 
     def install(self) -> None:
-        for sig in STOP_SIGNALS:
+        for sig in stop_signals():
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:

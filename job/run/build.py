@@ -10,7 +10,6 @@ import hashlib
 import importlib.metadata
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from job.data import batching, shards
 from job.data import datasets as data
@@ -24,7 +23,7 @@ from job.infra.jsonl_log import JsonlLog
 from job.infra.metrics import Metrics
 from job.infra.secrets import redact
 from job.infra.store import Store
-from job.infra.stores import download_prefix, open_store
+from job.infra.stores import copy_dir, download_prefix, open_store
 from job.infra.writer import BackgroundWriter, NullWriter
 from job.quality.evaluator import FidEvaluator, fid_num_samples
 from job.quality.extractors import Extractor, load_extractor
@@ -178,7 +177,7 @@ def _build_parts(
         nets, _recipe(s, world), device=world.device, micro_batches=plan.accumulation
     )
     budget = _budget(s, world, lock)
-    writer = _writer(store, metrics, world)
+    writer = _writer(s, store, metrics, world, budget.stop)
     progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
     fid_line = _fid_line(s, extractor, world)
     startup = startup_lines(s, store.uri, images, arch, fid_line, world, plan, used)
@@ -365,8 +364,7 @@ def load_data(s: Settings, rank: int) -> data.ImageData:
         )
     local = None
     if s.dataset_kind == "s3":
-        cache = Path(s.data_dir) / "s3" / s.dataset.removeprefix("s3://")
-        local = download_prefix(s.dataset, cache, s.s3_endpoint_url)
+        local = download_prefix(s.dataset, copy_dir(s.data_dir, s.dataset), s.s3_endpoint_url)
     return data.load_dataset(
         s.dataset,
         s.data_dir,
@@ -374,6 +372,7 @@ def load_data(s: Settings, rank: int) -> data.ImageData:
         s.conditional,
         skip_bad=s.bad_images == "skip",
         local_s3_copy=local,
+        background=s.background_color,
     )
 
 
@@ -412,10 +411,11 @@ def _arch(s: Settings, images: data.ImageData) -> Arch:
     )
 
 
-def _writer(store: Store, metrics: Metrics, world: distributed.World):
+def _writer(s, store, metrics, world, stop) -> BackgroundWriter | NullWriter:
     if not world.is_main:
         return NullWriter()
-    return BackgroundWriter(store, on_failure=lambda exc: metrics.inc_upload_failures())
+    failed, seconds = lambda exc: metrics.inc_upload_failures(), s.upload_timeout_minutes * 60
+    return BackgroundWriter(store, on_failure=failed, give_up_after=seconds, stop=stop)
 
 
 def _best(s, world, artifacts, metrics) -> BestGenerator:
@@ -472,8 +472,7 @@ def startup_lines(
     return [
         f"until step {s.max_steps}" + (f" or {s.max_minutes:g} minutes" if s.max_minutes else ""),
         f"artifacts: {uri}",
-        f"data: {s.dataset} from {images.source}: {len(images)} images, "
-        f"{images.classes_found} classes, {images.channels}x{images.image_size}x{images.image_size}",
+        f"data: {s.dataset} from {images.source}: {images.describe(s.background)}",
         f"device: {distributed.describe_device(world.device)} x {world.world_size} "
         f"process(es), {plan.describe()}",
         f"threads: {used.count} per process ({used.why})",

@@ -17,6 +17,7 @@ import json
 import logging
 import pickle
 import re
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,7 +26,7 @@ import torch
 
 from job.gan.models import arch_changes
 from job.infra import distributed, watchdog
-from job.infra.errors import CheckpointError, StorageError
+from job.infra.errors import CheckpointError, SettingsError, StorageError
 from job.infra.metrics import Metrics
 from job.infra.store import Store
 from job.infra.stores import open_store
@@ -170,6 +171,21 @@ def load_latest(store: Store, timeout: float = READ_SECONDS) -> tuple[int, dict]
     return None
 
 
+def refuse_file(uri: str) -> None:
+    """CheckpointError for a .pt file where a checkpoint is expected: a generator export
+    (final/ or best/generator.pt) holds the EMA generator alone, with no state to resume;
+    the message names the run's folders that would do."""
+    if not uri.endswith(".pt"):
+        return
+    run = re.sub(r"/(final|best)/generator\.pt$", "", uri)
+    folder = run if run != uri else "RUN"
+    raise CheckpointError(
+        f"{uri}: a file, not a checkpoint (a generator export such as final/generator.pt holds "
+        f"no training state to resume): name a checkpoint folder, "
+        f"{folder}/checkpoints/step-NNNNNNNN, or the run folder {folder} (its newest checkpoint)"
+    )
+
+
 def load_from(
     uri: str,
     endpoint_url: str | None = None,
@@ -178,6 +194,7 @@ def load_from(
 ):
     """(step, state) from a checkpoint folder, a run folder (its newest), or their parent."""
     uri = uri.rstrip("/")
+    refuse_file(uri)
     if m := re.search(r"/checkpoints/step-(\d{8,})$", uri):
         run = open_store(uri[: m.start()], endpoint_url)
         return int(m.group(1)), load_verified(run, int(m.group(1)), timeout)
@@ -274,6 +291,43 @@ def load_own(store: Store, timeout: float = READ_SECONDS) -> tuple[tuple[int, di
             log.warning("skipping checkpoint: %s", exc)
             failed[step] = str(exc)
     return None, past_of(store, keys, failed)
+
+
+def marker_digest(store: Store, step: int) -> str:
+    """What identifies a checkpoint: its marker holds every part's SHA-256 and its time."""
+    return hashlib.sha256(store.get_bytes(step_dir(step) + MARKER)).hexdigest()[:12]
+
+
+def agree_start(step: int | None, where: str, marker: str, world: distributed.World) -> None:
+    """SettingsError (exit 2) on every rank, before any step, unless every rank starts from the
+    same checkpoint: step (None: a fresh start) and the digest of its marker (marker_digest;
+    "" where none was read), from where, the store. One all-gather.
+
+    Nodes that each kept their artifacts on a volume of their own under one GAN_ARTIFACT_URI
+    once trained out of step, rank 0 resuming at its step and the others from scratch, and
+    stored checkpoints mixed from both, on every restart."""
+    starts = distributed.gather_objects((step, marker, where, socket.gethostname()), world)
+    if len({start[:2] for start in starts}) == 1:
+        return
+    held: dict[str, list[int]] = {}
+    for rank, start in enumerate(starts):
+        held.setdefault(_start_text(*start), []).append(rank)
+    starts_by_rank = "; ".join(
+        f"{what} (rank {', '.join(map(str, ranks))})" for what, ranks in held.items()
+    )
+    raise SettingsError(
+        [
+            f"the nodes would start from different checkpoints: {starts_by_rank}",
+            "every node must read the same checkpoints: GAN_ARTIFACT_URI (and GAN_RESUME) on an "
+            "S3 bucket or a volume every node mounts, not a folder of each node's own",
+        ]
+    )
+
+
+def _start_text(step: int | None, marker: str, where: str, host: str) -> str:
+    if step is None:
+        return f"a fresh start in {where} on {host}"
+    return f"step {step} of {where}" + (f" (marker {marker})" if marker else "") + f" on {host}"
 
 
 class Stateful(Protocol):
@@ -379,6 +433,7 @@ class Checkpointer:
             found = load_from(self.resume, self.endpoint_url, self.meta["run_id"], self.timeout)
             if found is None:
                 raise CheckpointError(f"GAN_RESUME={self.resume}: no complete checkpoint there")
+        self._agree(found[0] if found is not None else None, choice)
         if found is None:
             for c in self.components.values():
                 if hasattr(c, "start_fresh"):
@@ -386,6 +441,14 @@ class Checkpointer:
             return None
         self._load(*found)
         return found[0]
+
+    def _agree(self, step: int | None, choice: str) -> None:
+        """Every rank starts from the checkpoint of step (None: fresh) it chose (agree_start)."""
+        if choice == "seed":
+            agree_start(step, f"GAN_RESUME={self.resume}", "", self.world)
+        else:
+            marker = "" if step is None else marker_digest(self.store, step)
+            agree_start(step, self.store.uri, marker, self.world)
 
     def rollback(self) -> int | None:
         """Restores this run's newest complete checkpoint, once every queued upload is stored.

@@ -30,8 +30,10 @@ from job.infra.errors import (
     PeerLostError,
     StorageError,
 )
+from job.infra.metrics import PUSH_TIMEOUT_SECONDS
 from job.run.budget import NONFINITE_LR_FACTOR
 from job.run.build import Parts
+from job.run.runlock import RELEASE_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,7 @@ class Trainer:
             images = real.shape[0] * self.world.world_size
             self.budget.state.advance(images)
             self.progress.step_done(images, time.monotonic() - t0)
-            if self.writer.disk_full is not None:
-                raise DiskFullError(f"{self.writer.store.uri}: {self.writer.disk_full}")
-            if self.writer.refused is not None:
-                raise self.writer.refused
+            self.writer.check()  # a full disk, a folder refusing writes, a store gone for good
             step, reason = self.budget.step, self.budget.stop_reason()
             self.nets.scale_learning_rates(self.budget.lr_factor())
             log_now = self.progress.due(step, last=reason is not None)
@@ -167,12 +166,15 @@ class Trainer:
         """75 once the checkpoint of the stop step is complete in the store, within the grace
         period; 10 when it is not (a retry resumes from an older checkpoint). Agreed by all ranks.
         """
-        stop = self.budget.stop
-        wait = min(stop.time_left(), self.upload_timeout)
-        stored = distributed.broadcast_object(self.writer.close(wait), self.world)
-        if stored:
+        stored = self.writer.close(self.upload_timeout)  # within the grace period (build.py)
+        if distributed.broadcast_object(stored, self.world):
             log.info("checkpoint of step %d stored: exit 75, a retry resumes here", step)
             return EXIT_PREEMPTED
+        return self.unsaved(step)
+
+    def unsaved(self, step: int) -> int:
+        """After a stop signal, uploads not all stored: 8 for a full disk, 4 for a folder that
+        refuses writes, else 10 (a retry resumes from the last complete checkpoint)."""
         if self.writer.disk_full is not None:
             raise DiskFullError(
                 f"{self.writer.store.uri}: checkpoint of step {step} not stored, no space left on "
@@ -185,7 +187,7 @@ class Trainer:
             "GAN_UPLOAD_TIMEOUT_MINUTES=%g: exit 10, a retry resumes from the last complete "
             "checkpoint; not stored: %s",
             step,
-            stop.grace_seconds,
+            self.budget.stop.grace_seconds,
             self.upload_timeout / 60,
             self.writer.describe_not_stored(),
         )
@@ -193,10 +195,16 @@ class Trainer:
 
     def close(self, timeout: float | None = None) -> bool:
         """Wait for every queued upload, then free the run id; False when the uploads did not
-        all finish in time."""
+        all finish in time. After a stop signal, neither wait outlasts its grace period."""
         uploaded = self.writer.close(timeout)
-        self.lock.release()
+        self.lock.release(self.within_grace(RELEASE_SECONDS))
         return uploaded
+
+    def within_grace(self, seconds: float) -> float:
+        """seconds, cut to what is left of the grace period once a stop signal came: the pod's
+        SIGKILL must not come first."""
+        stop = self.budget.stop
+        return min(seconds, stop.time_left()) if stop.set else seconds
 
 
 def train(
@@ -236,7 +244,10 @@ def _run_trainer(parts: Parts, pushgateway_url: str | None) -> int:
         uploaded = trainer.close(timeout=parts.upload_timeout)  # at once when the disk is full
         if parts.world.is_main and pushgateway_url:
             run_id = parts.artifacts.meta["run_id"]
-            parts.metrics.push(pushgateway_url, "gan-job", {"run_id": run_id})
+            timeout = trainer.within_grace(PUSH_TIMEOUT_SECONDS)
+            parts.metrics.push(pushgateway_url, "gan-job", {"run_id": run_id}, timeout)
+    if code == EXIT_OK and parts.budget.stop.set and not uploaded:  # a signal after the last step
+        return trainer.unsaved(parts.budget.step)
     if code == EXIT_OK and writer.disk_full is not None:
         raise DiskFullError(
             f"{writer.store.uri}: no space left on its disk ({writer.disk_full}): "

@@ -1,9 +1,10 @@
 """`gan-job --dry-run` (GAN_DRY_RUN=true): the start-up block of the run these settings make,
 without training it.
 
-It reads what the run would read (the dataset, the listing of the run's store) and writes
-nothing: no run lock, no config.json, no FID statistics, no probe object, no metrics port, no
-process group, no torchrun; a local run folder that is not there is not created. A problem
+It reads what the run would read (the dataset, the listing of the run's store; an s3://
+dataset not yet copied to the node is listed, not downloaded) and writes nothing: no run lock,
+no config.json, no FID statistics, no probe object, no metrics port, no process group, no
+torchrun; a local run folder that is not there is not created. A problem
 exits with the status the real run gives it: settings 2, data 3, store 4, checkpoint 5,
 device 9.
 """
@@ -22,16 +23,17 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from job.data.datasets import ImageData
 from job.gan.models import Arch, build_discriminator, build_generator
 from job.infra import distributed, threads
 from job.infra.errors import EXIT_OK, CheckpointError, StorageError
 from job.infra.local_store import LocalStore
 from job.infra.s3_store import S3Store, make_s3_client
 from job.infra.store import Store
-from job.infra.stores import open_store
+from job.infra.stores import copied, copy_dir, open_store
 from job.quality import evaluator
 from job.run import build
-from job.run.checkpoint import complete_steps, step_dir
+from job.run.checkpoint import complete_steps, refuse_file, step_dir
 from job.run.resume import CHECKPOINTS, past_of, resume_choice
 from job.run.runlock import LOCK_KEY
 from job.settings import PREFIX, Settings, public_dict
@@ -58,25 +60,51 @@ def dry_run(s: Settings) -> int:
     device = _device(s)
     store = run_store(s)
     own_steps = complete_steps(store) if store is not None else []
-    images = build.load_data(s, 0)
-    start = start_point(s, store, own_steps)
+    images = local_data(s)
+    download = _download(s) if images is None else ""
+    run = f"run {s.resolved_run_id}: {start_point(s, store, own_steps)}"
+    if images is None:
+        block = [run, f"artifacts: {_artifacts(s, store)}", download]
+    else:
+        startup = _startup(s, store, images, device)
+        block = [f"{run}, {startup[0]}", *startup[1:]]
+    lines = [*block, *_lock_lines(store), _processes_line(s), "settings:", *settings_lines(s)]
+    log.info("dry run: nothing trained, written or locked\n  %s", "\n  ".join(lines))
+    return EXIT_OK
+
+
+def local_data(s: Settings) -> ImageData | None:
+    """The training images as the run reads them; None for an s3:// dataset not yet copied to
+    this node, which a dry run does not download."""
+    if s.dataset_kind == "s3" and not copied(s.dataset, copy_dir(s.data_dir, s.dataset)):
+        return None
+    return build.load_data(s, 0)
+
+
+def _startup(s: Settings, store: Store | None, images: ImageData, device: torch.device) -> list:
+    """The run's start-up block (build.startup_lines) and the size of its models."""
     arch = build._arch(s, images)
     world = distributed.World(0, s.nproc_per_node * s.nnodes, 0, device)  # as rank 0 sees it
     plan = build.batch_plan(s, world)
     used = threads.choose(s.num_threads, s.nproc_per_node)
     fid = _fid_line(s, device)
     startup = build.startup_lines(s, _artifacts(s, store), images, arch, fid, world, plan, used)
-    lines = [
-        f"run {s.resolved_run_id}: {start}, {startup[0]}",
-        *startup[1:],
-        *_lock_lines(store),
-        _processes_line(s),
-        _size_line(model_size(arch)),
-        "settings:",
-        *settings_lines(s),
-    ]
-    log.info("dry run: nothing trained, written or locked\n  %s", "\n  ".join(lines))
-    return EXIT_OK
+    return [*startup, _size_line(model_size(arch))]
+
+
+def _download(s: Settings) -> str:
+    """What the run would download of an s3:// dataset, from the prefix's listing (exit 4 where
+    the run would fail on it: unreachable, or nothing there). The images, and so the model, the
+    batches and the FID line, are known once they are on the node."""
+    objects = peek_store(s.dataset, s.s3_endpoint_url).list_sizes()
+    if not objects:
+        raise StorageError(f"nothing to download under {s.dataset}")
+    size, where = _si(sum(objects.values())), copy_dir(s.data_dir, s.dataset)
+    return (
+        f"data: {s.dataset}: not on this node: the run would download {len(objects)} objects "
+        f"({size}B) to {where}; a dry run once they are there shows the data, the model and "
+        "the batches"
+    )
 
 
 def _device(s: Settings) -> torch.device:
@@ -151,6 +179,7 @@ def seed_checkpoint(s: Settings) -> tuple[int, str]:
     """(step, where) of the checkpoint GAN_RESUME=PATH names, as checkpoint.load_from finds it:
     a checkpoint folder, a run folder's newest, or its child GAN_RUN_ID's newest."""
     uri = s.resume.rstrip("/")
+    refuse_file(uri)
     if m := _STEP_PATH.search(uri):
         step, run = int(m.group(1)), _peek_any(uri[: m.start()], s.s3_endpoint_url)
         if run is not None and step in complete_steps(run):

@@ -20,6 +20,7 @@ import torch
 
 from job.data import datasets as data
 from job.data import source
+from job.data.folder import background_rgb
 from job.gan.models import Arch, build_generator
 from job.gan.truncation import TRUNCATION_HELP, Truncated
 from job.infra.errors import CheckpointError, SettingsError
@@ -76,6 +77,7 @@ def real_images(settings: dict, arch: Arch, num: int, data_dir: str, endpoint: s
         bool(arch.num_classes),
         settings.get("bad_images", "skip") == "skip",
         local,
+        background_rgb(settings.get("background", "white")),
     )
     return source.real_images(images, num, int(settings.get("seed", 0)))[0]
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from job.gan.models import Arch, build_generator
 from job.infra.errors import CheckpointError, DiskFullError, SettingsError, StorageError
-from job.infra.secrets import redact
+from job.infra.secrets import redact, redact_values
 from job.infra.store import Store
 from job.infra.stores import open_store
 from job.run import checkpoint
@@ -228,12 +228,12 @@ def load_lines(name: str, arch: Arch, fmt: str) -> str:
         feed += f', "labels": np.arange({n}, dtype=np.int64) % {classes}}}' if classes else "}"
         return (
             "import numpy as np, onnxruntime\n"
-            f'g = onnxruntime.InferenceSession("{name}")\n'
+            f"g = onnxruntime.InferenceSession({name!r})\n"
             f"images = g.run(None, {feed})[0]\n"
         )
-    loader = f'torch.jit.load("{name}")'
+    loader = f"torch.jit.load({name!r})"
     if fmt == "torch.export":
-        loader = f'torch.export.load("{name}").module()'
+        loader = f"torch.export.load({name!r}).module()"
     labels = f", torch.arange({n}) % {classes}" if classes else ""
     return f"import torch\ng = {loader}\nimages = g(torch.randn({n}, {latent}){labels})\n"
 
@@ -242,6 +242,7 @@ def card(source: Source, arch: Arch, out: Path, data: bytes) -> dict:
     """The model card's facts (written as .card.json and .card.md)."""
     fmt = FORMATS[out.suffix]
     facts = _facts(source)
+    settings = redact_values(facts["settings"] or {})  # a run's from before redact() knew them
     shape = [arch.channels, arch.image_size, arch.image_size]
     inputs = {"z": f"N x {arch.latent_dim} float32 (standard normal noise)"}
     if arch.num_classes:
@@ -253,7 +254,7 @@ def card(source: Source, arch: Arch, out: Path, data: bytes) -> dict:
         "bytes": len(data),
         "source": redact(source.uri),
         "run_id": facts["run_id"],
-        "dataset": (facts["settings"] or {}).get("dataset"),
+        "dataset": settings.get("dataset"),
         "image_shape": shape,
         "architecture": dataclasses.asdict(arch),
         "step": facts["step"],
@@ -266,7 +267,7 @@ def card(source: Source, arch: Arch, out: Path, data: bytes) -> dict:
         "gan_job_version": gan_job_version(),
         "trained_with": facts["trained_with"],
         "torch_version": torch.__version__,
-        "settings": facts["settings"],
+        "settings": settings,
     }
 
 
@@ -280,8 +281,8 @@ def card_markdown(facts: dict) -> str:
     rows += [(f"input {k}", v) for k, v in facts["inputs"].items()]
     rows += [("output", facts["output"])]
     rows += [(k, facts[k]) for k in ("gan_job_version", "trained_with", "torch_version")]
-    lines = [f"# {facts['run_id'] or facts['file']}: generator", "", "| | |", "| --- | --- |"]
-    lines += [f"| {k} | {_cell(v)} |" for k, v in rows]
+    title = _text(facts["run_id"] or facts["file"])
+    lines = [f"# {title}: generator", "", *_table(dict(rows))]
     lines += ["", "## Load", "", "```python", facts["load"].rstrip(), "```", ""]
     lines += ["## Architecture", "", *_table(facts["architecture"]), ""]
     lines += ["## Scores", "", *_scores(facts["scores"]), ""]
@@ -292,17 +293,39 @@ def card_markdown(facts: dict) -> str:
 def _scores(row: dict | None) -> list[str]:
     if not row:
         return ["not evaluated at this step"]
-    where = f"with extractor `{row.get('extractor')}`, N = {row.get('num_samples')} generated"
-    where += f", {row.get('num_real')} real" if "num_real" in row else ""
+    where = f"with extractor {_code(row.get('extractor'))}, "
+    where += f"N = {_text(row.get('num_samples'))} generated"
+    where += f", {_text(row.get('num_real'))} real" if "num_real" in row else ""
     return [where, "", *_table({k: v for k, v in row.items() if k not in NOT_SCORES})]
 
 
 def _table(values: dict) -> list[str]:
-    return ["| | |", "| --- | --- |", *(f"| {k} | {_cell(v)} |" for k, v in values.items())]
+    """Two columns; a cell's pipes escaped (GFM splits the row before it reads code spans)."""
+    cells = ((_text(k), _code(v).replace("|", "\\|")) for k, v in values.items())
+    return ["| | |", "| --- | --- |", *(f"| {k} | {v} |" for k, v in cells)]
 
 
-def _cell(value: object) -> str:
-    return f"`{value if isinstance(value, str) else json.dumps(value)}`".replace("|", "\\|")
+def _code(value: object) -> str:
+    """A value (a path, a run id, a setting: the user's) as inline code, which shows HTML and
+    Markdown as they are: on one line, fenced by more backticks than it holds, padded with a
+    space (which Markdown strips) where it begins or ends with a backtick or a space."""
+    text = _one_line(value if isinstance(value, str) else json.dumps(value))
+    if not text:
+        return ""
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text[0] in "` " or text[-1] in "` " else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def _text(value: object) -> str:
+    """A value as plain Markdown text: on one line, every ASCII punctuation character
+    backslash-escaped (no emphasis, link, HTML, entity or table cell can begin there)."""
+    return re.sub(r"([!-/:-@\[-`{-~])", r"\\\1", _one_line(str(value)))
+
+
+def _one_line(text: str) -> str:
+    """Line breaks shown as \\n and \\r: one would end a heading or a table row."""
+    return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
 def card_paths(out: Path) -> tuple[Path, Path]:

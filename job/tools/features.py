@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from job.data import datasets as datamod
-from job.data.folder import FolderDataset, folder_batches
+from job.data.folder import RGB, WHITE, FolderDataset, background_rgb, folder_batches
 from job.data.naming import NATIVE_SIZE
 from job.infra.errors import DataError, SettingsError
 
@@ -133,12 +133,13 @@ def _check_labels(data: datamod.ImageData, what: str) -> int:
 
 
 def load_splits(
-    dataset: str, data_dir: Path, image_size: int, seed: int, workers: int
+    dataset: str, data_dir: Path, image_size: int, seed: int, workers: int, background: RGB = WHITE
 ) -> tuple[Split, Split, int, int, str]:
-    """(train, test, channels, classes, how the test split was made) at image_size."""
+    """(train, test, channels, classes, how the test split was made) at image_size; images
+    with transparency laid over background, as the job reads them."""
     if dataset.startswith("folder:"):
         root = Path(dataset.removeprefix("folder:"))
-        ds = FolderDataset(root, image_size)
+        ds = FolderDataset(root, image_size, background=background)
         classes = len(ds.classes)
         if classes < 2:
             raise DataError(
@@ -314,6 +315,12 @@ def _parser() -> argparse.ArgumentParser:
         help="auto picks cuda when available",
     )
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers for folders")
+    p.add_argument(
+        "--background",
+        default=os.environ.get("GAN_BACKGROUND", "white"),
+        help="images with transparency are laid over it: white, black or #rrggbb "
+        "(default: $GAN_BACKGROUND or white, as the job)",
+    )
     return p
 
 
@@ -338,6 +345,8 @@ def _check(args: argparse.Namespace) -> None:
             problems.append(f"{flag} {value}: expected an integer from {low} to {high}")
     if not 0 < args.lr <= 1:
         problems.append(f"--lr {args.lr}: expected a number in (0, 1]")
+    if background_rgb(args.background) is None:
+        problems.append(f"--background {args.background}: expected white, black or #rrggbb")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device available")
     if "://" in args.out:
@@ -361,7 +370,7 @@ def main(argv: list[str]) -> int:
     size = args.image_size or NATIVE_SIZE.get(args.dataset, 64)
     workers = args.num_workers
     train, test, channels, classes, how = load_splits(
-        args.dataset, Path(args.data_dir), size, args.seed, workers
+        args.dataset, Path(args.data_dir), size, args.seed, workers, background_rgb(args.background)
     )
     log.info(
         "%s: %d training and %d test images (%s), %d classes, %d px, on %s",

@@ -16,6 +16,7 @@ import torch
 from webdataset import ShardWriter
 
 from job.data.datasets import NUM_CLASSES, ImageData, load_dataset
+from job.data.folder import background_rgb
 from job.data.naming import NATIVE_SIZE, SHARDS_PREFIX, dataset_kind, dataset_problem
 from job.data.shards import INDEX, Shard, ShardIndex
 from job.infra.errors import SettingsError
@@ -106,6 +107,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--data-dir", default=os.environ.get("GAN_DATA_DIR", "./data"), help="as GAN_DATA_DIR"
     )
+    parser.add_argument(
+        "--background",
+        default=os.environ.get("GAN_BACKGROUND", "white"),
+        help="images with transparency are laid over it: white, black or #rrggbb (as GAN_BACKGROUND)",
+    )
     args, unknown = parser.parse_known_args(argv)
     problems = [f"{a}: unknown argument (see gan-job shard --help)" for a in unknown]
     shard_size = _int_arg("--shard-size", args.shard_size, 1, 10**9, problems)
@@ -120,6 +126,9 @@ def main(argv: list[str]) -> int:
         problems.append(f"DEST {args.dest!r}: expected s3://bucket/prefix")
     elif why := s3_uri_problem(args.dest):
         problems.append(f"DEST {args.dest!r}: expected {why}")
+    background = background_rgb(args.background)
+    if background is None:
+        problems.append(f"--background {args.background!r}: expected white, black or #rrggbb")
     if problems:
         raise SettingsError(problems)
     endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
@@ -133,7 +142,9 @@ def main(argv: list[str]) -> int:
         local = download_prefix(
             args.source, Path(args.data_dir) / "s3" / args.source.removeprefix("s3://"), endpoint
         )
-    data = load_dataset(args.source, args.data_dir, size, local_s3_copy=local)
+    data = load_dataset(
+        args.source, args.data_dir, size, local_s3_copy=local, background=background
+    )
     started = time.monotonic()
     index = write_shards(data, store, shard_size, args.source, args.force)
     print(
