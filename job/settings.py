@@ -25,6 +25,7 @@ from job.infra.secrets import redact, redact_values
 
 PREFIX = "GAN_"
 DCGAN_SIZES = (28, 32, 64)
+R3GAN_SIZES = (16, 28, 32, 64, 128, 256)  # powers of two, and 28 (a 7 x 7 start) for MNIST
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")  # job/gan/augment.py implements them
 # upper bounds: a seed torch and numpy take (the noise streams add step offsets to it), step
 # counts far beyond any run, and time settings (minutes) that a thread's wait can hold
@@ -70,7 +71,8 @@ class Settings(BaseSettings):
         None,
         ge=8,
         le=512,
-        description="pixels per side; unset: the dataset's own (28, 32; 64 for folders)",
+        description="pixels per side; unset: the dataset's own (28, 32; 64 for folders); dcgan: "
+        "28, 32 or 64, r3gan: 16, 28, 32, 64, 128 or 256",
     )
     num_workers: int | None = Field(
         None,
@@ -93,13 +95,19 @@ class Settings(BaseSettings):
     )
 
     # model
-    model: Literal["mlp", "dcgan"] = Field(
-        "dcgan", description="mlp (Goodfellow's MLP GAN) or dcgan"
+    model: Literal["mlp", "dcgan", "r3gan"] = Field(
+        "dcgan",
+        description="mlp (Goodfellow's MLP GAN), dcgan, or r3gan (the residual R3GAN baseline, "
+        "no normalization; its conditional D always projects)",
     )
     conditional: bool = Field(False, description="class-conditional G and D (needs labels)")
     latent_dim: int = Field(100, ge=1, le=4096, description="size of the noise vector z")
     width: int = Field(
-        64, ge=4, le=1024, description="DCGAN feature maps (ngf=ndf); MLP hidden base"
+        64,
+        ge=4,
+        le=1024,
+        description="DCGAN feature maps (ngf=ndf); MLP hidden base; r3gan: channels of the "
+        "image-size stage, doubling per halving up to 8x",
     )
     depth: int = Field(
         0,
@@ -108,6 +116,7 @@ class Settings(BaseSettings):
         description="DCGAN: 3x3 convolution blocks added in G and D at each resolution between "
         "the input and the output (0: the classic DCGAN)",
     )
+    blocks: int = Field(1, ge=1, le=16, description="r3gan: residual blocks per stage")
 
     # optimisation
     batch_size: int = Field(64, ge=1, le=65536, description="images per step per process")
@@ -472,10 +481,26 @@ class Settings(BaseSettings):
         ):
             problems.append(
                 f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by GAN_MODEL=dcgan: "
-                f"expected one of {', '.join(map(str, DCGAN_SIZES))}"
+                f"expected one of {', '.join(map(str, DCGAN_SIZES))} "
+                f"(GAN_MODEL=r3gan takes {', '.join(map(str, R3GAN_SIZES))})"
             )
+        if (
+            self.model == "r3gan"
+            and self.resolved_image_size not in R3GAN_SIZES
+            and not shards_size_unset
+        ):
+            problems.append(
+                f"GAN_IMAGE_SIZE={self.resolved_image_size} is not supported by GAN_MODEL=r3gan: "
+                f"expected one of {', '.join(map(str, R3GAN_SIZES))}"
+            )
+        if self.model == "r3gan" and self.spectral_norm:
+            problems.append(
+                "GAN_SPECTRAL_NORM=true does not go with GAN_MODEL=r3gan (no normalization)"
+            )
+        if "blocks" in self.model_fields_set and self.model != "r3gan":
+            problems.append(f"GAN_BLOCKS={self.blocks} needs GAN_MODEL=r3gan")
         if self.depth and self.model != "dcgan":
-            problems.append(f"GAN_DEPTH={self.depth} needs GAN_MODEL=dcgan (the MLP has no blocks)")
+            problems.append(f"GAN_DEPTH={self.depth} needs GAN_MODEL=dcgan (r3gan: GAN_BLOCKS)")
         if self.resume not in ("auto", "never") and not self.resume:
             problems.append("GAN_RESUME= must be auto, never, or a checkpoint path")
         if self.conditioning == "projection" and not self.conditional:

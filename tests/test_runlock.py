@@ -91,6 +91,21 @@ def test_a_killed_jobs_lock_lapses_and_a_rerun_resumes(tmp_path):
     assert time.monotonic() - t0 >= float(LEASE)  # it waited for the lease to lapse
 
 
+def test_a_lease_longer_than_the_stall_timeout_is_waited_out_not_a_stall(tmp_path):
+    """The wait for a killed job's lease is bounded by the lease: a declared wait, not a stall
+    (once every restart after a kill exited 10 from the watchdog while it waited)."""
+    env = dict(long_env(tmp_path, GAN_STALL_TIMEOUT_SECONDS=8), GAN_RUN_LEASE_SECONDS="20")
+    first = start(env)
+    wait_for(first, "checkpoint at step 5 stored")
+    first.kill()
+    first.communicate(timeout=30)
+    t0 = time.monotonic()
+    rerun = run_job(dict(env, GAN_MAX_STEPS="8"))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "taking it over" in rerun.stdout and "resumed from step" in rerun.stdout
+    assert time.monotonic() - t0 >= 20
+
+
 def test_two_jobs_taking_a_free_lock_at_once_leave_exactly_one_holder(tmp_path):
     store = open_store(str(tmp_path / "run"))
     outcomes: dict[int, str] = {}

@@ -81,7 +81,7 @@ def test_every_bad_variable_gets_its_own_line_naming_value_and_expectation():
     assert len(lines) == 4
     text = "\n".join(lines)
     assert "GAN_BATCH_SIZE='lots': expected an integer" in text
-    assert "GAN_MODEL='vae': expected one of 'mlp' or 'dcgan'" in text
+    assert "GAN_MODEL='vae': expected one of 'mlp', 'dcgan' or 'r3gan'" in text
     assert "GAN_LR_D='-1': expected a number > 0" in text
     assert "GAN_DEVICE='tpu'" in text
 
@@ -157,11 +157,12 @@ def test_combined_errors_are_reported_at_once_with_the_dependent_ones():
     lines = problems({"GAN_IMAGE_SIZE": "37", "GAN_BATCH_SIZE": "lots"})
     assert lines == [
         "GAN_BATCH_SIZE='lots': expected an integer",
-        "GAN_IMAGE_SIZE=37 is not supported by GAN_MODEL=dcgan: expected one of 28, 32, 64",
+        "GAN_IMAGE_SIZE=37 is not supported by GAN_MODEL=dcgan: expected one of 28, 32, 64 "
+        "(GAN_MODEL=r3gan takes 16, 28, 32, 64, 128, 256)",
     ]
     # a combination that involves an invalid setting is not judged on its default
     assert problems({"GAN_IMAGE_SIZE": "37", "GAN_MODEL": "mpl"}) == [
-        "GAN_MODEL='mpl': expected one of 'mlp' or 'dcgan'"
+        "GAN_MODEL='mpl': expected one of 'mlp', 'dcgan' or 'r3gan'"
     ]
     lines = problems({"GAN_CONDITIONING": "projection", "GAN_R1_GAMMA": "1", "GAN_COMPILE": "true"})
     assert len(lines) == 2 and "GAN_CONDITIONAL=true" in lines[0] and "GAN_COMPILE" in lines[1]
@@ -371,7 +372,7 @@ def test_settings_table_rows_have_four_cells_and_name_optional_types():
     (image_size,) = [r for r in rows if r.startswith("| `GAN_IMAGE_SIZE`")]
     assert "| int, optional |" in image_size and "pixels per side" in image_size
     (model,) = [r for r in rows if r.startswith("| `GAN_MODEL`")]
-    assert "| one of mlp, dcgan |" in model
+    assert "| one of mlp, dcgan, r3gan |" in model
 
 
 def test_nproc_per_node_auto_is_one_process_per_visible_gpu_and_one_on_cpu():

@@ -330,6 +330,32 @@ def test_ranks_waiting_for_rank_0s_real_fid_statistics_go_on_with_it(tmp_path):
     assert row["step"] == 4 and row["fid"] > 0
 
 
+def slow_step_job(tmp_path, pass_seconds: float) -> subprocess.CompletedProcess:
+    """A job of 2 steps whose every pass through D (3 a step) takes pass_seconds longer."""
+    write_idx(tmp_path / "data", n=64)
+    env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=2, GAN_STALL_TIMEOUT_SECONDS=8,
+                  GAN_DEVICE="cpu", GAN_RUN_ID="slow")  # fmt: skip
+    env.update(PYTHONPATH=f"{REPO / 'tests/slowstep'}:{REPO}", SLOW_PASS_SECONDS=str(pass_seconds))
+    return subprocess.run([sys.executable, "-m", "job"], env=env, cwd=REPO, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+
+
+def test_a_step_longer_than_the_stall_timeout_is_not_a_stall_while_each_pass_is_shorter(tmp_path):
+    """Steps of 3 passes of 3 s against an 8 s stall timeout: each pass beats (once every step
+    longer than the stall timeout ended a healthy run with 10)."""
+    result = slow_step_job(tmp_path, 3)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stalled" not in result.stdout + result.stderr
+
+
+def test_a_step_that_hangs_is_a_stall_naming_its_step_and_pass(tmp_path):
+    """Once the first step's stall named the phase before it ('loading the data: done')."""
+    result = slow_step_job(tmp_path, 60)
+    output = result.stdout + result.stderr
+    assert result.returncode == 10, output
+    assert "in 'training step 1: D's update, micro-batch 1 of 1'" in output
+
+
 def test_sigterm_ends_a_hung_node_within_the_grace_period_with_10(tmp_path):
     """The agent itself hangs (stopped), its workers with it: the launcher's own deadline."""
     job, seen = training_job(tmp_path, GAN_GRACE_SECONDS=2)

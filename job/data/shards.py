@@ -292,6 +292,11 @@ def open_shards(
             f"{store.uri}: its images are {index.image_size} px, not supported by "
             "GAN_MODEL=dcgan: set GAN_IMAGE_SIZE to 28, 32 or 64"
         )
+    if model == "r3gan" and size not in (16, 28, 32, 64, 128, 256):
+        raise DataError(
+            f"{store.uri}: its images are {index.image_size} px, not supported by "
+            "GAN_MODEL=r3gan: set GAN_IMAGE_SIZE to 16, 28, 32, 64, 128 or 256"
+        )
     if conditional and index.num_classes < 2:
         raise DataError(f"GAN_CONDITIONAL=true: {dataset} has fewer than 2 classes")
     cache = ShardCache(store, index, Path(cache_dir) / f"rank-{rank}", max_bytes)

@@ -1,4 +1,5 @@
-"""Generators and discriminators: the MLP GAN, DCGAN, and their class-conditional variants.
+"""Generators and discriminators: the MLP GAN, DCGAN, and their class-conditional variants;
+R3GAN's residual networks live in job/gan/r3gan.py and are built here too.
 
 Discriminators return logits (one per image); the losses apply the sigmoid. Conditional models
 take integer labels: G appends a label embedding to z, D appends one to its input (the MLP) or
@@ -18,12 +19,14 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm as _spectral_norm
 
+from job.gan.r3gan import R3GANDiscriminator, R3GANGenerator
+
 
 @dataclass(frozen=True)
 class Arch:
     """Everything needed to rebuild a generator or discriminator; saved with every export."""
 
-    model: str  # mlp | dcgan
+    model: str  # mlp | dcgan | r3gan
     channels: int
     image_size: int
     latent_dim: int
@@ -32,6 +35,7 @@ class Arch:
     spectral_norm: bool = False  # D: spectral norm on every Conv/Linear, no BatchNorm
     projection: bool = False  # conditional D: projection instead of concatenated labels
     depth: int = 0  # DCGAN: 3x3 stride-1 blocks added at each resolution between the ends
+    blocks: int = 0  # r3gan: residual blocks per stage
 
     def to_dict(self) -> dict:
         """The fields, leaving out later additions at their defaults, so that the dicts of
@@ -40,7 +44,7 @@ class Arch:
 
 
 # fields added later, and their defaults
-_ADDED = {"spectral_norm": False, "projection": False, "depth": 0}
+_ADDED = {"spectral_norm": False, "projection": False, "depth": 0, "blocks": 0}
 
 
 def arch_changes(saved: dict, now: dict) -> list[str]:
@@ -59,7 +63,9 @@ def _dcgan_plan(image_size: int) -> tuple[int, int]:
     base = 7 if image_size % 7 == 0 else 4
     ups = int(math.log2(image_size // base))
     if base * 2**ups != image_size:
-        raise ValueError(f"DCGAN supports 28, 32 and 64 pixels, not {image_size}")
+        raise ValueError(
+            f"DCGAN supports 28, 32 and 64 pixels, not {image_size} (GAN_MODEL=r3gan: 16 to 256)"
+        )
     return base, ups
 
 
@@ -231,12 +237,18 @@ def _dcgan_init(module: nn.Module) -> None:
 def build_generator(arch: Arch) -> nn.Module:
     if arch.model == "mlp":
         return MLPGenerator(arch)
+    if arch.model == "r3gan":
+        return R3GANGenerator(arch)  # its own (fix-up) initialization
     g = DCGANGenerator(arch)
     g.apply(_dcgan_init)
     return g
 
 
 def build_discriminator(arch: Arch) -> nn.Module:
+    if arch.model == "r3gan":
+        if arch.spectral_norm:
+            raise ValueError("r3gan has no normalization of any kind: no spectral norm")
+        return R3GANDiscriminator(arch)
     if arch.model == "mlp":
         d = MLPDiscriminator(arch)
     else:

@@ -15,7 +15,7 @@ from torch import nn
 
 from job.gan import augment, losses
 from job.gan.networks import Networks, no_sync
-from job.infra import distributed
+from job.infra import distributed, watchdog
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class GanStep:
             for i in range(n)
         ]
         d_stats = self._d_step(parts, step)
-        loss_g = self._g_step(parts)
+        loss_g = self._g_step(parts, step)
         self.nets.update_ema(step)
         self.nonfinite |= ~(torch.isfinite(d_stats["d_loss"]) & torch.isfinite(loss_g))
         return {**d_stats, "g_loss": loss_g}
@@ -80,6 +80,7 @@ class GanStep:
         nets.opt_d.zero_grad(set_to_none=True)
         sums = {"d_loss": 0.0, "d_real": 0.0, "d_fake": 0.0}
         for i, m in enumerate(parts):
+            _beat(step, "D", i, n)
             with _sync_on_last(d, i, n):
                 with self._autocast():
                     with torch.set_grad_enabled(n == 1):
@@ -101,7 +102,7 @@ class GanStep:
         nets.opt_d.step()
         return sums
 
-    def _g_step(self, parts: list[_Micro]) -> torch.Tensor:
+    def _g_step(self, parts: list[_Micro], step: int) -> torch.Tensor:
         """G's update: gradients through D but not D's own (half of D's backward), and D's
         never averaged over ranks."""
         r, nets, n = self.recipe, self.nets, len(parts)
@@ -110,6 +111,7 @@ class GanStep:
         d.requires_grad_(False)
         total = 0.0
         for i, m in enumerate(parts):
+            _beat(step, "G", i, n)
             with _sync_on_last(g, i, n), no_sync(d):
                 with self._autocast():
                     fake = m.fake if n == 1 else g(m.z, m.fake_labels)
@@ -153,6 +155,12 @@ class _Micro:
     z: torch.Tensor
     fake_labels: torch.Tensor | None
     fake: torch.Tensor | None = None
+
+
+def _beat(step: int, net: str, i: int, n: int) -> None:
+    """Progress for the watchdog before each micro-batch's pass: a step longer than the stall
+    timeout is not a stall while each pass is shorter, and a stall names its step and pass."""
+    watchdog.beat(f"training step {step + 1}: {net}'s update, micro-batch {i + 1} of {n}")
 
 
 def _sync_on_last(module: nn.Module, i: int, n: int):

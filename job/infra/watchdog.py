@@ -2,9 +2,10 @@
 
 A collective whose peer is silent (a node that lost its network or its power) can wait for the
 process group's timeout, or for ever where a transport ignores it; a hung data loader or store
-call has no timeout at all. Components call beat(phase) when they make progress (a step, an FID
-batch, a checkpoint part stored, the process group joined); `with waiting(phase, seconds):` holds
-a wait that has its own bound (the uploads at exit; None: loading the data, bounded by its
+call has no timeout at all. Components call beat(phase) when they make progress (a pass of a
+training step through D or G, an FID batch, a checkpoint part stored, the process group joined),
+the phase naming what comes next; `with waiting(phase, seconds):` holds a wait that has its own
+bound (the uploads at exit, a killed job's run lock; None: loading the data, bounded by its
 store's timeouts), and the deadline is that much later meanwhile. A daemon thread checks the
 deadline: past it, it logs the phase and since when, dumps every thread's stack, records exit 10
 for gan-job's launcher and ends the process with 10 (retryable: the restarted group resumes from
@@ -48,10 +49,12 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     def beat(self, phase: str) -> None:
-        """Progress in phase: the next is due within the timeout (or a wait's own bound)."""
+        """Progress in phase: the next is due within the timeout (or a wait's own bound). The
+        phase named is the main thread's: another thread's beat (the background writer's) moves
+        the deadline only, so that a stall names where the training loop waits."""
         now = self.clock()
         with self._lock:
-            if phase != self.phase:
+            if phase != self.phase and threading.current_thread() is threading.main_thread():
                 self.phase, self.since = phase, now
             self._deadline = max([now + self.timeout, *self._waits])
 

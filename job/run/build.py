@@ -408,6 +408,7 @@ def _arch(s: Settings, images: data.ImageData) -> Arch:
         spectral_norm=s.spectral_norm,
         projection=s.conditioning == "projection",
         depth=s.depth,
+        blocks=s.blocks if s.model == "r3gan" else 0,
     )
 
 

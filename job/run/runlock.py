@@ -4,7 +4,8 @@ Two jobs writing one run id would interleave their checkpoints and histories. Th
 writes `lock.json` (its owner id, a renewal counter and its lease) and renews it every quarter
 lease; a second job that finds the lock watches it for up to one lease, the longer of its own and
 the holder's: if it is renewed, its holder is alive and the second job stops (exit 11); if not,
-the holder died without releasing it (SIGKILL, a lost node) and the lock is taken over. Stores
+the holder died without releasing it (SIGKILL, a lost node) and the lock is taken over. That
+wait is bounded by the lease: the watchdog counts it as a declared wait, not a stall. Stores
 have no compare-and-swap that S3 and a folder share, so a job that writes the lock reads it back
 after a moment: of two jobs that wrote at once, only the last writer goes on. A job whose lock
 was taken over (its store unreachable for longer than a lease) sees a foreign owner at its next
@@ -103,13 +104,14 @@ class RunLock:
             held["owner"], wait, why,
         )  # fmt: skip
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            time.sleep(max(0.0, min(wait / 8, deadline - time.monotonic(), 2.0)))
-            now = self._read()
-            if now is None:
-                return  # released
-            if now != held:
-                raise RunLockedError(self._message(now, "is alive (it renews its lock)", wait))
+        with watchdog.waiting(f"waiting for the run lock of {held['owner']} to lapse", wait):
+            while time.monotonic() < deadline:
+                time.sleep(max(0.0, min(wait / 8, deadline - time.monotonic(), 2.0)))
+                now = self._read()
+                if now is None:
+                    return  # released
+                if now != held:
+                    raise RunLockedError(self._message(now, "is alive (it renews its lock)", wait))
         log.warning("run lock of %s not renewed for %g s: taking it over", held["owner"], wait)
 
     def _heartbeat(self) -> None:
