@@ -580,7 +580,7 @@ TRUE_WORDS = ("1", "true", "t", "yes", "y", "on")  # what pydantic reads as a tr
 
 # settings that may differ between the nodes of one run: where a node keeps its own files, its
 # processes, threads and DataLoader workers, its metrics port and how long it waits for the
-# others. Every other setting must be the same on every node (build.agree_settings).
+# others. Every other setting must be the same on every node (agree.agree_settings).
 PER_NODE_SETTINGS = frozenset(
     {
         "node_rank",

@@ -11,7 +11,7 @@ import time
 from s3server import free_ports
 
 from job.infra.distributed import value_holders
-from job.run.build import _comparable, _disagreement
+from job.run.agree import _comparable, _disagreement
 from tests.helpers import REPO, job_env, run_job, write_idx
 
 

@@ -78,7 +78,7 @@ def torchrun_options(
     keeps runs apart (each workload has its own). An id from the settings (it was the run id,
     <dataset>-<model> by default) kept nodes started with different settings from ever meeting:
     they waited out GAN_RDZV_TIMEOUT_SECONDS and exited 10 naming nothing. Met, they compare
-    their settings and exit 2 naming those that differ (build.agree_settings).
+    their settings and exit 2 naming those that differ (agree.agree_settings).
 
     read_timeout is what bounds a node's wait for node 0's store to come up: left at its 60 s
     default, a pod that starts minutes before pod 0 gives up whatever join_timeout says. There

@@ -6,9 +6,7 @@ seconds, not after loading its data), then builds every component with plain val
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
-import json
 from dataclasses import dataclass
 
 from job.data import batching, shards
@@ -18,16 +16,15 @@ from job.gan.models import Arch
 from job.gan.networks import Networks
 from job.gan.step import GanStep, Recipe, amp_enabled
 from job.infra import distributed, threads, watchdog
-from job.infra.errors import JobError, RunLockedError, SettingsError
 from job.infra.jsonl_log import JsonlLog
 from job.infra.metrics import Metrics
-from job.infra.secrets import redact
 from job.infra.store import Store
 from job.infra.stores import copy_dir, download_prefix, open_store
 from job.infra.writer import BackgroundWriter, NullWriter
 from job.quality.evaluator import FidEvaluator, fid_num_samples
 from job.quality.extractors import Extractor, load_extractor
 from job.quality.reference import stats_key
+from job.run import agree, runlock
 from job.run.artifacts import RunArtifacts
 from job.run.best import BestGenerator
 from job.run.budget import Budget
@@ -35,7 +32,7 @@ from job.run.checkpoint import Checkpointer
 from job.run.progress import MetricsProcessor
 from job.run.rng import RngStreams
 from job.run.runlock import RunLock
-from job.settings import PER_NODE_SETTINGS, PREFIX, Settings, public_dict
+from job.settings import PER_NODE_SETTINGS, Settings, public_dict
 
 # settings that change what a checkpoint means: resuming across a change is refused
 COMPATIBLE_SETTINGS = ("dataset", "model", "conditional", "latent_dim", "width", "image_size")
@@ -86,75 +83,18 @@ def build(settings: Settings, world: distributed.World) -> Parts:
     """Every component of the run, once this job holds the run's lock (released again if
     building fails)."""
     s = settings
-    agree_settings(s, world)
+    agree.agree_settings(s.model_dump(mode="json"), s.node_rank, PER_NODE_SETTINGS, world)
     metrics = Metrics(enabled=world.is_main and (s.metrics_port > 0 or bool(s.pushgateway_url)))
     metrics.serve(s.metrics_port)  # before any work: a port in use is a settings error
     root = open_store(s.artifact_uri, s.s3_endpoint_url)
     store = root.child(s.resolved_run_id)
     lock = RunLock(store, s.run_lease_seconds)
     try:
-        take_lock(store, lock, world)  # inside: a signal right after acquire() releases it
+        runlock.take(store, lock, world)  # inside: a signal right after acquire() releases it
         return _build_parts(s, world, metrics, root, store, lock)
     except BaseException:
         lock.release()
         raise
-
-
-def agree_settings(s: Settings, world: distributed.World) -> None:
-    """SettingsError (exit 2) on every rank, before any work, when the nodes of the run were
-    started with different settings (a ConfigMap edited between two pods' starts): each
-    setting that differs, with the node ranks holding each value; a value that holds a secret
-    (redact() finds one) is compared by its digest and not shown."""
-    values = {
-        name: _comparable(value)
-        for name, value in s.model_dump(mode="json").items()
-        if name not in PER_NODE_SETTINGS
-    }
-    differ = distributed.differing(values, s.node_rank, world)
-    if differ:
-        problems = [_disagreement(PREFIX + name.upper(), held) for name, held in differ.items()]
-        problems.append(
-            "every node of a run needs the same GAN_* settings, but for "
-            + ", ".join(PREFIX + n.upper() for n in sorted(PER_NODE_SETTINGS))
-        )
-        raise SettingsError(problems)
-
-
-_SECRET = "secret:"
-
-
-def _comparable(value: object) -> str:
-    text = json.dumps(value)
-    if redact(text) != text:
-        return _SECRET + hashlib.sha256(text.encode()).hexdigest()
-    return text
-
-
-def _disagreement(variable: str, held: dict[str, list[int]]) -> str:
-    def nodes(ranks: list[int]) -> str:
-        return ("node " if len(ranks) == 1 else "nodes ") + ", ".join(map(str, ranks))
-
-    if any(value.startswith(_SECRET) for value in held):
-        groups = "; ".join(nodes(ranks) for ranks in held.values())
-        return f"{variable} differs between the nodes ({groups}): it holds a secret, not shown"
-    where = ", ".join(f"{value} on {nodes(ranks)}" for value, ranks in held.items())
-    return f"{variable} differs between the nodes: {where}"
-
-
-def take_lock(store: Store, lock: RunLock, world: distributed.World) -> None:
-    """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
-    refused: Exception | None = None
-    if world.is_main:
-        try:
-            store.check()
-            lock.acquire()
-        except JobError as exc:
-            refused = exc
-    (failed,) = distributed.any_rank_each([refused is not None], world)
-    if refused is not None:
-        raise refused
-    if failed:
-        raise RunLockedError("rank 0 could not check the store or take the run lock")
 
 
 def _build_parts(

@@ -23,8 +23,8 @@ import threading
 import time
 import uuid
 
-from job.infra import watchdog
-from job.infra.errors import RunLockedError, StorageError
+from job.infra import distributed, watchdog
+from job.infra.errors import JobError, RunLockedError, StorageError
 from job.infra.store import Store
 
 log = logging.getLogger(__name__)
@@ -163,3 +163,19 @@ def _lease_of(held: dict) -> float | None:
     if isinstance(lease, bool) or not isinstance(lease, (int, float)):
         return None
     return float(lease) if math.isfinite(lease) and lease > 0 else None
+
+
+def take(store: Store, lock: RunLock, world: distributed.World) -> None:
+    """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
+    refused: Exception | None = None
+    if world.is_main:
+        try:
+            store.check()
+            lock.acquire()
+        except JobError as exc:
+            refused = exc
+    (failed,) = distributed.any_rank_each([refused is not None], world)
+    if refused is not None:
+        raise refused
+    if failed:
+        raise RunLockedError("rank 0 could not check the store or take the run lock")
