@@ -12,13 +12,14 @@
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
 
-# The runtime requirements are requirements.lock (every package pinned, with its hashes), once
-# checked to hold pyproject.toml's pins. Only the lock leaves this stage, so a change elsewhere in
-# pyproject.toml (a dev tool's pin, the version) leaves the 5.9 GB install below cached.
+# The runtime requirements are requirements.lock (every package pinned, with its hashes; the
+# tensorboard extra included, for GAN_TENSORBOARD=true), once checked to hold pyproject.toml's
+# pins. Only the lock leaves this stage, so a change elsewhere in pyproject.toml (a dev tool's
+# pin, the version) leaves the 5.9 GB install below cached.
 FROM ${PYTHON_IMAGE} AS requirements
 WORKDIR /src
 COPY pyproject.toml requirements.lock ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > pins.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['dependencies'] + p['optional-dependencies']['tensorboard']))" > pins.txt \
  && while read -r pin; do \
       grep -q "^$pin " requirements.lock \
       || { echo "requirements.lock lacks $pin: update it (docs/container.md)" >&2; exit 1; }; \

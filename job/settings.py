@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import (
     Field,
@@ -156,6 +157,21 @@ class Settings(BaseSettings):
     lr_decay_start: float = Field(
         0.0, ge=0, lt=1, description="fraction of the budget after which the decay begins"
     )
+    schedule: Literal["none", "r3gan"] = Field(
+        "none",
+        description="r3gan: R3GAN's schedule over GAN_SCHEDULE_IMAGES images seen (half a cosine "
+        "each): learning rates down to a quarter of GAN_LR_G/GAN_LR_D, Adam beta2 from GAN_BETA2 "
+        "up to 0.99, GAN_R1_GAMMA and GAN_R2_GAMMA down tenfold, the EMA half-life up from 0 to "
+        "the one GAN_EMA_DECAY gives at the global batch; not with GAN_LR_DECAY",
+    )
+    schedule_images: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_COUNT,
+        description="GAN_SCHEDULE=r3gan: the images seen at which its values reach their ends "
+        "(unset: GAN_MAX_STEPS x the global batch; set it when a run will be continued with a "
+        "larger GAN_MAX_STEPS, so that the curves do not move)",
+    )
     max_steps: int = Field(10000, ge=1, le=MAX_COUNT, description="stop after this many D+G steps")
     max_minutes: float = Field(
         0.0,
@@ -177,8 +193,12 @@ class Settings(BaseSettings):
         "2e-4, betas 0.5/0.999, no EMA); fast28: the measured 28 px recipe of docs/quality.md. "
         "A recipe fills in only the GAN_* variables that are not set",
     )
-    loss: Literal["bce", "hinge"] = Field(
-        "bce", description="bce (non-saturating) or hinge; label smoothing applies to bce only"
+    loss: Literal["bce", "hinge", "rpgan"] = Field(
+        "bce",
+        description="bce (non-saturating), hinge, or rpgan (R3GAN's relativistic pairing: "
+        "softplus of D(fake) - D(real), and the reverse for G, over real and fake images paired "
+        "by index; G's step sees D's logits of the step's real batch); label smoothing applies "
+        "to bce only",
     )
     spectral_norm: bool = Field(
         False, description="spectral norm on every Conv/Linear of D, whose BatchNorm is dropped"
@@ -189,13 +209,47 @@ class Settings(BaseSettings):
         le=1e4,
         description="R1 penalty gamma/2 * mean squared norm of grad_x D(real x), in D's step (0: off)",
     )
+    r2_gamma: float = Field(
+        0.0,
+        ge=0,
+        le=1e4,
+        description="R2 penalty gamma/2 * mean squared norm of grad_x D(fake x), in D's step "
+        "(0: off; R3GAN: as GAN_R1_GAMMA)",
+    )
     r1_every: int = Field(
-        16, ge=1, le=1000, description="R1 every this many steps, scaled by it (lazy, StyleGAN2)"
+        16,
+        ge=1,
+        le=1000,
+        description="R1 and R2 every this many steps, scaled by it (lazy, StyleGAN2); 1: every "
+        "step, as R3GAN",
     )
     diffaugment: str = Field(
         "",
         description="DiffAugment policies for D's inputs, real and fake: a comma list of color, "
         "translation, cutout (empty: off)",
+    )
+    augment: Literal["none", "ada"] = Field(
+        "none",
+        description="ada: adaptive augmentation (StyleGAN2-ADA) for small datasets: flips, "
+        "translation, color and cutout, each applied to each of D's images with a probability p "
+        "that rises while D is too sure of the real images (GAN_ADA_TARGET) and falls when it is "
+        "not; not with GAN_DIFFAUGMENT",
+    )
+    ada_target: float = Field(
+        0.6,
+        gt=0,
+        lt=1,
+        description="GAN_AUGMENT=ada: the mean sign of D's outputs on real images that p is moved "
+        "toward (0: D cannot tell them from fakes; 1: sure of every one)",
+    )
+    ada_interval: int = Field(
+        4, ge=1, le=10000, description="GAN_AUGMENT=ada: steps between two moves of p"
+    )
+    ada_speed_images: int = Field(
+        500_000,
+        ge=1,
+        le=MAX_COUNT,
+        description="GAN_AUGMENT=ada: real images over which p can go from 0 to 1 at the fastest",
     )
     conditioning: Literal["concat", "projection"] = Field(
         "concat",
@@ -391,6 +445,14 @@ class Settings(BaseSettings):
         description="Pushgateway to push final metrics to at exit (unset: no push); a "
         "user:password@ in it is sent as basic auth",
     )
+    tensorboard: bool = Field(
+        False,
+        description="TensorBoard event files under RUN/tensorboard/ (scalars of metrics.jsonl "
+        "and eval.jsonl, the sample grids); off by default: it needs the tensorboard extra "
+        "(pip install 'gan-job[tensorboard]', in the image) and adds an object to the store per "
+        "grid, evaluation, checkpoint and 30 s of records, where metrics.jsonl, report.png and "
+        "Prometheus already watch every run",
+    )
     s3_endpoint_url: str | None = Field(
         None,
         description="S3 endpoint for non-AWS stores; unset: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL",
@@ -424,6 +486,13 @@ class Settings(BaseSettings):
             raise PydanticCustomError("fid_num_samples", "0 (the default count) or at least 2")
         return value
 
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_s3_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and (why := endpoint_problem(value)) is not None:
+            raise PydanticCustomError("s3_endpoint_url", why)
+        return value
+
     @field_validator("artifact_uri", "dataset", "resume")
     @classmethod
     def _check_bucket(cls, value: str) -> str:
@@ -455,7 +524,7 @@ class Settings(BaseSettings):
             return handler(data)
         recipe = data.get("recipe") or "auto"
         if recipe == "auto":
-            recipe = "fast28" if _grayscale_28px(data) else "custom"
+            recipe = "fast28" if _grayscale_28px(data) else "color32" if _color_32px(data) else "custom"
             data = {**data, "recipe": recipe}
         preset = dict(RECIPES.get(recipe, {}))  # an unknown name fails validation
         if str(data.get("conditional", "false")).lower() not in TRUE_WORDS:
@@ -464,6 +533,9 @@ class Settings(BaseSettings):
             preset.pop("depth", None)  # DCGAN blocks
         if str(data.get("compile", "false")).lower() in TRUE_WORDS:
             preset.pop("r1_gamma", None)  # R1 needs a double backward, which compile lacks
+        if data.get("schedule") == "r3gan":
+            preset.pop("lr_decay", None)  # the schedule decays the rates itself
+            preset.pop("lr_decay_start", None)
         settings = handler({**preset, **data})
         settings._recipe_filled = {k: v for k, v in preset.items() if k not in data}
         return settings
@@ -523,31 +595,62 @@ class Settings(BaseSettings):
             problems.append(
                 f"{' and '.join(stops)} needs evaluations: GAN_FID_FEATURES=none turns them off"
             )
+        if self.augment == "ada" and self.diffaugment:
+            problems.append(
+                f"GAN_AUGMENT=ada does not go with GAN_DIFFAUGMENT={self.diffaugment} (both "
+                "augment D's images): set one of them"
+            )
         if self.r1_gamma > 0 and self.compile:
             problems.append(
                 f"GAN_R1_GAMMA={self.r1_gamma} needs GAN_COMPILE=false "
                 "(torch.compile has no double backward)"
             )
+        if self.r2_gamma > 0 and self.compile:
+            problems.append(
+                f"GAN_R2_GAMMA={self.r2_gamma} needs GAN_COMPILE=false "
+                "(torch.compile has no double backward)"
+            )
+        problems += self._schedule_problems()
         if problems:
             raise ValueError("\n".join(problems))
         return self
 
+    def _schedule_problems(self) -> list[str]:
+        if self.schedule != "r3gan":
+            given = "schedule_images" in self.model_fields_set
+            return [f"GAN_SCHEDULE_IMAGES={self.schedule_images} needs GAN_SCHEDULE=r3gan"] * given
+        problems = []
+        if self.lr_decay != "none":
+            problems.append(
+                f"GAN_SCHEDULE=r3gan does not go with GAN_LR_DECAY={self.lr_decay} (the "
+                "schedule decays the learning rates itself): set GAN_LR_DECAY=none"
+            )
+        if self.beta2 > 0.99:
+            problems.append(
+                f"GAN_SCHEDULE=r3gan raises Adam beta2 from GAN_BETA2={self.beta2} to 0.99: "
+                "expected GAN_BETA2 at most 0.99 (R3GAN: 0.9)"
+            )
+        return problems
+
     @model_validator(mode="after")
     def _check_global_batch(self) -> Settings:
         """GAN_GLOBAL_BATCH_SIZE over the world gan-job's launcher starts (build() checks it
-        again against the world that joined)."""
-        if self.global_batch_size is None:
-            return self
-        from job.data.batching import batch_size_given, plan_from_settings
+        again against the world that joined), and micro-batches the model can train on."""
+        from job.data.batching import batch_size_given, check_micro_batch, plan_from_settings
 
         try:
-            plan_from_settings(
+            chosen = plan_from_settings(
                 self.batch_size,
                 batch_size_given(self.model_fields_set, self.recipe_filled),
                 self.global_batch_size,
                 self.nproc_per_node * self.nnodes,
                 self.micro_batch_size,
             )
+            given = ("batch_size", "global_batch_size", "micro_batch_size", "nproc_per_node")
+            named = [
+                f"GAN_{k.upper()}={getattr(self, k)}" for k in given if k in self.model_fields_set
+            ]
+            check_micro_batch(chosen, self.model, ", ".join(named or ["the defaults"]))
         except SettingsError as e:
             raise ValueError("\n".join(e.problems)) from None
         return self
@@ -648,6 +751,19 @@ def _grayscale_28px(data: dict) -> bool:
     )
 
 
+def _color_32px(data: dict) -> bool:
+    """What color32 was measured on (an image folder at 32 px, with DCGAN), and CIFAR-10 at its
+    own 32 px: the 3-channel datasets known as such before any image is read (an s3:// or
+    shards: dataset may hold either kind)."""
+    dataset = str(data.get("dataset", "fashion-mnist"))
+    own = "32" if dataset == "cifar10" else None
+    return (
+        (dataset == "cifar10" or dataset.startswith("folder:"))
+        and str(data.get("image_size") or own) == "32"
+        and data.get("model", "dcgan") == "dcgan"
+    )
+
+
 def _unknown_variables(environ: dict[str, str]) -> list[str]:
     fields = {PREFIX + name.upper() for name in Settings.model_fields}
     return sorted(
@@ -655,6 +771,32 @@ def _unknown_variables(environ: dict[str, str]) -> list[str]:
         for key in environ
         if key.startswith(PREFIX) and key not in fields and not _SERVICE_LINK.match(key)
     )
+
+
+def endpoint_problem(url: str) -> str | None:
+    """What is wrong with an S3 endpoint URL, or None. botocore takes any: a user:password@ is no
+    S3 credential (those are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and fails only at the
+    first request, in an error that quotes it; a query fails as "Invalid region"."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:  # out of range or not a number
+        port = 0
+    if port == 0:
+        return _ENDPOINT + "; its port is not a number from 1 to 65535"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return _ENDPOINT
+    if "@" in parts.netloc:
+        return _ENDPOINT + "; it has a user:password@"
+    if "?" in url or "#" in url:
+        return _ENDPOINT + "; it has a ?query or #fragment"
+    return None
+
+
+_ENDPOINT = (
+    "an http:// or https:// URL of a host and an optional port (http://host:8333), with no "
+    "user:password@ (S3 keys go in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) and no ?query"
+)
 
 
 def _expected(error: dict) -> str:
@@ -703,7 +845,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             if err["loc"]:
                 invalid.add(str(err["loc"][0]))
                 name = PREFIX + str(err["loc"][0]).upper()
-                given = gan_env.get(name, "<default>")
+                given = redact(gan_env.get(name, "<default>"))
                 hint = _service_link_hint(given)
                 problems.append(f"{name}={given!r}: expected {_expected(err)}{hint}")
             else:

@@ -403,6 +403,18 @@ def panels() -> list[Json]:
         ),
     ]:
         grid.add(timeseries(title, targets, unit), 8, 8)
+    # 0 unless GAN_AUGMENT=ada (job/gan/ada.py): p rises while D is too sure of the real images
+    grid.add(
+        timeseries(
+            "Adaptive augmentation",
+            [target(f"max by (run_id) (gan_augment_p{{{LIVE}}})", "p (GAN_AUGMENT=ada)")],
+            "percentunit",
+            min=0,
+            max=1,
+        ),
+        12,
+        8,
+    )
     return grid.panels
 
 

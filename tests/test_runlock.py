@@ -5,6 +5,7 @@ run. Real job processes on a local folder and on SeaweedFS."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from job.infra.errors import EXIT_RUN_LOCKED, EXIT_SETTINGS, EXIT_STOPPED_UNSAVE
 from job.infra.stores import open_store
 from job.run.runlock import LOCK_KEY, RELEASE_SECONDS, RunLock
 from tests.helpers import REPO, job_env, run_job, write_idx
+from tests.test_launcher import worker_pid
 from tests.test_s3_job import new_bucket, popen_job, s3_job_env
 
 LEASE = "4"
@@ -104,6 +106,56 @@ def test_a_lease_longer_than_the_stall_timeout_is_waited_out_not_a_stall(tmp_pat
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "taking it over" in rerun.stdout and "resumed from step" in rerun.stdout
     assert time.monotonic() - t0 >= 20
+
+
+def plant_dead_holder(tmp_path, lease_seconds: float) -> None:
+    """The lock of a job killed a moment ago whose lease is lease_seconds."""
+    lock = tmp_path / "runs/shared" / LOCK_KEY
+    lock.parent.mkdir(parents=True)
+    lock.write_text(
+        json.dumps({"owner": "gone:1:x", "renewals": 3, "lease_seconds": lease_seconds})
+    )
+
+
+def test_ranks_1_and_up_wait_out_a_killed_jobs_lease_longer_than_the_stall_timeout(tmp_path):
+    """Under torchrun, ranks 1+ wait for rank 0 while it waits out a dead holder's lease (14 s,
+    over the 8 s stall timeout): on the rendezvous store, for as long as rank 0's declared wait
+    (once rank 1's collective timed out meanwhile: exit 10)."""
+    env = long_env(tmp_path, GAN_STALL_TIMEOUT_SECONDS=8, GAN_NPROC_PER_NODE=2, GAN_DEVICE="cpu")
+    plant_dead_holder(tmp_path, 14)
+    t0 = time.monotonic()
+    job = run_job(dict(env, GAN_MAX_STEPS="3"), timeout=180)
+    output = job.stdout + job.stderr
+    assert job.returncode == 0, output
+    assert "waiting up to 14 s (the holder's GAN_RUN_LEASE_SECONDS" in output
+    assert "[rank 1] INFO waiting up to 14 s for rank 0" in output
+    assert "taking it over" in output and "stalled" not in output
+    assert time.monotonic() - t0 >= 14
+    assert json.loads((tmp_path / "runs/shared/config.json").read_text())
+
+
+def test_ranks_1_and_up_waiting_for_a_silent_rank_0_stop_after_its_wait_naming_it(tmp_path):
+    """Ranks 1+ wait only as long as rank 0's declared wait (12 s) and the stall timeout (5 s)
+    after it: a rank 0 gone silent (SIGSTOP) meanwhile ends them with 10, the wait named."""
+    env = long_env(tmp_path, GAN_STALL_TIMEOUT_SECONDS=5, GAN_NPROC_PER_NODE=2, GAN_DEVICE="cpu")
+    plant_dead_holder(tmp_path, 12)
+    job = start(env)
+    seen = wait_for(job, "[rank 1] INFO waiting up to 12 s for rank 0")
+    rank_0 = worker_pid(job.pid, 0)
+    os.kill(rank_0, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        seen += wait_for(job, "stalled:", timeout=60)
+        waited = time.monotonic() - stopped
+    finally:
+        os.kill(rank_0, signal.SIGKILL)
+    output = seen + job.communicate(timeout=60)[0]
+    assert job.returncode == EXIT_STOPPED_UNSAVED, output
+    assert (
+        "[rank 1] ERROR stalled: no progress for 5 s (GAN_STALL_TIMEOUT_SECONDS): in 'waiting "
+        "for rank 0, which waits up to 12 s for the run lock of gone:1:x'"
+    ) in output
+    assert 12 < waited < 12 + 5 + 4
 
 
 def test_two_jobs_taking_a_free_lock_at_once_leave_exactly_one_holder(tmp_path):

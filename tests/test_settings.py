@@ -419,3 +419,25 @@ def test_an_infinite_upload_timeout_exits_2_not_with_a_traceback(tmp_path):
     assert "GAN_UPLOAD_TIMEOUT_MINUTES='inf': expected a finite number" in result.stdout
     assert "GAN_SEED='100000000000000': expected a number <= 4294967295" in result.stdout
     assert "Traceback" not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "endpoint, what",
+    [
+        ("http://minio:s3cr3tPw0rd@127.0.0.1:8333", "it has a user:password@"),
+        ("http://127.0.0.1:8333/?token=s3cr3tPw0rd", "it has a ?query or #fragment"),
+    ],
+)
+def test_an_s3_endpoint_with_credentials_or_a_query_exits_2_without_echoing_them(
+    tmp_path, endpoint, what
+):
+    """botocore takes either: a user:password@ failed at the first request, in an error quoting
+    the password; a query as "Invalid region"."""
+    result = run_job(job_env(tmp_path, GAN_S3_ENDPOINT_URL=endpoint))
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "GAN_S3_ENDPOINT_URL=" in result.stdout and what in result.stdout
+    assert "expected an http:// or https:// URL of a host and an optional port" in result.stdout
+    assert "S3 keys go in AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in result.stdout
+    assert "s3cr3tPw0rd" not in output and "Traceback" not in output
+    assert load_settings({"GAN_S3_ENDPOINT_URL": "http://[::1]:8333"}).s3_endpoint_url

@@ -11,6 +11,12 @@ gradients flow back through the augmentation. Policies, as in the paper's refere
 Works for any number of channels (saturation does nothing to one channel) and any size. All
 randomness comes from torch's global generator for the tensor's device, so a run seeded and
 resumed from a checkpointed RNG state repeats its augmentations exactly.
+
+adaptive_augment is GAN_AUGMENT=ada's version (Karras et al. 2020, StyleGAN2-ADA): a horizontal
+flip, the translation, brightness, saturation, contrast and the cutout above, each applied to
+each image with probability p (job/gan/ada.py moves p). An image goes un-augmented (1 - p) ** 6
+of the time, which is why, for p below about 0.8, G does not learn to make augmented images
+(the paper's "non-leaking" augmentations).
 """
 
 from __future__ import annotations
@@ -38,6 +44,21 @@ def diff_augment(x: torch.Tensor, policy: str | tuple[str, ...]) -> torch.Tensor
         for fn in _FUNCTIONS[name]:
             x = fn(x)
     return x
+
+
+def adaptive_augment(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x (N x C x H x W) with each of ADA_TRANSFORMS applied to each image with probability p,
+    differentiable w.r.t. x; x itself when p is 0 (nothing drawn)."""
+    if p <= 0:
+        return x
+    for fn in ADA_TRANSFORMS:
+        chosen = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p  # fp32 even under bf16
+        x = torch.where(chosen, fn(x), x)
+    return x
+
+
+def _flip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(3)
 
 
 def _per_image(x: torch.Tensor) -> torch.Tensor:
@@ -99,3 +120,4 @@ _FUNCTIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], ...]] = {
     "cutout": (_cutout,),
 }
 POLICIES = tuple(_FUNCTIONS)  # GAN_DIFFAUGMENT's choices (job/settings.py checks them)
+ADA_TRANSFORMS = (_flip, _translation, _brightness, _saturation, _contrast, _cutout)

@@ -30,27 +30,51 @@ def g_loss_hinge(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
+def d_loss_rpgan(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Relativistic pairing D loss (Jolicoeur-Martineau 2019; R3GAN, Huang et al. 2024):
+    mean(softplus(-(D(x_i) - D(G(z_i))))), real and fake paired index by index."""
+    return F.softplus(fake_logits - real_logits).mean()
+
+
+def g_loss_rpgan(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """Relativistic pairing G loss: the D loss with real and fake swapped."""
+    return F.softplus(real_logits - fake_logits).mean()
+
+
 def d_loss(
     kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0
 ) -> torch.Tensor:
-    """D's loss of kind bce | hinge; label smoothing applies to bce only."""
+    """D's loss of kind bce | hinge | rpgan; label smoothing applies to bce only."""
     if kind == "hinge":
         return d_loss_hinge(real_logits, fake_logits)
+    if kind == "rpgan":
+        return d_loss_rpgan(real_logits, fake_logits)
     return d_loss_bce(real_logits, fake_logits, smoothing)
 
 
-def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
-    """G's loss of kind bce (non-saturating) | hinge."""
+def g_loss(
+    kind: str, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None
+) -> torch.Tensor:
+    """G's loss of kind bce (non-saturating) | hinge | rpgan (which needs D's real logits)."""
     if kind == "hinge":
         return g_loss_hinge(fake_logits)
+    if kind == "rpgan":
+        if real_logits is None:
+            raise ValueError("rpgan's G loss pairs the fakes with real images' logits")
+        return g_loss_rpgan(fake_logits, real_logits)
     return g_loss_bce(fake_logits)
 
 
-def r1_penalty(real_logits: torch.Tensor, real_input: torch.Tensor, gamma: float) -> torch.Tensor:
-    """R1 (Mescheder et al. 2018): gamma/2 * E ||grad_x D(x)||^2 over real images.
+def gradient_penalty(logits: torch.Tensor, inputs: torch.Tensor, gamma: float) -> torch.Tensor:
+    """gamma/2 * E ||grad_x D(x)||^2 over the images D was called on: R1 on real images,
+    R2 on fakes (Mescheder et al. 2018; both in R3GAN).
 
-    real_input is the tensor D was called on, made with requires_grad_(); the graph is kept
+    inputs is the tensor D was called on, made with requires_grad_(); the graph is kept
     (create_graph) so that the penalty's own backward reaches D's weights.
     """
-    (grad,) = torch.autograd.grad(real_logits.float().sum(), real_input, create_graph=True)
+    (grad,) = torch.autograd.grad(logits.float().sum(), inputs, create_graph=True)
     return gamma / 2 * grad.float().square().flatten(1).sum(1).mean()
+
+
+r1_penalty = gradient_penalty  # on real images
+r2_penalty = gradient_penalty  # on fake images

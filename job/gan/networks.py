@@ -30,6 +30,8 @@ class Networks:
     ):
         self.arch, self.device, self.ema_decay = arch, device, ema_decay
         self.base_lr = {"g": lr_g, "d": lr_d}
+        self.lr_factors = [1.0, 1.0]  # the budget's (rollbacks, decay), a schedule's (follow)
+        self.ema_beta: float | None = None  # a schedule's per-step EMA decay (follow)
         torch.manual_seed(seed)  # identical initial weights on every rank
         self.g = build_generator(arch).to(device)
         self.d = build_discriminator(arch).to(device)
@@ -57,16 +59,36 @@ class Networks:
             self.g, self.d = torch.compile(self.g), torch.compile(self.d)
 
     def scale_learning_rates(self, factor: float) -> None:
-        """The configured rates times factor (restored optimizers keep the configured rates)."""
+        """The configured rates times factor and a schedule's factor (restored optimizers keep
+        the configured rates)."""
+        self.lr_factors[0] = factor
         for opt, lr in ((self.opt_g, self.base_lr["g"]), (self.opt_d, self.base_lr["d"])):
             for group in opt.param_groups:
-                group["lr"] = lr * factor
+                group["lr"] = lr * factor * self.lr_factors[1]
+
+    def follow(self, lr_factor: float, beta2: float, ema_beta: float) -> None:
+        """A schedule's values for the next step (job/gan/r3schedule.py): its learning-rate
+        factor (on top of scale_learning_rates'), Adam's beta2 and the EMA's decay."""
+        self.lr_factors[1], self.ema_beta = lr_factor, ema_beta
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["betas"] = (group["betas"][0], beta2)
+        self.scale_learning_rates(self.lr_factors[0])
+
+    def learning_rates(self) -> dict[str, float]:
+        """The rates the optimizers hold now, for the log record."""
+        return {
+            f"lr_{k}": opt.param_groups[0]["lr"]
+            for k, opt in (("g", self.opt_g), ("d", self.opt_d))
+        }
 
     @torch.no_grad()
     def update_ema(self, step: int) -> None:
         g = unwrap(self.g)
         # warm-up: early on the EMA follows G closely instead of lingering at the random init
         decay = min(self.ema_decay, (1 + step) / (10 + step))
+        if self.ema_beta is not None:
+            decay = self.ema_beta  # a schedule ramps the half-life up instead
         torch._foreach_lerp_(list(self.g_ema.parameters()), list(g.parameters()), 1.0 - decay)
         for eb, gb in zip(self.g_ema.buffers(), g.buffers(), strict=True):
             eb.copy_(gb)

@@ -259,6 +259,14 @@ def mean_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
     return values
 
 
+def sum_over_ranks(values: torch.Tensor, world: World) -> torch.Tensor:
+    """values summed element-wise over the ranks, on every rank: one collective."""
+    if world.distributed:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def gather_objects(obj, world: World) -> list:
     """obj from every rank, in rank order, on every rank."""
     if not world.distributed:
@@ -294,6 +302,22 @@ def value_holders(held: list[tuple[int, dict[str, str]]]) -> dict[str, dict[str,
             ordered = sorted(holders.items(), key=lambda item: min(item[1]))
             out[name] = {value: sorted(labels) for value, labels in ordered}
     return out
+
+
+def post(key: str, value: str, world: World) -> None:
+    """Set key to value on the process group's store (the rendezvous TCPStore), for the other
+    ranks' posted(): a message that needs no collective, so no peer waits in one."""
+    if world.distributed:
+        dist.distributed_c10d._get_default_store().set(key, value)
+
+
+def posted(key: str, world: World) -> str | None:
+    """key's value on the process group's store, or None while no rank has posted it; never
+    blocks (a store gone with its node raises, as a lost peer)."""
+    if not world.distributed:
+        return None
+    store = dist.distributed_c10d._get_default_store()
+    return store.get(key).decode() if store.check([key]) else None
 
 
 def broadcast_object(obj, world: World):

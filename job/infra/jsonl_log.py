@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+from collections.abc import Callable
 
 from job.infra.errors import DiskFullError
 from job.infra.local_store import atomic_write
@@ -23,14 +24,24 @@ class JsonlLog:
     appended to, so there the whole file is uploaded at sync(), which the checkpointer calls
     with every checkpoint (before the checkpoint's parts) and the run calls at its end. A
     checkpoint holds only the number of rows: the artifact, stored before it, holds the rows.
+    on_append(row): called with each new row (TensorBoardLog's view of the history).
     """
 
-    def __init__(self, key: str, writer: BackgroundWriter | NullWriter, store: Store):
+    def __init__(
+        self,
+        key: str,
+        writer: BackgroundWriter | NullWriter,
+        store: Store,
+        on_append: Callable[[dict], None] | None = None,
+    ):
         self.key, self.writer, self.store, self.rows = key, writer, store, []
         self.path = store.local_path(key) if isinstance(writer, BackgroundWriter) else None
+        self.on_append = on_append
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
+        if self.on_append is not None:
+            self.on_append(row)
         if self.path is not None:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,12 @@ RECORD_GAUGES: dict[str, tuple[str, str, bool]] = {
     "d_fake": ("gan_discriminator_fake_probability", "Mean D(G(z)) on fakes, 0..1", True),
     "grad_norm_d": ("gan_discriminator_grad_norm", "Discriminator gradient L2 norm", True),
     "grad_norm_g": ("gan_generator_grad_norm", "Generator gradient L2 norm", True),
+    # 0 unless GAN_AUGMENT=ada: no augmentation is a real value
+    "augment_p": (
+        "gan_augment_p",
+        "Probability of each adaptive augmentation (GAN_AUGMENT=ada; 0: none)",
+        False,
+    ),
     "gpu_memory_bytes": (
         "gan_gpu_memory_allocated_bytes",
         "GPU memory allocated by tensors",

@@ -262,7 +262,8 @@ class FidEvaluator:
     checkpointer saves and restores its history (the rows of eval.jsonl).
 
     cache, cache_key: where the real reference is cached (stats_key); real_images(n): n real
-    uint8 images, called only when the cache has no usable reference.
+    uint8 images, called only when the cache has no usable reference; row_fields(): what else
+    each row holds (GAN_AUGMENT=ada: augment_p).
     """
 
     def __init__(
@@ -280,8 +281,10 @@ class FidEvaluator:
         cache: Store | None = None,
         cache_key: str = "",
         real_images: Callable[[int], torch.Tensor] | None = None,
+        row_fields: Callable[[], dict] = dict,
     ):
         self.extractor, self.history, self.metrics, self.world = extractor, history, metrics, world
+        self.row_fields = row_fields
         self.every, self.num, self.seed = every, num, seed
         self.latent_dim, self.num_classes = latent_dim, num_classes
         self.cache, self.cache_key, self.real_images = cache, cache_key, real_images
@@ -418,6 +421,7 @@ class FidEvaluator:
             "num_real": self.num_real,
             "fid_sums": FID_SUMS,
             "seconds": round(seconds, 2),
+            **self.row_fields(),
         }
         log.info("%s at step %d (%s)", summary(values), step, self.extractor.name)
         self.metrics.observe_fid(found["fid"], self.extractor.name, images_seen)

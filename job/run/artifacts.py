@@ -10,12 +10,14 @@ import logging
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from job.gan.models import Arch
 from job.gan.sampling import fixed_inputs, generate, grid_png
-from job.infra import distributed
+from job.infra import distributed, watchdog
 from job.infra.store import Store
+from job.infra.tensorboard_log import TensorBoardLog
 from job.infra.writer import BackgroundWriter, NullWriter
 from job.run.checkpoint import serialize
 from job.run.report import write_report
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 GRID_SIZE = 64
 MAX_GRIDS_KEPT = 32  # grids held in memory for report.png (which shows 6 of them)
+REPORT_SECONDS = 120.0  # drawing report.png: a declared wait, not a stall
 _GRID_KEY = re.compile(r"^samples/step-(\d{8,})\.png$")
 
 
@@ -45,6 +48,16 @@ def thin(steps: Sequence[int], most: int) -> list[int]:
     return [steps[i] for i in sorted(picks)]
 
 
+def class_columns(images: torch.Tensor, labels: torch.Tensor | None) -> dict[str, bytes]:
+    """A conditional grid's columns, a PNG per class laid out as a row, which TensorBoard shows
+    whole where a column would be scaled to its first image (samples_per_class/class_3); none
+    without classes."""
+    if labels is None:
+        return {}
+    columns = {k: images[labels == k] for k in labels.unique().tolist()}
+    return {f"samples_per_class/class_{k}": grid_png(c, nrow=len(c)) for k, c in columns.items()}
+
+
 class RunArtifacts:
     def __init__(
         self,
@@ -57,10 +70,13 @@ class RunArtifacts:
         sample_every: int,
         seed: int,
         startup: list[str],
+        tensorboard: TensorBoardLog | None = None,
     ):
         """meta: the run's metadata (job/run/build.py run_meta); startup: the lines of the start-up
-        block after the first, which says where the run starts."""
+        block after the first, which says where the run starts; tensorboard: where grids go
+        too (GAN_TENSORBOARD)."""
         self.store, self.writer, self.world, self.meta = store, writer, world, meta
+        self.tensorboard = tensorboard
         self.arch, self.sample_every, self.seed, self.startup = arch, sample_every, seed, startup
         self.grids: dict[int, bytes] = {}  # step -> PNG, for the report
 
@@ -103,17 +119,24 @@ class RunArtifacts:
             self.arch.latent_dim, GRID_SIZE, self.arch.num_classes, self.seed, self.world.device
         )
         nrow = self.arch.num_classes if self.arch.num_classes else 8
-        png = grid_png(generate(g_ema, z, labels), nrow=nrow)
+        images = generate(g_ema, z, labels)
+        png = grid_png(images, nrow=nrow)
         self.grids[step] = png
         for dropped in set(self.grids) - set(thin(sorted(self.grids), MAX_GRIDS_KEPT)):
             del self.grids[dropped]
         self.writer.submit(grid_key(step), data=png, droppable=True)
+        if self.tensorboard is not None:
+            self.tensorboard.images(step, {"samples/grid": png, **class_columns(images, labels)})
 
     def report(self, records: list[dict], evals: list[dict]) -> None:
         """report.png: losses, D outputs and FID against images seen, and grids over time."""
         if not self.world.is_main:
             return
-        png = write_report(records, evals, sorted(self.grids.items()), title=self.meta["run_id"])
+        # drawing is bounded work that can outlast a short stall timeout on a loaded machine
+        with watchdog.waiting("drawing report.png", REPORT_SECONDS):
+            png = write_report(
+                records, evals, sorted(self.grids.items()), title=self.meta["run_id"]
+            )
         self.writer.submit("report.png", data=png, replace=True)
 
     def export_generator(self, g_ema: nn.Module, step: int) -> None:

@@ -12,14 +12,17 @@ from dataclasses import dataclass
 from job.data import batching, shards
 from job.data import datasets as data
 from job.data.source import BatchSource, real_images
+from job.gan.ada import AdaptiveAugment
 from job.gan.models import Arch
 from job.gan.networks import Networks
+from job.gan.r3schedule import R3Schedule, half_life
 from job.gan.step import GanStep, Recipe, amp_enabled
 from job.infra import distributed, threads, watchdog
 from job.infra.jsonl_log import JsonlLog
 from job.infra.metrics import Metrics
 from job.infra.store import Store
 from job.infra.stores import copy_dir, download_prefix, open_store
+from job.infra.tensorboard_log import TensorBoardLog
 from job.infra.writer import BackgroundWriter, NullWriter
 from job.quality.evaluator import FidEvaluator, fid_num_samples
 from job.quality.extractors import Extractor, load_extractor
@@ -113,17 +116,28 @@ def _build_parts(
     extractor = _extractor(s, images, world)
     nets = _networks(s, arch, world)
     source = batch_source(s, images, world, plan.per_process, _loader_workers(s, used))
+    ada = _ada(s, world)
     gan_step = GanStep(
-        nets, _recipe(s, world), device=world.device, micro_batches=plan.accumulation
+        nets,
+        _recipe(s, world),
+        device=world.device,
+        micro_batches=plan.accumulation,
+        ada=ada,
+        schedule=_schedule(s, plan.global_batch),
+        images_seen=lambda: budget.state.images_seen,
+        world_size=world.world_size,
     )
     budget = _budget(s, world, lock)
     writer = _writer(s, store, metrics, world, budget.stop)
-    progress = _progress(s, metrics, JsonlLog("metrics.jsonl", writer, store), world, budget)
+    tb = TensorBoardLog(store, writer, lambda: budget.step) if s.tensorboard else None
+    rows = ada.record if ada else dict  # fields of every metrics.jsonl and eval.jsonl row
+    history = JsonlLog("metrics.jsonl", writer, store, tb and tb.train)
+    progress = _progress(s, metrics, history, world, budget, rows)
     fid_line = _fid_line(s, extractor, world)
     startup = startup_lines(s, store.uri, images, arch, fid_line, world, plan, used)
-    artifacts = _artifacts(s, store, writer, world, arch, startup)
+    artifacts = _artifacts(s, store, writer, world, arch, startup, tb)
     best = _best(s, world, artifacts, metrics)
-    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images)
+    fid = _fid(s, world, metrics, root, writer, store, extractor, arch, images, rows, tb)
     components = {
         "run": budget,
         "nets": nets,
@@ -133,6 +147,8 @@ def _build_parts(
         "records": progress,
         "evals": fid,
         "best": best,
+        **({"tensorboard": tb} if tb else {}),
+        **({"augment": ada} if ada else {}),
     }
     return Parts(
         world=world,
@@ -193,8 +209,9 @@ def _wrap(s: Settings, world: distributed.World) -> dict:
     }
 
 
-def _progress(s, metrics, history, world, budget) -> MetricsProcessor:
+def _progress(s, metrics, history, world, budget, rows) -> MetricsProcessor:
     return MetricsProcessor(
+        row_fields=rows,
         metrics=metrics,
         history=history,
         world=world,
@@ -204,7 +221,7 @@ def _progress(s, metrics, history, world, budget) -> MetricsProcessor:
     )
 
 
-def _artifacts(s, store, writer, world, arch, startup) -> RunArtifacts:
+def _artifacts(s, store, writer, world, arch, startup, tb) -> RunArtifacts:
     return RunArtifacts(
         store=store,
         writer=writer,
@@ -214,6 +231,7 @@ def _artifacts(s, store, writer, world, arch, startup) -> RunArtifacts:
         sample_every=s.sample_every,
         seed=s.seed,
         startup=startup,
+        tensorboard=tb,
     )
 
 
@@ -248,9 +266,25 @@ def _recipe(s: Settings, world: distributed.World) -> Recipe:
         label_smoothing=s.label_smoothing,
         r1_gamma=s.r1_gamma,
         r1_every=s.r1_every,
+        r2_gamma=s.r2_gamma,
         diffaugment=s.diffaugment,
         amp=amp_enabled(s.amp, world.device),
     )
+
+
+def _ada(s: Settings, world: distributed.World) -> AdaptiveAugment | None:
+    if s.augment != "ada":
+        return None
+    return AdaptiveAugment(
+        world, target=s.ada_target, interval=s.ada_interval, speed_images=s.ada_speed_images
+    )
+
+
+def _schedule(s: Settings, global_batch: int) -> R3Schedule | None:
+    if s.schedule == "none":
+        return None
+    horizon = s.schedule_images or s.max_steps * global_batch
+    return R3Schedule(horizon, s.beta2, half_life(s.ema_decay, global_batch))
 
 
 def _budget(s: Settings, world: distributed.World, lock: RunLock) -> Budget:
@@ -371,7 +405,7 @@ def _best(s, world, artifacts, metrics) -> BestGenerator:
     )
 
 
-def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> FidEvaluator:
+def _fid(s, world, metrics, root, writer, store, extractor, arch, images, rows, tb) -> FidEvaluator:
     key = (
         stats_key(s.dataset, arch.image_size, extractor, _fid_num(s, world), s.seed)
         if extractor
@@ -379,7 +413,7 @@ def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> Fid
     )
     return FidEvaluator(
         extractor=extractor,
-        history=JsonlLog("eval.jsonl", writer, store),
+        history=JsonlLog("eval.jsonl", writer, store, tb and tb.evaluation),
         metrics=metrics,
         world=world,
         every=s.fid_every,
@@ -390,6 +424,7 @@ def _fid(s, world, metrics, root, writer, store, extractor, arch, images) -> Fid
         cache=root.child("fid-stats"),
         cache_key=key,
         real_images=lambda n: real_images(images, n, s.seed)[0],
+        row_fields=rows,
     )
 
 

@@ -34,8 +34,11 @@ class MetricsProcessor:
         log_every: int,
         max_steps: int,
         time_left: Callable[[], float],
+        row_fields: Callable[[], dict[str, Any]] = dict,
     ):
+        """row_fields(): what else each record holds (GAN_AUGMENT=ada: augment_p)."""
         self.metrics, self.history, self.world = metrics, history, world
+        self.row_fields = row_fields
         self.log_every, self.max_steps, self.time_left = log_every, max_steps, time_left
         self.restart_window()
 
@@ -62,6 +65,7 @@ class MetricsProcessor:
             "images_per_s": round(self.window_images / max(elapsed, 1e-9), 1),
             "step_s": round(step_s, 5),
             **{k: round(v, 5) for k, v in zip(stats, values.tolist(), strict=True)},
+            **self.row_fields(),
             "time": round(time.time(), 3),
         }
         self.restart_window()

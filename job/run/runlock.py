@@ -5,11 +5,11 @@ writes `lock.json` (its owner id, a renewal counter and its lease) and renews it
 lease; a second job that finds the lock watches it for up to one lease, the longer of its own and
 the holder's: if it is renewed, its holder is alive and the second job stops (exit 11); if not,
 the holder died without releasing it (SIGKILL, a lost node) and the lock is taken over. That
-wait is bounded by the lease: the watchdog counts it as a declared wait, not a stall. Stores
-have no compare-and-swap that S3 and a folder share, so a job that writes the lock reads it back
-after a moment: of two jobs that wrote at once, only the last writer goes on. A job whose lock
-was taken over (its store unreachable for longer than a lease) sees a foreign owner at its next
-renewal and stops.
+wait is bounded by the lease: the watchdog counts it as a declared wait, not a stall, on every
+rank (see take()). Stores have no compare-and-swap that S3 and a folder share, so a job that
+writes the lock reads it back after a moment: of two jobs that wrote at once, only the last
+writer goes on. A job whose lock was taken over (its store unreachable for longer than a lease)
+sees a foreign owner at its next renewal and stops.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from job.infra import distributed, watchdog
 from job.infra.errors import JobError, RunLockedError, StorageError
@@ -30,6 +31,9 @@ from job.infra.store import Store
 log = logging.getLogger(__name__)
 LOCK_KEY = "lock.json"
 RELEASE_SECONDS = 5.0
+# rank 0's news for ranks 1+ on the rendezvous store: "<seconds> <holder>" while it waits, "done"
+_NEWS, _DONE = "gan-job/run-lock", "done"
+POLL_SECONDS = 0.2
 
 
 class RunLock:
@@ -41,13 +45,14 @@ class RunLock:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self) -> None:
-        """Take the lock, waiting up to one lease for a silent holder; RunLockedError if a live
-        job holds it. Interrupted once it wrote the lock (a signal, a failure), it removes the
-        lock if still ours, within RELEASE_SECONDS, and re-raises."""
+    def acquire(self, on_wait: Callable[[str, float], None] = lambda owner, seconds: None) -> None:
+        """Take the lock, waiting up to one lease for a silent holder (told first to on_wait:
+        the holder and the seconds); RunLockedError if a live job holds it. Interrupted once it
+        wrote the lock (a signal, a failure), it removes the lock if still ours, within
+        RELEASE_SECONDS, and re-raises."""
         held = self._read()
         if held is not None and held["owner"] != self.owner:
-            self._wait_for_silence(held)
+            self._wait_for_silence(held, on_wait)
         try:
             self._write()
             time.sleep(self.settle)
@@ -90,7 +95,7 @@ class RunLock:
         except StorageError as exc:
             log.warning("could not remove the run lock (%s): the next job waits one lease", exc)
 
-    def _wait_for_silence(self, held: dict) -> None:
+    def _wait_for_silence(self, held: dict, on_wait: Callable[[str, float], None]) -> None:
         theirs = _lease_of(held)
         wait = max(self.lease, theirs or 0.0)
         if theirs is None:
@@ -103,6 +108,7 @@ class RunLock:
             "run lock held by %s: waiting up to %g s (%s) to see whether it is alive",
             held["owner"], wait, why,
         )  # fmt: skip
+        on_wait(held["owner"], wait)
         deadline = time.monotonic() + wait
         with watchdog.waiting(f"waiting for the run lock of {held['owner']} to lapse", wait):
             while time.monotonic() < deadline:
@@ -166,16 +172,43 @@ def _lease_of(held: dict) -> float | None:
 
 
 def take(store: Store, lock: RunLock, world: distributed.World) -> None:
-    """Rank 0 checks the store and takes the run lock before any work; all ranks agree."""
+    """Rank 0 checks the store and takes the run lock before any work; all ranks agree.
+
+    Ranks 1+ wait for rank 0 on the rendezvous store, not in a collective: rank 0 may wait up
+    to a lease for a killed job's lock (the holder's lease, which can be a day), longer than the
+    stall timeout, which is also the process group's. Rank 0 posts how long it waits, and they
+    declare that same wait to their watchdog: as long as rank 0's and no longer, so that a rank 0
+    gone silent still ends them, with the wait named."""
     refused: Exception | None = None
     if world.is_main:
         try:
             store.check()
-            lock.acquire()
+            lock.acquire(lambda holder, s: distributed.post(_NEWS, f"{s:g} {holder}", world))
         except JobError as exc:
             refused = exc
+        distributed.post(_NEWS, _DONE, world)
+    else:
+        _follow_rank_0(world)
     (failed,) = distributed.any_rank_each([refused is not None], world)
     if refused is not None:
         raise refused
     if failed:
         raise RunLockedError("rank 0 could not check the store or take the run lock")
+
+
+def _follow_rank_0(world: distributed.World) -> None:
+    watchdog.beat("waiting for rank 0 to check the store and read the run lock")
+    news = _poll(world, lambda news: True)
+    if news == _DONE:
+        return
+    seconds, holder = news.split(" ", 1)
+    log.info("waiting up to %s s for rank 0, which waits for the run lock of %s", seconds, holder)
+    phase = f"waiting for rank 0, which waits up to {seconds} s for the run lock of {holder}"
+    with watchdog.waiting(phase, float(seconds)):
+        _poll(world, lambda news: news == _DONE)
+
+
+def _poll(world: distributed.World, wanted: Callable[[str], bool]) -> str:
+    while (news := distributed.posted(_NEWS, world)) is None or not wanted(news):
+        time.sleep(POLL_SECONDS)
+    return news

@@ -130,6 +130,7 @@ class Trainer:
             "images_seen": st.images_seen,
             "skipped_images": self.source.skipped_images,
             **self.gan_step.grad_norms(),
+            **self.nets.learning_rates(),
             **self.source.stats(),
         }
         if self.world.device.type == "cuda":
