@@ -62,6 +62,15 @@ def _stop_at_once(signum, frame) -> None:
         logging.getLogger("job").warning("%s again: ignored, the job is already stopping", name)
 
 
+def _stop_tool(signum, frame) -> None:
+    """A subcommand stopped by a signal: raised where it runs, so that its `finally` blocks
+    remove its unfinished files; the exit status is the shell's for that signal (128 + it)."""
+    name = signal.Signals(signum).name
+    stopped = Stopped(f"stopped by {name}: unfinished files removed, nothing more written")
+    stopped.exit_code = 128 + signum
+    raise stopped
+
+
 def _ignore_stop_signals() -> None:
     """Interpreter shutdown puts the default handlers back, under which a late SIGTERM would turn
     the exit status the job decided on into 143 (SIGINT: 130, SIGHUP: 129)."""
@@ -141,6 +150,8 @@ def _run(argv: list[str]) -> int:
     log = logging.getLogger("job")
     try:
         if argv and argv[0] in SUBCOMMANDS:
+            for sig in launcher.stop_signals():  # sweep takes them over for its children
+                signal.signal(sig, _stop_tool)
             command = importlib.import_module(SUBCOMMANDS[argv[0]])
             return command.main(argv[1:])
         dry_run = argv == [DRY_RUN_FLAG]

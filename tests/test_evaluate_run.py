@@ -66,7 +66,7 @@ def test_gan_job_evaluate_prints_a_table_and_a_json_line_and_leaves_the_run_alon
     assert evaluate_main([str(run), "--num", "60"]) == 0
     printed = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert printed | {"seconds": 0} == values | {"seconds": 0}
-    with pytest.raises(SettingsError, match="--num 3: expected an integer >= 10"):
+    with pytest.raises(SettingsError, match="--num 3: expected an integer from 10 to 1000000"):
         evaluate_main([str(run), "--num", "3"])
 
 

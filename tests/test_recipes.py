@@ -190,8 +190,30 @@ def test_a_recipe_leaves_r1_out_of_a_compiled_run_instead_of_refusing_it():
 def test_auto_recipe_is_fast28_only_for_28px_grayscale_dcgan():
     assert load_settings({}).recipe == "fast28"  # the default: Fashion-MNIST, 28 px, dcgan
     assert load_settings({"GAN_DATASET": "kmnist"}).recipe == "fast28"
-    for other in ({"GAN_DATASET": "cifar10"}, {"GAN_IMAGE_SIZE": "64"}, {"GAN_MODEL": "mlp"}):
+    for other in ({"GAN_IMAGE_SIZE": "64"}, {"GAN_MODEL": "mlp"}, {"GAN_IMAGE_SIZE": "32"}):
         assert load_settings(other).recipe == "custom", other
+
+
+def test_auto_recipe_is_color32_for_color_data_at_32px_with_dcgan(tmp_path):
+    folder = {"GAN_DATASET": f"folder:{tmp_path}"}
+    color = load_settings({**folder, "GAN_IMAGE_SIZE": "32"})
+    assert color.recipe == "color32"
+    for name, value in RECIPES["color32"].items():
+        assert getattr(color, name) == value, name
+    assert load_settings({"GAN_DATASET": "cifar10"}).recipe == "color32"  # its own 32 px
+    assert load_settings({}).recipe == "fast28"  # 28 px grayscale keeps its own
+    mine = load_settings({**folder, "GAN_IMAGE_SIZE": "32", "GAN_WIDTH": "48"})
+    assert (mine.recipe, mine.width) == ("color32", 48)
+    others = (
+        folder,  # folders default to 64 px
+        {**folder, "GAN_IMAGE_SIZE": "64"},
+        {**folder, "GAN_IMAGE_SIZE": "32", "GAN_MODEL": "r3gan"},
+        {"GAN_DATASET": "cifar10", "GAN_IMAGE_SIZE": "64"},
+        {"GAN_DATASET": "mnist", "GAN_IMAGE_SIZE": "32"},  # grayscale at 32 px
+    )
+    for other in others:
+        assert load_settings(other).recipe == "custom", other
+    assert load_settings({**folder, "GAN_IMAGE_SIZE": "32", "GAN_RECIPE": "custom"}).width == 64
 
 
 def problems(env):

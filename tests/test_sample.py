@@ -337,7 +337,7 @@ def test_bad_sampling_flags_exit_2_naming_each_flag_before_any_work(tmp_path):
                      "--seeds", "3-1", "--interpolate", "--steps", "1",
                      "--truncation", "0")  # fmt: skip
     assert result.returncode == errors.EXIT_SETTINGS, result.stdout + result.stderr
-    for problem in ("--seeds 3-1: the range 3-1 goes down", "--steps 1: expected an integer >= 2",
+    for problem in ("--seeds 3-1: the range 3-1 goes down", "--steps 1: expected an integer from 2 to 1000",
                     "--truncation 0.0: expected 0 < PSI <= 1"):  # fmt: skip
         assert problem in result.stdout
     result = run_job(job_env(tmp_path), "sample", "--checkpoint", "/nonexistent", "--out", out,

@@ -86,6 +86,24 @@ def plan_from_settings(
     return chosen
 
 
+MIN_MICRO_BATCH = {"mlp": 2}  # its BatchNorm1d cannot train on one value per channel
+
+
+def check_micro_batch(chosen: BatchPlan, model: str, given: str) -> None:
+    """SettingsError when model cannot train on chosen's micro-batches (given: the settings
+    that chose them, for the message)."""
+    least = MIN_MICRO_BATCH.get(model, 1)
+    if chosen.micro_batch < least:
+        raise SettingsError(
+            [
+                f"GAN_MODEL={model} with micro-batches of {chosen.micro_batch} image ({given}: "
+                f"{chosen.describe()}): its BatchNorm needs at least {least} images per "
+                "micro-batch: expected a larger GAN_BATCH_SIZE or GAN_GLOBAL_BATCH_SIZE, a "
+                "GAN_MICRO_BATCH_SIZE that divides the batch per process, or GAN_MODEL=dcgan"
+            ]
+        )
+
+
 class GlobalBatch:
     """The checkpoint's `batch`: the global batch trained with, and the GAN_BATCH_SIZE that
     gave it. apply(plan) resizes the batch source and the step to a plan adopted on resume."""

@@ -206,14 +206,62 @@ def _cifar_batches(data_dir: Path, split: str = "train") -> list[Path] | None:
     return files if all(f.is_file() for f in files) else None
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """CIFAR-10's batch files are pickles of a dict of lists and one numpy array: this
+    unpickler builds those and refuses any other Python object a file names (a full unpickler
+    would call it: a planted batch file would run code)."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # bytes in a protocol-2 pickle written by Python 3
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names the Python object {module}.{name}, refused")
+        return super().find_class(module, name)
+
+
+def extract_archive(archive: Path, data_dir: Path) -> None:
+    """archive's files and folders into data_dir, or DataError naming it, before anything is
+    written, when it is no tar or a member would land outside data_dir (an absolute path, ..,
+    a link or device). tarfile's "data" filter, where this Python has it, checks again."""
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+            root = data_dir.resolve()
+            for m in members:
+                where = (root / m.name).resolve()
+                if not (m.isfile() or m.isdir()):
+                    why = "is a link or special file (only files and folders are extracted)"
+                elif not where.is_relative_to(root):
+                    why = "would land outside the data folder"
+                else:
+                    continue
+                raise DataError(
+                    f"{archive}: member {m.name!r} {why}: nothing extracted, nothing written "
+                    f"outside {data_dir}; expected CIFAR-10's cifar-10-python.tar.gz"
+                )
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(data_dir, members=members, filter="data")
+            else:  # Python before 3.12: the checks above are all there is
+                tar.extractall(data_dir, members=members)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise DataError(f"{archive}: not a tar archive, or damaged ({exc})") from exc
+
+
 def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> ImageData:
     """A CIFAR-10 split (train: data_batch_1-5, test: test_batch) from cifar-10-batches-py/
     (extracted, packed, or downloaded)."""
     files = _cifar_batches(data_dir, split)
     archive = data_dir / "cifar-10-python.tar.gz"
     if files is None and archive.is_file():
-        with tarfile.open(archive) as tar:
-            tar.extractall(data_dir, filter="data")
+        extract_archive(archive, data_dir)
         files = _cifar_batches(data_dir, split)
     if files is None:
         import torchvision.datasets as tvd
@@ -232,7 +280,7 @@ def load_cifar10(data_dir: Path, conditional: bool, split: str = "train") -> Ima
     for path in files:
         try:
             with open(path, "rb") as f:
-                batch = pickle.load(f, encoding="latin1")
+                batch = _BatchUnpickler(f, encoding="latin1").load()
             images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             labels.extend(batch["labels"])
         except Exception as exc:  # noqa: BLE001 - truncated or foreign file

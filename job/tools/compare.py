@@ -32,6 +32,8 @@ from PIL import Image
 from job.infra.errors import SettingsError
 from job.infra.store import Store
 from job.infra.stores import open_store
+from job.run import outputs
+from job.run.generator_file import read_config
 from job.run.report import WIDTH_IN, fid_sums, no_data, setup_axes, widen_single_x
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,7 @@ def find_runs(uri: str, endpoint_url: str | None = None) -> list[tuple[str, Stor
 
 
 def read_run(uri: str, store: Store) -> Run:
-    config = json.loads(store.get_bytes("config.json"))
+    config = read_config(store)
     grids = sorted(k for k in store.list("samples/") if k.endswith(".png"))
     return Run(
         name=str(config.get("run_id") or uri.rstrip("/").rsplit("/", 1)[-1]),
@@ -313,8 +315,14 @@ def main(argv: list[str]) -> int:
         description="Compare runs: a table (terminal and compare.csv) and compare.png.",
     )
     parser.add_argument("uris", nargs="+", metavar="URI", help="run or sweep: folder or s3://")
-    parser.add_argument("--out", default=".", help="folder for compare.csv and compare.png")
+    parser.add_argument(
+        "--out",
+        default=".",
+        help="folder (or s3:// prefix, uploaded to) for compare.csv and compare.png",
+    )
     args = parser.parse_args(argv)
+    if problems := _out_problems(args.out):
+        raise SettingsError(problems)
     endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
     found = [run for uri in args.uris for run in find_runs(uri, endpoint)]
     runs = [read_run(uri, store) for uri, store in found]
@@ -322,8 +330,6 @@ def main(argv: list[str]) -> int:
     for r in runs:
         if names.count(r.name) > 1:
             r.name = r.uri
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = table(runs)
     sums = {r.name: fid_sums(fids[-1]) for r in runs if (fids := r.fids())}
     old = [name for name, kind in sums.items() if kind == "float32"]
@@ -333,8 +339,19 @@ def main(argv: list[str]) -> int:
             "point lower than the others' (docs/metrics.md); re-evaluate with `gan-job evaluate`",
             ", ".join(old),
         )
-    write_csv(rows, out / "compare.csv")
-    write_png(runs, out / "compare.png")
+    with outputs.local_folder(args.out, endpoint) as out:
+        out.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, out / "compare.csv")
+        write_png(runs, out / "compare.png")
     print(format_table(rows))
-    log.info("wrote %s and %s", out / "compare.csv", out / "compare.png")
+    log.info("wrote compare.csv and compare.png in %s", args.out)
     return 0
+
+
+def _out_problems(out: str) -> list[str]:
+    """What is wrong with the --out folder, before any work."""
+    if "://" in out:
+        return outputs.uri_problems(out.rstrip("/") + "/compare.csv")
+    if Path(out).exists() and not Path(out).is_dir():
+        return [f"--out {out}: is a file, expected a folder"]
+    return outputs.out_file_problems(str(Path(out) / "compare.csv"))

@@ -21,17 +21,20 @@ import torch
 from job.data import datasets as data
 from job.data import source
 from job.data.folder import background_rgb
-from job.gan.models import Arch, build_generator
+from job.gan.models import Arch
 from job.gan.truncation import TRUNCATION_HELP, Truncated
 from job.infra.errors import CheckpointError, SettingsError
 from job.infra.stores import download_prefix, open_store
 from job.quality import evaluator, extractors, reference, scores
-from job.run import checkpoint
-from job.run.generator_file import BEST_EXPORT, load_generator
+from job.run import checkpoint, outputs
+from job.run.generator_file import BEST_EXPORT, load_generator, read_config, rebuild
 
 log = logging.getLogger(__name__)
 
 MIN_NUM = 10
+MAX_NUM = 1_000_000  # samples (and real images): 20 times the 50,000 of the usual FID
+MAX_SEED = 2**64 - 1  # the largest torch.Generator seed
+MAX_BATCH = 65_536
 
 
 def load_run(
@@ -43,11 +46,8 @@ def load_run(
     found = checkpoint.load_from(uri, endpoint_url) if which == "final" else None
     if found is not None:
         step, state = found
-        arch_dict, weights = checkpoint.generator_state(state)
-        arch = Arch(**arch_dict)
-        g = build_generator(arch)
-        g.load_state_dict(weights)
-        return g.eval(), arch, state["meta"]["settings"], step
+        g, arch = rebuild(state, f"{uri}: checkpoint of step {step}")
+        return g, arch, state["meta"]["settings"], step
     store = open_store(uri, endpoint_url)
     export = BEST_EXPORT if which == "best" else "final/generator.pt"
     if which == "best" and not store.exists(BEST_EXPORT):
@@ -58,7 +58,7 @@ def load_run(
     g, arch = load_generator(uri, endpoint_url, which)  # the export, or a clear error
     if not store.exists("config.json"):
         raise CheckpointError(f"{uri}: no config.json beside {export}: not a run")
-    settings = json.loads(store.get_bytes("config.json"))["settings"]
+    settings = read_config(store)["settings"]
     saved = checkpoint.load_pt(store.get_bytes(export), f"{uri}/{export}", "generator export")
     return g, arch, settings, saved.get("step")
 
@@ -101,7 +101,12 @@ def table(values: dict) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gan-job evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("run", metavar="RUN", help="run folder or s3:// run prefix (or a checkpoint)")
-    p.add_argument("--num", type=int, default=10_000, help="samples and real images (10000)")
+    p.add_argument(
+        "--num",
+        type=int,
+        default=10_000,
+        help=f"samples and real images, {MIN_NUM} to {MAX_NUM} (10000)",
+    )
     p.add_argument(
         "--which",
         choices=("final", "best"),
@@ -116,39 +121,55 @@ def _parser() -> argparse.ArgumentParser:
         help="TorchScript extractor (`gan-job features`), or inception; default: the run's "
         "GAN_FID_FEATURES",
     )
-    p.add_argument("--out", default=None, help="write the JSON line here instead of stdout")
     p.add_argument(
-        "--seed", type=int, default=None, help="noise seed (default: the run's FID seed)"
+        "--out",
+        default=None,
+        help="write the JSON line to this file (or s3:// URI) instead of stdout",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="noise seed, 0 to 2**64-1 (default: the run's FID seed)",
     )
     p.add_argument(
         "--data-dir", default=None, help="where the dataset is (default: the run's GAN_DATA_DIR)"
     )
-    p.add_argument("--batch-size", type=int, default=500, help="images generated at a time")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=500,
+        help=f"images generated at a time, 1 to {MAX_BATCH} (500)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     return p
 
 
 def _check(args: argparse.Namespace) -> None:
-    problems = [f"--num {args.num}: expected an integer >= {MIN_NUM}"] if args.num < MIN_NUM else []
-    if args.batch_size < 1:
-        problems.append(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    problems = [
+        f"{flag} {value}: expected an integer from {low} to {high}"
+        for flag, value, low, high in (
+            ("--num", args.num, MIN_NUM, MAX_NUM),
+            ("--seed", args.seed, 0, MAX_SEED),
+            ("--batch-size", args.batch_size, 1, MAX_BATCH),
+        )
+        if value is not None and not low <= value <= high
+    ]
     if not 0 < args.truncation <= 1:
         problems.append(f"--truncation {args.truncation}: expected 0 < PSI <= 1")
     if args.device == "cuda" and not torch.cuda.is_available():
         problems.append("--device cuda: no CUDA device available")
-    if args.out and Path(args.out).is_dir():
-        problems.append(f"--out {args.out}: is a folder, expected a file name")
+    if args.out:
+        problems += outputs.out_file_problems(args.out)
     if problems:
         raise SettingsError(problems)
 
 
-def _write(line: str, out: str | None) -> None:
-    """The result's JSON line to --out, or to stdout."""
+def _write(line: str, out: str | None, endpoint: str | None) -> None:
+    """The result's JSON line to --out (a file or s3:// URI), or to stdout."""
     if out:
-        path = Path(out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(line + "\n")
-        log.info("wrote %s", path)
+        outputs.write_bytes(out, (line + "\n").encode(), endpoint)
+        log.info("wrote %s", out)
     else:
         print(line)
 
@@ -214,5 +235,5 @@ def main(argv: list[str]) -> int:
     truncated = f", truncation {args.truncation}" if args.truncation < 1 else ""
     print(f"{args.run}, {args.which}, at step {step} ({extractor.name}{truncated}):")
     print(table(values))
-    _write(json.dumps(values), args.out)
+    _write(json.dumps(values), args.out, endpoint)
     return 0

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from job.gan.models import Arch, build_generator
+from job.gan.models import Arch
 from job.infra.errors import CheckpointError, DiskFullError, SettingsError, StorageError
 from job.infra.secrets import redact, redact_values
 from job.infra.store import Store
 from job.infra.stores import open_store
-from job.run import checkpoint
-from job.run.generator_file import BEST_EXPORT, read_pt, what_it_is
+from job.run import checkpoint, outputs
+from job.run.generator_file import BEST_EXPORT, read_config, read_pt, rebuild, what_it_is
 
 FORMATS = {".pt": "torchscript", ".pt2": "torch.export", ".onnx": "onnx"}
 ONNX_PACKAGES = ("onnx", "onnxscript")
@@ -90,17 +90,8 @@ def _run_of(uri: str, endpoint_url: str | None) -> Store | None:
 def generator(source: Source) -> tuple[nn.Module, Arch]:
     """The EMA generator in eval mode, float32 on the CPU; CheckpointError when the state has
     none or its weights do not fit its architecture."""
-    found = checkpoint.generator_state(source.state)
-    if found is None:
-        raise CheckpointError(f"{source.uri}: a dict without a generator, not a {EXPECTED}")
-    try:
-        arch = Arch(**found[0])
-        g = build_generator(arch)
-        g.load_state_dict(found[1])
-    except (TypeError, ValueError, RuntimeError) as exc:
-        why = str(exc).splitlines()[0]
-        raise CheckpointError(f"{source.uri}: its generator cannot be rebuilt ({why})") from exc
-    return g.float().eval(), arch
+    g, arch = rebuild(source.state, source.uri, EXPECTED)
+    return g.float(), arch
 
 
 class Images(nn.Module):
@@ -198,7 +189,7 @@ def _facts(source: Source) -> dict:
     step = state.get("step") if is_export else saved["run"]["step"]
     evaluated = _jsonl_row(source.run, "eval.jsonl", step) or state.get("scores")
     logged = _jsonl_row(source.run, "metrics.jsonl", step) or {}
-    config = json.loads(source.run.get_bytes("config.json")) if source.run else {}
+    config = read_config(source.run) if source.run else {}
     meta = {**config, **saved.get("meta", {})}
     images = saved["run"]["images_seen"] if saved else None
     if images is None:
@@ -333,8 +324,10 @@ def card_paths(out: Path) -> tuple[Path, Path]:
     return tuple(out.with_name(out.name + suffix) for suffix in CARD_SUFFIXES)
 
 
-def check_out(out: Path) -> list[str]:
-    """What is wrong with --out, before any work. A missing folder is created later."""
+def check_out(uri: str) -> list[str]:
+    """What is wrong with --out (a path or s3:// URI), before any work. A missing folder is
+    created later."""
+    out = Path(uri)
     if out.suffix not in FORMATS:
         return [f"--out {out}: expected a file name ending in {', '.join(FORMATS)}"]
     if out.is_dir():
@@ -345,12 +338,7 @@ def check_out(out: Path) -> list[str]:
             f"--out {out}: ONNX needs the {' and '.join(missing)} package(s), not installed: "
             f"pip install {' '.join(missing)}, or write a .pt (TorchScript) or .pt2 (torch.export)"
         ]
-    folder = next(p for p in out.absolute().parents if p.exists())
-    if not folder.is_dir():
-        return [f"--out {out}: {folder} is a file, not a folder"]
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return [f"--out {out}: cannot write in {folder} (permission denied)"]
-    return []
+    return outputs.out_file_problems(uri)
 
 
 def write_all(out: Path, files: dict[Path, bytes]) -> None:
@@ -395,17 +383,21 @@ def main(argv: list[str]) -> int:
         "or best/generator.pt, the best evaluated step",
     )
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if problems := check_out(out):
+    if problems := check_out(args.out):
         raise SettingsError(problems)
-    source = locate(args.source, os.environ.get("GAN_S3_ENDPOINT_URL") or None, args.which)
+    endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
+    source = locate(args.source, endpoint, args.which)
     g, arch = generator(source)
-    data = serialize(g, arch, FORMATS[out.suffix])
-    facts = card(source, arch, out, data)
-    as_json, as_md = card_paths(out)
-    texts = {as_json: json.dumps(facts, indent=2) + "\n", as_md: card_markdown(facts)}
-    write_all(out, {out: data, **{p: t.encode() for p, t in texts.items()}})
+    folder, name = outputs.split(args.out)
+    with outputs.local_folder(folder, endpoint) as local:
+        out = local / name
+        data = serialize(g, arch, FORMATS[out.suffix])
+        facts = card(source, arch, out, data)
+        as_json, as_md = card_paths(out)
+        texts = {as_json: json.dumps(facts, indent=2) + "\n", as_md: card_markdown(facts)}
+        write_all(out, {out: data, **{p: t.encode() for p, t in texts.items()}})
     print(
-        f"wrote {out} ({facts['format']}, sha256 {facts['sha256']}), {as_json.name}, {as_md.name}"
+        f"wrote {args.out} ({facts['format']}, sha256 {facts['sha256']}), {as_json.name}, "
+        f"{as_md.name}"
     )
     return 0

@@ -23,6 +23,7 @@ from job.gan import sampling
 from job.gan.models import Arch
 from job.gan.truncation import TRUNCATION_HELP, truncate
 from job.infra.errors import DiskFullError, SettingsError, StorageError
+from job.run import outputs
 from job.run.generator_file import load_generator
 
 BATCH = 512  # images generated and written at a time
@@ -30,6 +31,8 @@ MAX_GRID = 1024  # images in a .png grid (32 x 32)
 MAX_SEEDS = 1_000_000  # seeds in one --seeds
 MAX_SEED = 2**64 - 1  # the largest torch.Generator seed
 DEFAULT_STEPS = 8  # --interpolate: images per row
+MAX_STEPS = 1000  # --interpolate: images per row at most
+MAX_INTERPOLATED = 100_000  # --interpolate: images in all (their z are held at once)
 FRAME_MS = 100  # --interpolate into a .gif: time per frame
 
 Inputs = tuple[torch.Tensor, torch.Tensor | None]  # z (n x latent_dim) and labels (n) or None
@@ -125,9 +128,10 @@ def render(
             yield images[..., 0] if arch.channels == 1 else images
 
 
-def check_out(out: Path, count: int | None, what: str, gif: bool = False) -> list[str]:
-    """What is wrong with --out for count images (what: the flags that asked for them), before
-    any work. A missing folder is created."""
+def check_out(out: str, count: int | None, what: str, gif: bool = False) -> list[str]:
+    """What is wrong with --out (a path or s3:// URI) for count images (what: the flags that
+    asked for them), before any work. A missing folder is created."""
+    uri, out = out, Path(out)
     kinds = (".npy", ".png", ".gif") if gif else (".npy", ".png")
     if out.suffix == ".gif" and not gif:
         return [f"--out {out}: a .gif is written by --interpolate only"]
@@ -138,12 +142,7 @@ def check_out(out: Path, count: int | None, what: str, gif: bool = False) -> lis
     if out.suffix != ".npy" and count is not None and count > MAX_GRID:
         holder = "a .png grid" if out.suffix == ".png" else "a .gif"
         return [f"{what}: {holder} holds at most {MAX_GRID} images: write a .npy"]
-    folder = next(p for p in out.absolute().parents if p.exists())  # nearest existing folder
-    if not folder.is_dir():
-        return [f"--out {out}: {folder} is a file, not a folder"]
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return [f"--out {out}: cannot write in {folder} (permission denied)"]
-    return []
+    return outputs.out_file_problems(uri)
 
 
 def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
@@ -214,7 +213,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num", type=int, default=None, help="number of images (from --seed)")
     p.add_argument(
-        "--seed", type=int, default=None, help="with --num: the same seed gives the same images"
+        "--seed",
+        type=int,
+        default=None,
+        help="with --num: the same seed gives the same images; 0 to 2**64-1",
     )
     p.add_argument(
         "--seeds",
@@ -227,7 +229,8 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         required=True,
         help=f"output .npy (uint8 images) or .png (a grid of at most {MAX_GRID}); "
-        "with --interpolate also .gif; a missing folder is created",
+        "with --interpolate also .gif; a missing folder is created; an s3://bucket/key is "
+        "written locally, then uploaded (endpoint: GAN_S3_ENDPOINT_URL)",
     )
     p.add_argument("--label", type=int, default=None, help="class for conditional models")
     p.add_argument("--truncation", type=float, default=1.0, metavar="PSI", help=TRUNCATION_HELP)
@@ -239,7 +242,11 @@ def _parser() -> argparse.ArgumentParser:
         "step along the path through all the seeds",
     )
     p.add_argument(
-        "--steps", type=int, default=None, help="with --interpolate: images per row (default 8)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"with --interpolate: images per row, 2 to {MAX_STEPS} (default {DEFAULT_STEPS}); "
+        f"{MAX_INTERPOLATED:,} images in all at most",
     )
     p.add_argument(
         "--batch-size", type=int, default=BATCH, help=f"images generated at a time ({BATCH})"
@@ -252,7 +259,10 @@ def _check_images(args: argparse.Namespace) -> tuple[list[str], list[int] | None
     if args.seeds is None:
         if args.num is None:
             return ["--num or --seeds: one of them is needed"], None
-        return ([f"--num {args.num}: expected an integer >= 1"] if args.num < 1 else []), None
+        problems = [f"--num {args.num}: expected an integer >= 1"] if args.num < 1 else []
+        if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
+            problems.append(f"--seed {args.seed}: expected an integer from 0 to {MAX_SEED}")
+        return problems, None
     problems = []
     if args.num is not None or args.seed is not None:
         problems.append("--seeds: not with --num or --seed (--seeds names each image's seed)")
@@ -270,8 +280,8 @@ def _check_options(args: argparse.Namespace, seeds: list[int] | None) -> list[st
         problems.append("--interpolate: needs --seeds (at least two)")
     if args.steps is not None and not args.interpolate:
         problems.append(f"--steps {args.steps}: only with --interpolate")
-    if args.steps is not None and args.steps < 2:
-        problems.append(f"--steps {args.steps}: expected an integer >= 2")
+    if args.steps is not None and not 2 <= args.steps <= MAX_STEPS:
+        problems.append(f"--steps {args.steps}: expected an integer from 2 to {MAX_STEPS}")
     if not 0 < args.truncation <= 1:
         problems.append(f"--truncation {args.truncation}: expected 0 < PSI <= 1")
     if args.batch_size < 1:
@@ -299,7 +309,9 @@ def check_args(args: argparse.Namespace) -> list[int] | None:
     problems, seeds = _check_images(args)
     problems += _check_options(args, seeds)
     count, what = image_count(args, seeds)
-    problems += check_out(Path(args.out), count, what, gif=args.interpolate)
+    if args.interpolate and count is not None and count > MAX_INTERPOLATED:
+        problems.append(f"{what}: --interpolate makes at most {MAX_INTERPOLATED:,}")
+    problems += check_out(args.out, count, what, gif=args.interpolate)
     if problems:
         raise SettingsError(problems)
     return seeds
@@ -343,15 +355,17 @@ def _write(out: Path, count: int, batches: Iterator[np.ndarray], arch: Arch, nro
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     seeds = check_args(args)
-    out = Path(args.out)
     # the same endpoint setting as training; unset: boto3's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL
     endpoint = os.environ.get("GAN_S3_ENDPOINT_URL") or None
     g, arch = load_generator(args.checkpoint, endpoint, args.which)
     _check_label(args.label, arch)
-    _make_folder(out)
     count = image_count(args, seeds)[0]
     nrow = (args.steps or DEFAULT_STEPS) if args.interpolate else math.ceil(math.sqrt(count))
     batches = render(g, arch, _inputs(args, arch, seeds), args.truncation, args.batch_size)
-    _write(out, count, batches, arch, nrow)
-    print(f"wrote {count} images to {out}")
+    folder, name = outputs.split(args.out)
+    with outputs.local_folder(folder, endpoint) as local:
+        out = local / name
+        _make_folder(out)
+        _write(out, count, batches, arch, nrow)
+    print(f"wrote {count} images to {args.out}")
     return 0
