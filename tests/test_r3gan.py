@@ -4,6 +4,8 @@ normalization, its settings, and a real run that gan-job sample and export read.
 from __future__ import annotations
 
 import itertools
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from job.gan.models import Arch, build_discriminator, build_generator
 from job.gan.r3gan import LowPass, ResidualBlock, plan
 from job.infra.errors import SettingsError
 from job.settings import load_settings
-from tests.helpers import job_env, run_job, write_image_folder
+from tests.helpers import job_env, run_job, write_extractor, write_image_folder
 
 SIZES = [16, 28, 32, 64, 128, 256]
 
@@ -155,10 +157,12 @@ def test_settings():
 
 
 @pytest.mark.e2e
-def test_a_real_run_that_sample_and_export_read(tmp_path: Path):
+def test_a_real_run_that_sample_export_and_evaluate_read(tmp_path: Path):
     folder = write_image_folder(tmp_path / "images", per_class=8)
+    features = write_extractor(tmp_path / "features.pt", channels=3)
     env = job_env(tmp_path, GAN_MODEL="r3gan", GAN_IMAGE_SIZE=32, GAN_DATASET=f"folder:{folder}",
-                  GAN_MAX_STEPS=3, GAN_BATCH_SIZE=8, GAN_RUN_ID="r3", GAN_CONDITIONAL="true")  # fmt: skip
+                  GAN_MAX_STEPS=3, GAN_BATCH_SIZE=8, GAN_RUN_ID="r3", GAN_CONDITIONAL="true",
+                  GAN_FID_FEATURES=features, GAN_FID_EVERY=3, GAN_FID_NUM_SAMPLES=16)  # fmt: skip
     result = run_job(env)
     assert result.returncode == 0, result.stdout + result.stderr
     run = tmp_path / "runs" / "r3"
@@ -172,3 +176,8 @@ def test_a_real_run_that_sample_and_export_read(tmp_path: Path):
     g = torch.jit.load(str(exported))
     images = g(torch.randn(2, 16), torch.tensor([0, 1]))
     assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    scores = tmp_path / "scores.json"
+    result = run_job(env, "evaluate", str(run), "--num", "16", "--out", str(scores))
+    assert result.returncode == 0, result.stdout + result.stderr
+    values = json.loads(scores.read_text())
+    assert values["step"] == 3 and values["num_samples"] == 16 and math.isfinite(values["fid"])
