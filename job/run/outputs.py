@@ -10,6 +10,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from job.infra.errors import DiskFullError, StorageError
 from job.infra.s3_store import s3_uri_problem
@@ -73,21 +74,29 @@ def local_folder(out: str, endpoint_url: str | None = None) -> Iterator[Path]:
 def write_bytes(
     out: str, data: bytes, endpoint_url: str | None = None, flag: str = "--out"
 ) -> None:
-    """data as the file (or s3:// object) out, complete or not at all: a local file through a
-    temporary file beside it. DiskFullError on a full disk, StorageError naming out otherwise."""
+    """data as the file (or s3:// object) out, complete or not at all (replacing)."""
     folder, name = split(out)
     if is_s3(out):
         open_store(folder, endpoint_url).put_bytes(name, data)
         return
-    path = Path(out)
+    with replacing(Path(out), flag) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def replacing(path: Path, flag: str = "--out") -> Iterator[BinaryIO]:
+    """A temporary file beside path, renamed to path once the block has written it, removed
+    otherwise: path is complete or absent. DiskFullError when the disk fills, StorageError
+    naming flag and path when it cannot be written at all."""
     tmp = path.with_name(f".{path.name}.partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            yield f
         os.replace(tmp, path)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"{flag} {out}: {e.strerror}") from e
-        raise StorageError(f"{flag} {out}: cannot write in {path.parent} ({e.strerror})") from e
+            raise DiskFullError(f"{flag} {path}: {e.strerror}") from e
+        raise StorageError(f"{flag} {path}: cannot write in {path.parent} ({e.strerror})") from e
     finally:
         tmp.unlink(missing_ok=True)

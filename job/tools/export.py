@@ -5,8 +5,8 @@ model card beside it (FILE.card.json and FILE.card.md, the same facts)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
-import errno
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from job.gan.models import Arch
-from job.infra.errors import CheckpointError, DiskFullError, SettingsError, StorageError
+from job.infra.errors import CheckpointError, SettingsError
 from job.infra.secrets import redact, redact_values
 from job.infra.store import Store
 from job.infra.stores import open_store
@@ -341,24 +341,12 @@ def check_out(uri: str) -> list[str]:
     return outputs.out_file_problems(uri)
 
 
-def write_all(out: Path, files: dict[Path, bytes]) -> None:
-    """Each file written to a temporary file beside it, then all renamed: none is left half
-    written. DiskFullError on a full disk, StorageError when the folder cannot be written."""
-    temps = {path: path.with_name(f".{path.name}.partial") for path in files}
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+def write_all(files: dict[Path, bytes]) -> None:
+    """Each file written to a temporary file beside it, all renamed once every one is
+    written: none is left half written (outputs.replacing)."""
+    with contextlib.ExitStack() as stack:
         for path, data in files.items():
-            with open(temps[path], "wb") as f:
-                f.write(data)
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"--out {out}: {e.strerror}") from e
-        raise StorageError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from e
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            stack.enter_context(outputs.replacing(path)).write(data)
 
 
 def main(argv: list[str]) -> int:
@@ -395,7 +383,7 @@ def main(argv: list[str]) -> int:
         facts = card(source, arch, out, data)
         as_json, as_md = card_paths(out)
         texts = {as_json: json.dumps(facts, indent=2) + "\n", as_md: card_markdown(facts)}
-        write_all(out, {out: data, **{p: t.encode() for p, t in texts.items()}})
+        write_all({out: data, **{p: t.encode() for p, t in texts.items()}})
     print(
         f"wrote {args.out} ({facts['format']}, sha256 {facts['sha256']}), {as_json.name}, "
         f"{as_md.name}"

@@ -5,8 +5,6 @@ between seeds (--interpolate; also as an animated GIF)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
 import itertools
 import math
 import os
@@ -14,7 +12,6 @@ import re
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -22,7 +19,7 @@ import torch
 from job.gan import sampling
 from job.gan.models import Arch
 from job.gan.truncation import TRUNCATION_HELP, truncate
-from job.infra.errors import DiskFullError, SettingsError, StorageError
+from job.infra.errors import DiskFullError, SettingsError
 from job.run import outputs
 from job.run.generator_file import load_generator
 
@@ -146,9 +143,9 @@ def check_out(out: str, count: int | None, what: str, gif: bool = False) -> list
 
 
 def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) -> None:
-    """A .npy of uint8 images written batch by batch, complete or not at all (_replacing);
+    """A .npy of uint8 images written batch by batch, complete or not at all (outputs.replacing);
     DiskFullError, before any image is written, when they cannot fit in the space left."""
-    with _replacing(out) as f:
+    with outputs.replacing(out) as f:
         free = shutil.disk_usage(out.parent).free
         if (size := math.prod(shape)) > free:
             raise DiskFullError(f"--out {out}: {_mb(size)} of images, {_mb(free)} free")
@@ -156,24 +153,6 @@ def write_npy(out: Path, shape: tuple[int, ...], batches: Iterator[np.ndarray]) 
         np.lib.format.write_array_header_1_0(f, header)
         for images in batches:
             f.write(np.ascontiguousarray(images).tobytes())
-
-
-@contextlib.contextmanager
-def _replacing(out: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside out, renamed to out once the block has written it, removed
-    otherwise: out is complete or absent. DiskFullError when the disk fills, StorageError when
-    it cannot be written at all."""
-    tmp = out.with_name(f".{out.name}.partial")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-        os.replace(tmp, out)
-    except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise DiskFullError(f"--out {out}: {e.strerror}") from e
-        raise StorageError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from e
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _mb(size: int) -> str:
@@ -184,7 +163,7 @@ def write_png(out: Path, batches: Iterable[np.ndarray], arch: Arch, nrow: int) -
     """A grid of the images, nrow to a row."""
     images = torch.from_numpy(np.concatenate(list(batches))).float() / 255
     images = images.unsqueeze(1) if arch.channels == 1 else images.permute(0, 3, 1, 2)
-    with _replacing(out) as f:
+    with outputs.replacing(out) as f:
         f.write(sampling.grid_png(images, nrow=nrow))
 
 
@@ -193,7 +172,7 @@ def write_gif(out: Path, batches: Iterable[np.ndarray]) -> None:
     from PIL import Image
 
     frames = [Image.fromarray(image) for images in batches for image in images]
-    with _replacing(out) as f:
+    with outputs.replacing(out) as f:
         frames[0].save(
             f, format="GIF", save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0
         )
