@@ -296,7 +296,9 @@ class Settings(BaseSettings):
     )
     fused_adam: bool = Field(True, description="fused Adam on GPU (foreach on CPU)")
     compile: bool = Field(
-        False, description="torch.compile G and D (slow first steps; no gain on CPU)"
+        False,
+        description="torch.compile G and D (slow first steps; no gain on CPU); with R1 or R2 "
+        "penalties G only: their double backward through D is one torch.compile lacks",
     )
     num_threads: int | None = Field(
         None,
@@ -524,15 +526,15 @@ class Settings(BaseSettings):
             return handler(data)
         recipe = data.get("recipe") or "auto"
         if recipe == "auto":
-            recipe = "fast28" if _grayscale_28px(data) else "color32" if _color_32px(data) else "custom"
+            recipe = (
+                "fast28" if _grayscale_28px(data) else "color32" if _color_32px(data) else "custom"
+            )
             data = {**data, "recipe": recipe}
         preset = dict(RECIPES.get(recipe, {}))  # an unknown name fails validation
         if str(data.get("conditional", "false")).lower() not in TRUE_WORDS:
             preset.pop("conditioning", None)  # for conditional models only
         if data.get("model", preset.get("model")) != "dcgan":
             preset.pop("depth", None)  # DCGAN blocks
-        if str(data.get("compile", "false")).lower() in TRUE_WORDS:
-            preset.pop("r1_gamma", None)  # R1 needs a double backward, which compile lacks
         if data.get("schedule") == "r3gan":
             preset.pop("lr_decay", None)  # the schedule decays the rates itself
             preset.pop("lr_decay_start", None)
@@ -599,16 +601,6 @@ class Settings(BaseSettings):
             problems.append(
                 f"GAN_AUGMENT=ada does not go with GAN_DIFFAUGMENT={self.diffaugment} (both "
                 "augment D's images): set one of them"
-            )
-        if self.r1_gamma > 0 and self.compile:
-            problems.append(
-                f"GAN_R1_GAMMA={self.r1_gamma} needs GAN_COMPILE=false "
-                "(torch.compile has no double backward)"
-            )
-        if self.r2_gamma > 0 and self.compile:
-            problems.append(
-                f"GAN_R2_GAMMA={self.r2_gamma} needs GAN_COMPILE=false "
-                "(torch.compile has no double backward)"
             )
         problems += self._schedule_problems()
         if problems:

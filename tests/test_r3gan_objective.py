@@ -137,7 +137,6 @@ def test_schedule_factor_composes_with_the_budgets_in_either_order():
         ({"GAN_LR_DECAY": "cosine", "GAN_BETA2": "0.9"}, "GAN_LR_DECAY=cosine"),
         ({"GAN_BETA2": "0.999"}, "GAN_BETA2=0.999"),
         ({"GAN_SCHEDULE": "none", "GAN_SCHEDULE_IMAGES": "100"}, "GAN_SCHEDULE_IMAGES=100"),
-        ({"GAN_R2_GAMMA": "1", "GAN_COMPILE": "true", "GAN_BETA2": "0.9"}, "GAN_R2_GAMMA=1"),
     ],
 )
 def test_settings_that_do_not_go_together_exit_2(settings, message):

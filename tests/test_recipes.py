@@ -180,11 +180,13 @@ def test_a_recipe_gives_its_dcgan_depth_to_dcgan_only():
     assert problems({"GAN_MODEL": "mlp", "GAN_DEPTH": "1"})  # asked for: refused
 
 
-def test_a_recipe_leaves_r1_out_of_a_compiled_run_instead_of_refusing_it():
+def test_a_compiled_run_keeps_the_recipes_r1_penalty():
     assert RECIPES["fast28"]["r1_gamma"] > 0
-    compiled = load_settings({"GAN_COMPILE": "true"})
-    assert compiled.r1_gamma == 0 and "r1_gamma" not in compiled.recipe_filled
-    assert problems({"GAN_COMPILE": "true", "GAN_R1_GAMMA": "0.1"})  # asked for: refused
+    compiled = load_settings({"GAN_COMPILE": "true"})  # D stays eager for it (Networks.wrap)
+    assert (
+        compiled.r1_gamma == RECIPES["fast28"]["r1_gamma"] and "r1_gamma" in compiled.recipe_filled
+    )
+    assert load_settings({"GAN_COMPILE": "true", "GAN_R2_GAMMA": "0.1"}).r2_gamma == 0.1
 
 
 def test_auto_recipe_is_fast28_only_for_28px_grayscale_dcgan():

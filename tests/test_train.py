@@ -153,10 +153,12 @@ def test_folder_dataset_trains_with_a_conditional_mlp(tmp_path):
     assert load_state(tmp_path / "runs/folder", 4)["meta"]["arch"]["num_classes"] == 2
 
 
-def test_compiled_run_checkpoints_plain_weights_that_an_eager_run_resumes(tmp_path):
+def test_compiled_run_with_penalties_checkpoints_plain_weights_that_an_eager_run_resumes(tmp_path):
     write_idx(tmp_path / "data", n=128)
+    # R1 and R2 every other step: G compiled, D eager for their double backward
     env = job_env(tmp_path, GAN_DATASET="mnist", GAN_MAX_STEPS=4, GAN_CHECKPOINT_EVERY=2,
-                  GAN_COMPILE="true", GAN_RUN_ID="r")  # fmt: skip
+                  GAN_COMPILE="true", GAN_R1_GAMMA=0.1, GAN_R2_GAMMA=0.1, GAN_R1_EVERY=2,
+                  GAN_RUN_ID="r")  # fmt: skip
     env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")
     compiled = run_job(env)
     assert compiled.returncode == 0, compiled.stdout + compiled.stderr

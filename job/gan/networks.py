@@ -46,8 +46,11 @@ class Networks:
         self.opt_g = torch.optim.Adam(self.g.parameters(), lr=lr_g, betas=betas, **fast)
         self.opt_d = torch.optim.Adam(self.d.parameters(), lr=lr_d, betas=betas, **fast)
 
-    def wrap(self, distributed: bool, sync_batchnorm: bool, compile: bool) -> None:
-        """DDP for both nets (BatchNorm buffers stay per rank, or SyncBatchNorm), then compile."""
+    def wrap(
+        self, distributed: bool, sync_batchnorm: bool, compile: bool, penalties: bool = False
+    ) -> None:
+        """DDP for both nets (BatchNorm buffers stay per rank, or SyncBatchNorm), then compile:
+        G alone when D's penalties (R1, R2) need a double backward, which torch.compile lacks."""
         if distributed:
             if sync_batchnorm and self.device.type == "cuda":
                 self.g = nn.SyncBatchNorm.convert_sync_batchnorm(self.g)
@@ -56,7 +59,9 @@ class Networks:
             self.g = DDP(self.g, device_ids=ids, broadcast_buffers=False)
             self.d = DDP(self.d, device_ids=ids, broadcast_buffers=False)
         if compile:
-            self.g, self.d = torch.compile(self.g), torch.compile(self.d)
+            self.g = torch.compile(self.g)
+        if compile and not penalties:
+            self.d = torch.compile(self.d)
 
     def scale_learning_rates(self, factor: float) -> None:
         """The configured rates times factor and a schedule's factor (restored optimizers keep

@@ -206,6 +206,7 @@ def _wrap(s: Settings, world: distributed.World) -> dict:
         "distributed": world.distributed,
         "sync_batchnorm": s.sync_batchnorm,
         "compile": s.compile,
+        "penalties": s.r1_gamma > 0 or s.r2_gamma > 0,
     }
 
 
