@@ -87,7 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=at_least(1), default=50, help="timed steps per window")
     p.add_argument("--warmup", type=at_least(0), default=5, help="untimed steps before a window")
     p.add_argument("--repeats", type=at_least(1), default=3, help="windows per loop, alternating")
-    p.add_argument("--model", choices=("mlp", "dcgan"), help="default: $GAN_MODEL or dcgan")
+    p.add_argument(
+        "--model", choices=("mlp", "dcgan", "r3gan"), help="default: $GAN_MODEL or dcgan"
+    )
     p.add_argument("--image-size", type=at_least(8), help="default: $GAN_IMAGE_SIZE or 64")
     p.add_argument("--batch-size", type=at_least(1), help="default: $GAN_BATCH_SIZE or 64")
     p.add_argument("--dataset", help="default: $GAN_DATASET or fashion-mnist")

@@ -8,7 +8,8 @@ command that fits a short loan of a GPU machine (docs/performance.md, "Checking 
 
 Parts, in this order: the GPU tests beside the training run (tests/test_gpu.py; the run takes
 minutes of wall time, the tests little of the GPU), `gan-job evaluate` of that run, then the
-benchmark alone on the device, one process per batch size and compile mode. Each part runs in
+benchmark alone on the device, one process per row: DCGAN at each batch size uncompiled, r3gan
+at 32 and 256 px on synthetic color images (written here), then DCGAN compiled. Each part runs in
 its own process group with its own timeout, all within --budget-minutes: a part that hangs is
 killed and the others' results stand. --out gets every part's log and JSON, summary.json and
 summary.md (tables for docs/performance.md); --export copies what a lent machine can send
@@ -23,14 +24,17 @@ import datetime
 import importlib.metadata
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
 import time
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +47,8 @@ KILL_GRACE_S = 20  # after SIGTERM on a timeout: the job checkpoints and exits, 
 MIN_PART_S = 30  # a part is not started with less of the budget left
 EXPORTED = ("summary.json", "summary.md", "gpu-check.log", "outputs.tar.gz")
 # what the tar of outputs leaves out: weights and checkpoints (megabytes, and not for reading)
-NOT_EXPORTED = re.compile(r"(^|/)(site|checkpoints|final|best)(/|$)|\.pt$")
+NOT_EXPORTED = re.compile(r"(^|/)(site|checkpoints|final|best|images)(/|$)|\.pt$")
+COLOR_IMAGES = 256  # synthetic color images of the r3gan rows, at each of their sizes
 
 # The packages gan-job imports that the lent machine's image lacks (the device's KINDS.md lists
 # what it has: torch, torchvision, numpy, pillow, matplotlib, pyyaml, prometheus-client, psutil
@@ -73,6 +78,10 @@ class Plan:
     bench_fid_samples: int  # FID timed in the first benchmark process only
     train: dict[str, str]  # GAN_* beyond the default recipe
     evaluate_num: int
+    # r3gan rows, uncompiled, on synthetic color images: (image size, batch, GAN_WIDTH or None
+    # for the job's default)
+    bench_r3gan: tuple[tuple[int, int, int | None], ...] = ()
+    bench_r3gan_window_images: int = 0
     timeouts: dict[str, float] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # for every part
 
@@ -96,7 +105,16 @@ GPU = Plan(
         "GAN_CHECKPOINT_EVERY": "5000",
     },
     evaluate_num=10_000,
-    timeouts={"tests": 360, "train": 420, "evaluate": 120, "bench": 90, "bench-compile": 180},
+    bench_r3gan=((32, 256, None), (256, 32, None)),
+    bench_r3gan_window_images=1024,
+    timeouts={
+        "tests": 360,
+        "train": 420,
+        "evaluate": 120,
+        "bench": 90,
+        "bench-compile": 180,
+        "bench-r3gan": 150,
+    },
 )
 DRY = Plan(
     device="cpu",
@@ -119,7 +137,16 @@ DRY = Plan(
         "GAN_FID_NUM_SAMPLES": "48",
     },
     evaluate_num=48,
-    timeouts={"tests": 180, "train": 180, "evaluate": 180, "bench": 180, "bench-compile": 180},
+    bench_r3gan=((32, 8, 8), (256, 2, 4)),
+    bench_r3gan_window_images=4,
+    timeouts={
+        "tests": 180,
+        "train": 180,
+        "evaluate": 180,
+        "bench": 180,
+        "bench-compile": 180,
+        "bench-r3gan": 180,
+    },
     env={"OMP_NUM_THREADS": "1", "GAN_WIDTH": "8", "GAN_LATENT_DIM": "16"},
 )
 
@@ -328,10 +355,29 @@ class Check:
             for batch in self.plan.bench_batches:
                 name = f"bench-{batch}-{'compile' if compiled else 'eager'}"
                 kind = "bench-compile" if compiled else "bench"
-                argv = self.bench_argv(batch, compiled, first)
-                part = self.part(name, argv, kind, self.bench_env(), writes=f"{name}.json")
-                self.finish(part, lambda n=name: bench_figures(self.out / f"{n}.json"))
+                self.bench_row(name, kind, self.bench_argv(batch, compiled, first))
                 first = False
+            if not compiled:
+                self.bench_r3gan()
+
+    def bench_row(self, name: str, kind: str, argv: list[str], env: dict | None = None) -> None:
+        part = self.part(name, argv, kind, self.bench_env() | (env or {}), writes=f"{name}.json")
+        self.finish(part, lambda: bench_figures(self.out / f"{name}.json"))
+
+    def bench_r3gan(self) -> None:
+        """The r3gan rows: its bf16 stages (GAN_AMP=auto) at 32 px and at 256 px."""
+        p = self.plan
+        for size, batch, width in p.bench_r3gan:
+            name = f"bench-r3gan{size}-{batch}-eager"
+            folder = color_folder(self.out / "images" / f"color{size}", size, COLOR_IMAGES)
+            steps = max(p.bench_min_steps, p.bench_r3gan_window_images // batch)
+            argv = [sys.executable, "benchmarks/bench.py", "--model", "r3gan", "--dataset",
+                    f"folder:{folder}", "--image-size", str(size), "--batch-size", str(batch),
+                    "--no-compile", "--steps", str(steps), "--warmup", str(p.bench_warmup),
+                    "--repeats", str(p.bench_repeats), "--skip-fid",
+                    "--json", str(self.out / f"{name}.json")]  # fmt: skip
+            env = {"GAN_WIDTH": str(width)} if width else {}
+            self.bench_row(name, "bench-r3gan", argv, env)
 
     def bench_env(self) -> dict[str, str]:
         return {"GAN_DATA_DIR": str(self.args.data), "GAN_DEVICE": self.plan.device,
@@ -346,6 +392,38 @@ class Check:
                 str(batch), "--compile" if compiled else "--no-compile", "--steps", str(steps),
                 "--warmup", str(p.bench_warmup), "--repeats", str(p.bench_repeats), *fid,
                 "--json", str(self.out / f"{name}.json")]  # fmt: skip
+
+
+def color_folder(root: Path, size: int, count: int) -> Path:
+    """count synthetic RGB PNGs of size x size in root/stripes (one class, as ImageFolder
+    wants): diagonal stripes between two colors of each image's own. Written once."""
+    images = root / "stripes"
+    if images.is_dir() and len(list(images.glob("*.png"))) == count:
+        return root
+    images.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = random.Random(i)
+        a, b = ([rng.randrange(256) for _ in range(3)] for _ in range(2))
+        period, slope = rng.randrange(4, max(size // 2, 5)), rng.randrange(1, 4)
+        wave = [abs((x % period) / period * 2 - 1) for x in range(2 * size)]
+        line = bytes(round(ca + (cb - ca) * t) for t in wave for ca, cb in zip(a, b, strict=True))
+        rows = (line[3 * (y * slope % period) :][: 3 * size] for y in range(size))
+        write_png(images / f"{i}.png", size, b"".join(b"\0" + row for row in rows))
+    return root
+
+
+def write_png(path: Path, size: int, scanlines: bytes) -> None:
+    """An 8-bit RGB PNG of size x size from its filtered scanlines (the standard library's
+    zlib: no PIL in this script)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    header = struct.pack(">IIBBBBB", size, size, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+                     + chunk(b"IDAT", zlib.compress(scanlines, 1)) + chunk(b"IEND", b""))  # fmt: skip
 
 
 # ---------------------------------------------------------------- reading the outputs
@@ -427,6 +505,10 @@ def bench_figures(path: Path) -> dict:
     return {
         "device_name": r["device_name"],
         "torch": r["torch"],
+        "model": r["arch"]["model"],
+        "image_size": r["arch"]["image_size"],
+        "width": r["arch"]["width"],
+        "bf16": r["job_fast_path"]["amp_bf16"],
         "batch": r["settings"]["batch_size"],
         "compile": r["job_fast_path"]["compile"],
         "ref_images_per_s": ref["images_per_s_median"],
@@ -461,6 +543,7 @@ def summarize(results: dict[str, dict], plan: Plan, mode: str, seconds: float) -
             "bench_batches": plan.bench_batches,
             "bench_compile": plan.bench_compile,
             "bench_image_size": plan.bench_image_size,
+            "bench_r3gan": plan.bench_r3gan,
             "train": plan.train,
             "evaluate_num": plan.evaluate_num,
         },  # fmt: skip
@@ -485,7 +568,8 @@ def markdown(summary: dict) -> str:
             for name, r in parts.items()
         ),  # fmt: skip
     ]
-    bench = [r for name, r in parts.items() if name.startswith("bench-") and "job_tflops" in r]
+    measured = [r for name, r in parts.items() if name.startswith("bench-") and "job_tflops" in r]
+    bench = [r for r in measured if r.get("model", "dcgan") == "dcgan"]
     if bench:
         lines += [
             "",
@@ -503,6 +587,19 @@ def markdown(summary: dict) -> str:
                 f"\nOne FID evaluation ({fid['extractor']}, {fid['samples']} samples): "
                 f"{fid['seconds']:.1f} s."
             )
+    r3gan = [r for r in measured if r.get("model") == "r3gan"]
+    if r3gan:
+        lines += [
+            "",
+            "r3gan on synthetic color images, the same two loops, uncompiled (bf16: the job's "
+            "GAN_AMP, autocast in the four highest resolutions):",
+            "",
+            "| px | width | batch | bf16 | ref images/s | job images/s | ratio (pairs) | "
+            "GFLOP/image | job TFLOP/s | fraction of peak (job) | peak MiB (ref / job) | "
+            "first warm-up s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+            *(r3gan_row(r) for r in r3gan),
+        ]
     if "steps" in parts.get("train", {}):
         lines += ["", *train_table(parts["train"], parts.get("evaluate", {}), plan)]
     return "\n".join(lines) + "\n"
@@ -532,6 +629,13 @@ def bench_row(r: dict) -> str:
         f"{r['ref_peak_memory_mib']:.0f} / {r['job_peak_memory_mib']:.0f} | "
         f"{r['job_first_warmup_s']:.1f} |"
     )
+
+
+def r3gan_row(r: dict) -> str:
+    """bench_row's figures after the image size, width, batch and bf16."""
+    figures = bench_row(r).split(" | ", 2)[2]  # without its batch and compile cells
+    bf16 = "on" if r["bf16"] else "off"
+    return f"| {r['image_size']} | {r['width']} | {r['batch']} | {bf16} | {figures}"
 
 
 def train_table(train: dict, evaluate: dict, plan: dict) -> list[str]:

@@ -46,14 +46,28 @@ MODELS = {
     "dcgan32": Arch("dcgan", 1, 32, 16, 8, 0),
     "dcgan64": Arch("dcgan", 1, 64, 16, 8, 0),
     "conditional": Arch("dcgan", 1, 28, 16, 8, 10, projection=True, depth=1),
+    "r3gan32": Arch("r3gan", 3, 32, 16, 8, 0, blocks=1),
+    "r3gan16-conditional": Arch("r3gan", 3, 16, 16, 8, 10, blocks=1),
 }
-DCGAN28 = MODELS["dcgan28"]
+DCGAN28, R3GAN32 = MODELS["dcgan28"], MODELS["r3gan32"]
 
 
 def recipe(amp: bool, loss: str = "bce") -> Recipe:
     """fast28's step (lazy R1, due at step 0) with bf16 autocast on or off."""
     return Recipe(loss=loss, label_smoothing=0.0, r1_gamma=0.1, r1_every=16, diffaugment="",
                   amp=amp)  # fmt: skip
+
+
+def r3gan_recipe(amp: bool) -> Recipe:
+    """R3GAN's objective: rpgan with R1 and R2 every step."""
+    return Recipe(loss="rpgan", label_smoothing=0.0, r1_gamma=0.05, r1_every=1, diffaugment="",
+                  amp=amp, r2_gamma=0.05)  # fmt: skip
+
+
+def steps_to_update_all(arch: Arch) -> int:
+    """r3gan's blocks start as the identity (a zero last convolution): the first step moves
+    only those convolutions, the second every weight before them."""
+    return 2 if arch.model == "r3gan" else 1
 
 
 def networks(arch: Arch, device: str, *, channels_last: bool = True, fused_adam: bool = True):
@@ -82,10 +96,10 @@ def test_one_step_gives_finite_losses_and_updates_every_parameter(device, model,
     arch = MODELS[model]
     nets = networks(arch, device)
     before = parameters(nets)
-    stats = GanStep(nets, recipe(amp), device=torch.device(device)).train(
-        *real_batch(arch, device), step=0
-    )
-    assert all(torch.isfinite(v).all() for v in stats.values()), stats
+    gan_step = GanStep(nets, recipe(amp), device=torch.device(device))
+    for step in range(steps_to_update_all(arch)):
+        stats = gan_step.train(*real_batch(arch, device, seed=step), step=step)
+        assert all(torch.isfinite(v).all() for v in stats.values()), stats
     after = parameters(nets)
     assert all(p.device.type == device for p in after.values())
     unchanged = [name for name, p in after.items() if torch.equal(p, before[name])]
@@ -93,19 +107,67 @@ def test_one_step_gives_finite_losses_and_updates_every_parameter(device, model,
     assert all(torch.isfinite(p).all() for p in after.values())
 
 
+# the dtype of D's own output under bf16 autocast: DCGAN's last convolution runs in bf16;
+# r3gan's head, at 4 x 4, in float32 (job/gan/r3gan.py)
+D_OUTPUT_UNDER_BF16 = {"dcgan28": torch.bfloat16, "r3gan32": torch.float32}
+
+
 @pytest.mark.parametrize("loss", ["bce", "hinge"])
+@pytest.mark.parametrize("model", D_OUTPUT_UNDER_BF16)
 @pytest.mark.parametrize("device", DEVICES)
-def test_bf16_autocast_keeps_d_logits_and_losses_in_fp32(device, loss, monkeypatch):
-    nets = networks(DCGAN28, device)
+def test_bf16_autocast_keeps_d_logits_and_losses_in_fp32(device, model, loss, monkeypatch):
+    arch = MODELS[model]
+    nets = networks(arch, device)
     step = GanStep(nets, recipe(amp=True, loss=loss), device=torch.device(device))
     d_outputs, loss_inputs = [], []
     nets.d.register_forward_hook(lambda module, args, out: d_outputs.append(out.dtype))
     for name in ("d_loss", "g_loss"):
         monkeypatch.setattr(losses, name, recording(getattr(losses, name), loss_inputs))
-    stats = step.train(*real_batch(DCGAN28, device), step=1)
-    assert d_outputs == [torch.bfloat16] * 3  # D runs under autocast: on real, fake, G's fake
+    stats = step.train(*real_batch(arch, device), step=1)
+    # D runs under autocast: on real, fake, G's fake
+    assert d_outputs == [D_OUTPUT_UNDER_BF16[model]] * 3
     assert loss_inputs == [torch.float32] * 3, "D's logits as the losses get them"
     assert {k: v.dtype for k, v in stats.items()} == dict.fromkeys(stats, torch.float32)
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_an_r3gan_step_with_rpgan_and_both_penalties_trains_every_parameter(
+    device, amp, monkeypatch
+):
+    """R1's and R2's double backward through the float32 and bf16 stages, rpgan's paired
+    logits in fp32, every parameter moved within two steps."""
+    nets = networks(R3GAN32, device)
+    before = parameters(nets)
+    penalties = []
+    for name in ("r1_penalty", "r2_penalty"):
+        monkeypatch.setattr(losses, name, noting(getattr(losses, name), penalties))
+    gan_step = GanStep(nets, r3gan_recipe(amp), device=torch.device(device))
+    loss_inputs = []
+    monkeypatch.setattr(losses, "g_loss", recording(losses.g_loss, loss_inputs))
+    for step in range(2):
+        stats = gan_step.train(*real_batch(R3GAN32, device, seed=step), step=step)
+        assert all(torch.isfinite(v).all() for v in stats.values()), stats
+    assert len(penalties) == 4 and all(p.dtype == torch.float32 for p in penalties)
+    assert all(torch.isfinite(p) and p > 0 for p in penalties), penalties
+    assert loss_inputs == [torch.float32] * 4, "D's logits of fakes and reals, in G's loss"
+    after = parameters(nets)
+    unchanged = [name for name, p in after.items() if torch.equal(p, before[name])]
+    # rpgan sees D(fake) - D(real) only, and the penalties D's gradients: the logit's bias
+    # cancels out of every loss
+    assert unchanged == ["d.out.bias"], f"not updated by two steps: {unchanged}"
+    assert all(torch.isfinite(p).all() for p in after.values())
+
+
+def noting(penalty_fn, values: list):
+    """penalty_fn, keeping each penalty it returns."""
+
+    def wrapper(*args, **options):
+        penalty = penalty_fn(*args, **options)
+        values.append(penalty.detach())
+        return penalty
+
+    return wrapper
 
 
 def recording(loss_fn, dtypes: list):

@@ -38,7 +38,8 @@ def test_the_dry_gpu_check_runs_every_part_on_the_cpu_and_writes_its_summary(tmp
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     parts = summary["parts"]
-    assert set(parts) == {"tests", "train", "evaluate", "bench-16-eager"}
+    r3gan_rows = {"bench-r3gan32-8-eager": (32, 8, 8), "bench-r3gan256-2-eager": (256, 2, 4)}
+    assert set(parts) == {"tests", "train", "evaluate", "bench-16-eager", *r3gan_rows}
     assert (
         all(p["status"] == "ok" for p in parts.values()) and summary["ok"] and summary["finished"]
     )
@@ -50,13 +51,23 @@ def test_the_dry_gpu_check_runs_every_part_on_the_cpu_and_writes_its_summary(tmp
     bench = parts["bench-16-eager"]
     assert bench["batch"] == 16 and bench["compile"] is False and bench["ratio"] > 0
     assert bench["job_images_per_s"] > 0 and bench["fid"]["samples"] == 32
+    assert (bench["model"], bench["image_size"]) == ("dcgan", 28)
+    for name, (size, batch, width) in r3gan_rows.items():
+        row = parts[name]
+        assert (row["model"], row["image_size"], row["batch"], row["width"]) == (
+            "r3gan", size, batch, width,
+        )  # fmt: skip
+        assert row["job_images_per_s"] > 0 and row["ratio"] > 0 and row["gflop_per_image"] > 0
+        assert row["bf16"] is False and row["fid"]["skipped"] == "--skip-fid"  # CPU: GAN_AMP=auto
     md = (out / "summary.md").read_text()
     assert "| 16 | off |" in md and "| 12 |" in md and "| tests | ok |" in md
+    assert "| 32 | 8 | 8 | off |" in md and "| 256 | 4 | 2 | off |" in md
     assert sorted(p.name for p in export.iterdir()) == sorted(gpu_check_module().EXPORTED)
     with tarfile.open(export / "outputs.tar.gz") as tar:
         names = set(tar.getnames())
     assert {"tests.xml", "train.log", "evaluate.json", "bench-16-eager.json"} <= names
     assert "train/gpu-check/metrics.jsonl" in names and not [n for n in names if ".pt" in n]
+    assert "bench-r3gan256-2-eager.json" in names and not [n for n in names if "images/" in n]
 
 
 def test_a_part_that_hangs_is_killed_at_its_timeout(tmp_path):

@@ -181,3 +181,87 @@ def test_a_real_run_that_sample_export_and_evaluate_read(tmp_path: Path):
     assert result.returncode == 0, result.stdout + result.stderr
     values = json.loads(scores.read_text())
     assert values["step"] == 3 and values["num_samples"] == 16 and math.isfinite(values["fid"])
+
+
+# ---------------------------------------------------------------- precision under autocast
+
+FLOAT32_STAGES = {32: {4}, 256: {4, 8, 16}}  # StyleGAN2's num_fp16_res=4, never 4 x 4 in bf16
+
+
+@pytest.mark.parametrize("size", [32, 256])
+def test_under_bf16_autocast_the_low_resolution_stages_run_in_float32(size):
+    """The four highest resolutions in bf16, the stages below them in float32, as StyleGAN2
+    and R3GAN do with num_fp16_res=4; D's logits in float32."""
+    torch.manual_seed(0)
+    a = arch(size, 3, classes=10, width=8 if size == 32 else 1)
+    g, d = build_generator(a), build_discriminator(a)
+    found = {"g": [], "d": []}  # (resolution, dtype) of each residual block's output, in order
+    for name, model in (("g", g), ("d", d)):
+        for block in model.body:
+            if isinstance(block, ResidualBlock):
+                block.register_forward_hook(
+                    lambda m, args, out, n=name: found[n].append((out.shape[-1], out.dtype))
+                )
+    layers = {"g": [], "d": []}  # the dtype of every layer's output
+    for name, model in (("g", g), ("d", d)):
+        for layer in model.body:
+            layer.register_forward_hook(lambda m, a, out, n=name: layers[n].append(out.dtype))
+    labels = torch.tensor([3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        images = g(torch.randn(1, 16), labels)
+        logits = d(images, labels)
+    for name in ("g", "d"):
+        assert found[name], name
+        for resolution, dtype in found[name]:
+            low = resolution in FLOAT32_STAGES[size]
+            assert dtype == (torch.float32 if low else torch.bfloat16), (name, resolution)
+    # one switch of precision in each: G from float32 up to bf16, D from bf16 down to float32
+    g32, d32 = ([t == torch.float32 for t in layers[n]] for n in ("g", "d"))
+    assert g32 == sorted(g32, reverse=True) and d32 == sorted(d32)
+    assert images.dtype == torch.bfloat16 and torch.isfinite(images).all()
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def previous_forward_g(g, z, labels):
+    """R3GANGenerator.forward before mixed precision: one nn.Sequential call."""
+    if g.embed is not None:
+        z = torch.cat([z, g.embed(labels)], dim=1)
+    x = g.linear(z).view(-1, g.first, g.base, g.base) + g.const
+    return torch.tanh(g.to_image(g.body(x)))
+
+
+def previous_forward_d(d, x, labels):
+    phi = d.act(d.features(d.body(x).flatten(1)))
+    logits = d.out(phi).squeeze(1)
+    return logits + (d.embed(labels) * phi).sum(1) if d.embed is not None else logits
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_without_autocast_the_outputs_are_those_of_the_plain_forward_bit_for_bit(size):
+    torch.manual_seed(0)
+    a = arch(size, 3, classes=10)
+    g, d = build_generator(a), build_discriminator(a)
+    for p in d.parameters():  # no zero last convolutions: every branch counts
+        p.data.add_(torch.randn_like(p) * 0.05)
+    z, labels = torch.randn(3, 16), torch.tensor([0, 4, 9])
+    with torch.no_grad():
+        images = g(z, labels)
+        assert torch.equal(images, previous_forward_g(g, z, labels))
+        assert torch.equal(d(images, labels), previous_forward_d(d, images, labels))
+    keys = {k.split(".")[0] for k in [*g.state_dict(), *d.state_dict()]}
+    assert keys == {"embed", "linear", "const", "body", "to_image", "features", "act", "out"}
+
+
+def test_mixed_precision_traces_and_compiles_without_graph_breaks():
+    """torch.jit.trace and torch.export (gan-job export) see no autocast region; dynamo
+    (GAN_COMPILE) follows the float32 regions under autocast in one graph."""
+    torch.manual_seed(0)
+    g = build_generator(arch(32, 3))
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = g(z)
+        assert torch.equal(torch.jit.trace(g, (z,))(z), expected)
+        assert torch.equal(torch.export.export(g, (z,)).module()(z), expected)
+    compiled = torch.compile(g, backend="eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compiled(z), g(z))

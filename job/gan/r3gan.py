@@ -13,10 +13,17 @@ first stage plus a learned constant, the stages upwards, a 1x1 convolution to th
 (images in [-1, 1], as the other generators). D: a 1x1 convolution from the image, the stages
 downwards, a linear layer to features phi and one logit per image: linear(phi), plus
 <embed(label), phi> for a conditional model (a projection head, whatever GAN_CONDITIONING says).
+
+Under autocast (GAN_AMP=bf16) the layers of the stages below max(image size / 8, 8) pixels run
+in float32, as StyleGAN2 and R3GAN keep all but the four highest resolutions (num_fp16_res=4)
+out of reduced precision: G's input and first stages, D's last stages and its head (so D's
+logits are float32); the higher stages, the resampling into them and the 1x1 convolutions to
+and from the image run in bf16. Without autocast nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -28,6 +35,7 @@ GROUP_CHANNELS = 16
 SLOPE = 0.2
 CAP = 8  # the widest stage: 8 x width
 SIZES = (16, 28, 32, 64, 128, 256)  # powers of two, and 28 (a 7 x 7 start) for MNIST
+REDUCED_STAGES = 4  # StyleGAN2's and R3GAN's num_fp16_res: the highest resolutions in bf16
 
 
 def plan(image_size: int, width: int) -> tuple[int, list[int]]:
@@ -39,6 +47,33 @@ def plan(image_size: int, width: int) -> tuple[int, list[int]]:
     return base, [min(width * 2**k, CAP * width) for k in range(ups, -1, -1)]
 
 
+def float32_below(image_size: int) -> int:
+    """Under autocast, the stages at resolutions below this run in float32 (StyleGAN2's
+    fp16_resolution: the REDUCED_STAGES highest resolutions, and never 4 x 4, in bf16)."""
+    return max(image_size >> (REDUCED_STAGES - 1), 8)
+
+
+def _float32(x: torch.Tensor):
+    """A region in float32 while autocast is on for x's device (else no region at all)."""
+    kind = x.device.type
+    if torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _run(body: nn.Sequential, float32: list[bool], x: torch.Tensor) -> torch.Tensor:
+    """body's layers in turn, those flagged in float32 under autocast (their input cast)."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return body(x)
+    for layer, full in zip(body, float32, strict=True):
+        if full:
+            with _float32(x):
+                x = layer(x.float())
+        else:
+            x = layer(x)
+    return x
+
+
 class BiasedLeakyReLU(nn.Module):
     """leaky_relu(x + b, 0.2) with a learned bias b per channel (the convolutions have none)."""
 
@@ -48,7 +83,7 @@ class BiasedLeakyReLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        return F.leaky_relu(x + self.bias.view(shape), SLOPE)
+        return F.leaky_relu(x + self.bias.to(x.dtype).view(shape), SLOPE)  # bf16 stays bf16
 
 
 def _groups(channels: int) -> int:
@@ -118,20 +153,25 @@ class R3GANGenerator(nn.Module):
         self.linear = nn.Linear(arch.latent_dim + c, chans[0] * base * base)
         self.const = nn.Parameter(torch.randn(chans[0], base, base))
         layers: list[nn.Module] = [BiasedLeakyReLU(chans[0]), *_stage(chans[0], arch.blocks, total)]
-        for c_in, c_out in zip(chans, chans[1:], strict=False):
-            layers += [nn.Conv2d(c_in, c_out, 1, bias=False), LowPass(up=True)]
-            layers += _stage(c_out, arch.blocks, total)
+        sizes = [base] * len(layers)  # the stage each layer belongs to, by its resolution
+        for k, (c_in, c_out) in enumerate(zip(chans, chans[1:], strict=False), start=1):
+            stage = [nn.Conv2d(c_in, c_out, 1, bias=False), LowPass(up=True)]
+            stage += _stage(c_out, arch.blocks, total)
+            layers += stage
+            sizes += [base << k] * len(stage)
         self.body = nn.Sequential(*layers)
+        self.float32_layers = [size < float32_below(arch.image_size) for size in sizes]
         self.to_image = nn.Conv2d(chans[-1], arch.channels, 1)
         for m in self.body:
             if isinstance(m, nn.Conv2d):
                 _he(m.weight)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if self.embed is not None:
-            z = torch.cat([z, self.embed(labels)], dim=1)
-        x = self.linear(z).view(-1, self.first, self.base, self.base) + self.const
-        return torch.tanh(self.to_image(self.body(x)))
+        with _float32(z):
+            if self.embed is not None:
+                z = torch.cat([z, self.embed(labels)], dim=1)
+            x = self.linear(z).view(-1, self.first, self.base, self.base) + self.const
+        return torch.tanh(self.to_image(_run(self.body, self.float32_layers, x)))
 
 
 class R3GANDiscriminator(nn.Module):
@@ -146,11 +186,16 @@ class R3GANDiscriminator(nn.Module):
             nn.Conv2d(arch.channels, chans[0], 1, bias=False),
             BiasedLeakyReLU(chans[0]),
         ]
-        for c_in, c_out in zip(chans, chans[1:], strict=False):
-            layers += _stage(c_in, arch.blocks, total)
-            layers += [LowPass(up=False), nn.Conv2d(c_in, c_out, 1, bias=False)]
+        sizes = [arch.image_size] * len(layers)  # the stage each layer belongs to
+        for k, (c_in, c_out) in enumerate(zip(chans, chans[1:], strict=False)):
+            stage = _stage(c_in, arch.blocks, total)
+            stage += [LowPass(up=False), nn.Conv2d(c_in, c_out, 1, bias=False)]
+            layers += stage
+            sizes += [arch.image_size >> k] * len(stage)
         layers += _stage(chans[-1], arch.blocks, total)
+        sizes += [base] * arch.blocks
         self.body = nn.Sequential(*layers)
+        self.float32_layers = [size < float32_below(arch.image_size) for size in sizes]
         features = chans[-1]
         self.features = nn.Linear(features * base * base, features, bias=False)
         self.act = BiasedLeakyReLU(features)
@@ -163,8 +208,10 @@ class R3GANDiscriminator(nn.Module):
                 _he(m.weight)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        phi = self.act(self.features(self.body(x).flatten(1)))
-        logits = self.out(phi).squeeze(1)
-        if self.embed is not None:
-            logits = logits + (self.embed(labels) * phi).sum(1)
+        x = _run(self.body, self.float32_layers, x)
+        with _float32(x):  # the head, at the base resolution (the body ends in float32)
+            phi = self.act(self.features(x.flatten(1)))
+            logits = self.out(phi).squeeze(1)
+            if self.embed is not None:
+                logits = logits + (self.embed(labels) * phi).sum(1)
         return logits

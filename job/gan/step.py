@@ -29,7 +29,7 @@ class Recipe:
     r1_gamma: float  # 0: no R1 penalty
     r1_every: int  # R1 and R2 every this many steps (lazy)
     diffaugment: str  # DiffAugment policy before every D forward ("": none)
-    amp: bool  # bf16 autocast
+    amp: bool  # bf16 autocast (r3gan keeps its low-resolution stages in float32 under it)
     r2_gamma: float = 0.0  # 0: no R2 penalty (on fakes)
 
 
