@@ -165,7 +165,7 @@ def test_combined_errors_are_reported_at_once_with_the_dependent_ones():
         "GAN_MODEL='mpl': expected one of 'mlp', 'dcgan' or 'r3gan'"
     ]
     lines = problems({"GAN_CONDITIONING": "projection", "GAN_MODEL": "mlp", "GAN_DEPTH": "1"})
-    assert len(lines) == 2 and "GAN_CONDITIONAL=true" in lines[0] and "GAN_DEPTH" in lines[1]
+    assert len(lines) == 2 and "GAN_DEPTH" in lines[0] and "GAN_CONDITIONAL=true" in lines[1]
 
 
 @pytest.mark.parametrize("bucket", ["bad bucket name", "Upper", "ab", "a..b", "-dash", "1.2.3.4"])
