@@ -80,7 +80,12 @@ def trainer(max_steps: int = 4, signal_at: int | None = None, nonfinite_at: int 
             skipped_images=0,
             stats=lambda: {},
         ),
-        nets=SimpleNamespace(g_ema=g_ema, scale_learning_rates=lambda f: None, wrap=lambda **k: 0),
+        nets=SimpleNamespace(
+            g_ema=g_ema,
+            scale_learning_rates=lambda f: None,
+            wrap=lambda **k: 0,
+            learning_rates=lambda: {},
+        ),
         gan_step=SimpleNamespace(
             train=lambda real, labels, s: calls("train", s + 1) or {"d_loss": torch.tensor(1.0)},
             nonfinite_on_any_rank=lambda world: step() == nonfinite_at,
