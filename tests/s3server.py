@@ -144,7 +144,7 @@ class SeaweedS3:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"weed mini exited ({self.proc.returncode}): {self.log_tail()}")
             try:
-                client.list_buckets()
+                self._check_writable(client)
                 return
             except Exception as e:
                 if time.monotonic() > deadline:
@@ -153,6 +153,16 @@ class SeaweedS3:
                         f"weed mini not ready in {timeout}s: {self.log_tail()}"
                     ) from e
                 time.sleep(0.1)
+
+    @staticmethod
+    def _check_writable(client) -> None:
+        """The server lists its buckets and, after a restart (buckets exist), stores an object:
+        its volume server can come up after the S3 front end answers."""
+        buckets = client.list_buckets()["Buckets"]
+        if buckets:
+            name = buckets[0]["Name"]
+            client.put_object(Bucket=name, Key=".ready-probe", Body=b"")
+            client.delete_object(Bucket=name, Key=".ready-probe")
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc is None:
